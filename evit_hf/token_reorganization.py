@@ -1,0 +1,146 @@
+"""The tensor math of EViT's token reorganization, as plain torch functions.
+
+Shapes: `batch` images, `tokens` = prefix tokens (class, and distillation for DeiT) + `candidates`, `heads` attention
+heads, `dim` hidden size. Everything here is free of model state so that it can be checked on hand-made tensors.
+
+This file is copied next to the weights by `save_pretrained`, so it only uses relative imports.
+"""
+
+import math
+
+import torch
+
+
+def num_kept_tokens(num_candidates: int, keep_rate: float) -> int:
+    """How many of `num_candidates` tokens a reduction layer keeps: `ceil(keep_rate * n)`, at least 1, at most n.
+
+    Computed from the Python float in double precision, as the reference does: a float32 keep rate gives another
+    count in some cases (0.3 x 50 gives 16 in float32 and 15 in float64).
+    """
+    return max(1, min(num_candidates, math.ceil(keep_rate * num_candidates)))
+
+
+def class_token_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The attention probabilities of the class-token query against every key, in float32.
+
+    Only the first query row is computed, so this costs O(tokens * head_dim) per head: backends that do not return
+    attention weights (SDPA, flash) never build the tokens x tokens matrix for it.
+
+    Args:
+        query (`torch.Tensor` of shape `[batch, heads, tokens, head_dim]`): the layer's queries; only row 0 is read.
+        key (`torch.Tensor` of shape `[batch, heads, tokens, head_dim]`): the layer's keys.
+        scaling (`float`): the factor the layer multiplies the logits by (`head_dim ** -0.5`).
+
+    Returns:
+        `torch.Tensor` of shape `[batch, heads, tokens]`: softmax over all keys, prefix keys included.
+    """
+    class_query = query[:, :, :1].float()  # [batch, heads, 1, head_dim]
+    logits = torch.matmul(class_query, key.float().transpose(-1, -2)) * scaling  # [batch, heads, 1, tokens]
+    return logits.softmax(dim=-1).squeeze(2)
+
+
+def candidate_scores(class_attention: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Score of each candidate token: its class-token attention probability, averaged over heads.
+
+    Args:
+        class_attention (`torch.Tensor` of shape `[batch, heads, tokens]`): class-token attention probabilities.
+        num_prefix_tokens (`int`): tokens in front that are never candidates (1 for ViT, 2 for distilled DeiT).
+
+    Returns:
+        `torch.Tensor` of shape `[batch, candidates]` in float32.
+    """
+    return class_attention[:, :, num_prefix_tokens:].float().mean(dim=1)
+
+
+def select_attentive_tokens(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """Indices of the `num_keep` highest-scoring candidates, highest first: `[batch, num_keep]` (LongTensor)."""
+    return scores.topk(num_keep, dim=1, largest=True, sorted=True).indices
+
+
+def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows `indices` (`[batch, k]`) of `tokens` (`[batch, n, ...]`): `[batch, k, ...]`."""
+    index = indices.reshape(*indices.shape, *([1] * (tokens.dim() - 2))).expand(-1, -1, *tokens.shape[2:])
+    return tokens.gather(1, index)
+
+
+def fuse_inattentive_tokens(candidates: torch.Tensor, scores: torch.Tensor, kept_indices: torch.Tensor) -> torch.Tensor:
+    """One token made of the candidates that were not kept: the sum of those tokens weighted by their raw scores.
+
+    Accumulated in float32 whatever the input dtype, then cast back.
+
+    Args:
+        candidates (`torch.Tensor` of shape `[batch, candidates, dim]`): the candidate tokens.
+        scores (`torch.Tensor` of shape `[batch, candidates]`): their scores (not renormalised).
+        kept_indices (`torch.Tensor` of shape `[batch, k]`): the candidates that were kept.
+
+    Returns:
+        `torch.Tensor` of shape `[batch, 1, dim]`.
+    """
+    # Zeroing the kept scores selects the complement without gathering it: one [1, n] x [n, dim] product per image.
+    weights = scores.float().scatter(1, kept_indices, 0.0)  # [batch, candidates]
+    fused = torch.bmm(weights.unsqueeze(1), candidates.float())  # [batch, 1, dim]
+    return fused.to(candidates.dtype)
+
+
+def reorganize_tokens(
+    hidden_states: torch.Tensor,
+    class_attention: torch.Tensor,
+    num_prefix_tokens: int,
+    num_keep: int,
+    fuse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EViT's reorganization: keep the prefix tokens and the `num_keep` most attended candidates, fuse (or drop) the rest.
+
+    Args:
+        hidden_states (`torch.Tensor` of shape `[batch, tokens, dim]`): the tokens after the attention block.
+        class_attention (`torch.Tensor` of shape `[batch, heads, tokens]`): class-token attention probabilities.
+        num_prefix_tokens (`int`): tokens in front that are always kept, in place.
+        num_keep (`int`): candidates to keep, in [1, candidates].
+        fuse (`bool`, *optional*, defaults to `True`): append the fused token of the others, or drop them.
+
+    Returns:
+        A tuple of the new tokens, `[batch, num_prefix_tokens + num_keep (+ 1 if fuse), dim]`, and the kept candidates'
+        indices among the candidates, `[batch, num_keep]` (highest score first).
+    """
+    prefix = hidden_states[:, :num_prefix_tokens]  # [batch, prefix, dim]
+    candidates = hidden_states[:, num_prefix_tokens:]  # [batch, candidates, dim]
+    scores = candidate_scores(class_attention, num_prefix_tokens)  # [batch, candidates]
+    kept_indices = select_attentive_tokens(scores, num_keep)  # [batch, num_keep]
+    parts = [prefix, gather_tokens(candidates, kept_indices)]
+    if fuse:
+        parts.append(fuse_inattentive_tokens(candidates, scores, kept_indices))
+    return torch.cat(parts, dim=1), kept_indices
+
+
+def track_token_positions(
+    token_positions: torch.Tensor, kept_indices: torch.Tensor, fused: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Follows each candidate back to its patch through a reorganization.
+
+    Args:
+        token_positions (`torch.Tensor` of shape `[batch, candidates]`): the patch index (row-major in the patch grid)
+            of each candidate before the reorganization, -1 for a fused token.
+        kept_indices (`torch.Tensor` of shape `[batch, k]`): the kept candidates, as `reorganize_tokens` returns them.
+        fused (`bool`): whether a fused token was appended.
+
+    Returns:
+        A tuple of the kept tokens' patch indices, `[batch, k]`, and the positions of the new candidates,
+        `[batch, k (+ 1 if fused)]`, where the fused token is -1.
+    """
+    kept_positions = token_positions.gather(1, kept_indices)
+    if not fused:
+        return kept_positions, kept_positions
+    fused_position = kept_positions.new_full((kept_positions.shape[0], 1), -1)
+    return kept_positions, torch.cat([kept_positions, fused_position], dim=1)
+
+
+__all__ = [
+    "candidate_scores",
+    "class_token_attention",
+    "fuse_inattentive_tokens",
+    "gather_tokens",
+    "num_kept_tokens",
+    "reorganize_tokens",
+    "select_attentive_tokens",
+    "track_token_positions",
+]
