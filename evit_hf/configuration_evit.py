@@ -26,7 +26,7 @@ def check_keep_rate(keep_rate: float) -> float:
         raise ValueError(f"keep_rate must be a number in (0, 1], got {keep_rate!r}.")
     if not 0.0 < keep_rate <= 1.0:
         raise ValueError(
-            f"keep_rate must be in (0, 1] (the share of non-prefix tokens each reduction layer keeps), got {keep_rate}."
+            f"keep_rate must be in (0, 1] (the share of candidate tokens each reduction layer keeps), got {keep_rate}."
         )
     return float(keep_rate)
 

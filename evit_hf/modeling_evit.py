@@ -45,9 +45,7 @@ from .token_reorganization import class_token_attention, num_kept_tokens, reorga
 # Old Hub checkpoints name the weights `encoder.layer.N.attention.attention.query`, ...; transformers renames them on
 # load (and back on save) by looking up each sub-model's class name. Ours are new names, so they get ViT's renaming.
 for _class_name in ("EViTModel", "EViTDeiTModel"):
-    register_checkpoint_conversion_mapping(
-        _class_name, get_checkpoint_conversion_mapping("ViTModel"), overwrite=True
-    )
+    register_checkpoint_conversion_mapping(_class_name, get_checkpoint_conversion_mapping("ViTModel"), overwrite=True)
 
 
 KEPT_TOKEN_INDICES_DOC = """
@@ -93,7 +91,7 @@ class EViTImageClassifierOutput(ImageClassifierOutput):
 @dataclass
 class EViTDeiTForImageClassificationWithTeacherOutput(DeiTForImageClassificationWithTeacherOutput):
     __doc__ = (
-        "Output of [`EViTDeiTForImageClassificationWithTeacher`]: DeiT's output with a teacher, plus the kept tokens.\n"
+        "Output of [`EViTDeiTForImageClassificationWithTeacher`]: DeiT's teacher output plus the kept tokens.\n"
         + KEPT_TOKEN_INDICES_DOC
         + VARYING_LENGTHS_DOC
     )
@@ -227,10 +225,13 @@ class _TokenReductionEncoderMixin:
     def _encode(
         self,
         embedding_output: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask,
+        masks_tokens: bool,
         keep_rate: float | None,
         **kwargs,
     ) -> tuple[torch.Tensor, tuple[torch.LongTensor, ...]]:
+        """Runs the layers. `attention_mask` is the backend's mask for the embedding tokens; `masks_tokens` says
+        whether the caller passed a mask (a backend may build one, flex's block mask, without any masking)."""
         keep_rate = check_keep_rate(self.config.keep_rate if keep_rate is None else keep_rate)
         fuse = self.config.fuse_inattentive_tokens
         reduction_layers = self.config.reduction_layers
@@ -253,11 +254,13 @@ class _TokenReductionEncoderMixin:
                 hidden_states = layer(hidden_states, attention_mask, **kwargs)
                 kept_token_indices.append(token_positions)
                 continue
-            if attention_mask is not None:
+            if masks_tokens:
                 raise ValueError(
                     "attention_mask cannot be combined with token reduction (the tokens it masks are reorganized). "
                     "Pass keep_rate=1.0 to use a mask, or drop the mask."
                 )
+            # The backend's mask was built for the embedding tokens; with no masking asked for, none is needed.
+            attention_mask = None
             hidden_states, kept_indices = layer(
                 hidden_states,
                 attention_mask,
@@ -270,7 +273,9 @@ class _TokenReductionEncoderMixin:
             kept_token_indices.append(kept_positions)
         return hidden_states, tuple(kept_token_indices)
 
-    def _base_forward(self, pixel_values, bool_masked_pos, interpolate_pos_encoding, attention_mask, keep_rate, **kwargs):
+    def _base_forward(
+        self, pixel_values, bool_masked_pos, interpolate_pos_encoding, attention_mask, keep_rate, **kwargs
+    ):
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values.")
         expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
@@ -280,10 +285,13 @@ class _TokenReductionEncoderMixin:
         embedding_output = self.embeddings(
             pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding
         )
+        masks_tokens = attention_mask is not None
         attention_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
         )
-        hidden_states, kept_token_indices = self._encode(embedding_output, attention_mask, keep_rate, **kwargs)
+        hidden_states, kept_token_indices = self._encode(
+            embedding_output, attention_mask, masks_tokens, keep_rate, **kwargs
+        )
 
         sequence_output = self.layernorm(hidden_states)
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
@@ -420,10 +428,13 @@ class EViTForImageClassification(ViTForImageClassification):
             kept_token_indices=outputs.kept_token_indices,
         )
 
-    forward.__doc__ = BASE_FORWARD_DOC + """
+    forward.__doc__ = (
+        BASE_FORWARD_DOC
+        + """
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 Labels for the classification loss.
 """
+    )
 
 
 class EViTDeiTForImageClassification(DeiTForImageClassification):

@@ -11,6 +11,11 @@ import math
 import torch
 
 
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors in float32; float32 and float64 as they are."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def num_kept_tokens(num_candidates: int, keep_rate: float) -> int:
     """How many of `num_candidates` tokens a reduction layer keeps: `ceil(keep_rate * n)`, at least 1, at most n.
 
@@ -21,7 +26,7 @@ def num_kept_tokens(num_candidates: int, keep_rate: float) -> int:
 
 
 def class_token_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The attention probabilities of the class-token query against every key, in float32.
+    """The attention probabilities of the class-token query against every key, in float32 (or float64).
 
     Only the first query row is computed, so this costs O(tokens * head_dim) per head: backends that do not return
     attention weights (SDPA, flash) never build the tokens x tokens matrix for it.
@@ -34,8 +39,8 @@ def class_token_attention(query: torch.Tensor, key: torch.Tensor, scaling: float
     Returns:
         `torch.Tensor` of shape `[batch, heads, tokens]`: softmax over all keys, prefix keys included.
     """
-    class_query = query[:, :, :1].float()  # [batch, heads, 1, head_dim]
-    logits = torch.matmul(class_query, key.float().transpose(-1, -2)) * scaling  # [batch, heads, 1, tokens]
+    class_query = _at_least_float32(query[:, :, :1])  # [batch, heads, 1, head_dim]
+    logits = torch.matmul(class_query, _at_least_float32(key).transpose(-1, -2)) * scaling  # [batch, heads, 1, tokens]
     return logits.softmax(dim=-1).squeeze(2)
 
 
@@ -49,7 +54,7 @@ def candidate_scores(class_attention: torch.Tensor, num_prefix_tokens: int) -> t
     Returns:
         `torch.Tensor` of shape `[batch, candidates]` in float32.
     """
-    return class_attention[:, :, num_prefix_tokens:].float().mean(dim=1)
+    return _at_least_float32(class_attention[:, :, num_prefix_tokens:]).mean(dim=1)
 
 
 def select_attentive_tokens(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
@@ -63,7 +68,9 @@ def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return tokens.gather(1, index)
 
 
-def fuse_inattentive_tokens(candidates: torch.Tensor, scores: torch.Tensor, kept_indices: torch.Tensor) -> torch.Tensor:
+def fuse_inattentive_tokens(
+    candidates: torch.Tensor, scores: torch.Tensor, kept_indices: torch.Tensor
+) -> torch.Tensor:
     """One token made of the candidates that were not kept: the sum of those tokens weighted by their raw scores.
 
     Accumulated in float32 whatever the input dtype, then cast back.
@@ -77,8 +84,8 @@ def fuse_inattentive_tokens(candidates: torch.Tensor, scores: torch.Tensor, kept
         `torch.Tensor` of shape `[batch, 1, dim]`.
     """
     # Zeroing the kept scores selects the complement without gathering it: one [1, n] x [n, dim] product per image.
-    weights = scores.float().scatter(1, kept_indices, 0.0)  # [batch, candidates]
-    fused = torch.bmm(weights.unsqueeze(1), candidates.float())  # [batch, 1, dim]
+    weights = _at_least_float32(scores).scatter(1, kept_indices, 0.0)  # [batch, candidates]
+    fused = torch.bmm(weights.unsqueeze(1), candidates.to(weights.dtype))  # [batch, 1, dim]
     return fused.to(candidates.dtype)
 
 
@@ -89,7 +96,7 @@ def reorganize_tokens(
     num_keep: int,
     fuse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EViT's reorganization: keep the prefix tokens and the `num_keep` most attended candidates, fuse (or drop) the rest.
+    """EViT's reorganization: keep the prefix and the `num_keep` most attended candidates, fuse (or drop) the rest.
 
     Args:
         hidden_states (`torch.Tensor` of shape `[batch, tokens, dim]`): the tokens after the attention block.
