@@ -1,0 +1,223 @@
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    ViTForImageClassification,
+    ViTImageProcessor,
+    pipeline,
+)
+
+import evit_hf
+
+from .model_builders import FAMILIES, TINY, main_output, stock_and_evit, stock_config
+
+
+def to_original_key(key: str) -> str:
+    """The key names transformers 4.x wrote and most Hub repositories hold."""
+    key = re.sub(r"(^|\.)layers\.(\d+)\.", r"\1encoder.layer.\2.", key)
+    key = key.replace("attention.q_proj", "attention.attention.query")
+    key = key.replace("attention.k_proj", "attention.attention.key")
+    key = key.replace("attention.v_proj", "attention.attention.value")
+    key = key.replace("attention.o_proj", "attention.output.dense")
+    key = key.replace("mlp.fc1", "intermediate.dense")
+    return key.replace("mlp.fc2", "output.dense")
+
+
+def write_checkpoint(model, folder, layout):
+    """Saves `model` with its weights named in the current ("current") or in the 4.x ("original") layout."""
+    model.save_pretrained(folder, save_original_format=False)
+    if layout == "original":
+        weights = load_file(os.path.join(folder, "model.safetensors"))
+        save_file(
+            {to_original_key(k): v.contiguous() for k, v in weights.items()},
+            os.path.join(folder, "model.safetensors"),
+            metadata={"format": "pt"},
+        )
+    keys = load_file(os.path.join(folder, "model.safetensors")).keys()
+    assert any("attention.attention.query" in k for k in keys) == (layout == "original")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_state_dict_keys_are_the_stock_keys(family):
+    stock, evit = stock_and_evit(family)
+    assert list(evit.state_dict()) == list(stock.state_dict())
+    assert sum(p.numel() for p in evit.parameters()) == sum(p.numel() for p in stock.parameters())
+
+
+@pytest.mark.parametrize("layout", ["current", "original"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_checkpoints_load_every_weight(family, layout, tmp_path, pixel_values):
+    stock, _ = stock_and_evit(family)
+    write_checkpoint(stock, tmp_path, layout)
+    evit_class = FAMILIES[family][1]
+    evit, info = evit_class.from_pretrained(
+        tmp_path, keep_rate=0.5, fuse_inattentive_tokens=False, output_loading_info=True
+    )
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert type(evit) is evit_class
+    assert (evit.config.keep_rate, evit.config.fuse_inattentive_tokens) == (0.5, False)
+    for name, tensor in stock.state_dict().items():
+        assert torch.equal(evit.state_dict()[name], tensor), name
+    with torch.no_grad():
+        assert torch.equal(main_output(evit.eval()(pixel_values, keep_rate=1.0)), main_output(stock(pixel_values)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_evit_checkpoints_load_back_into_plain_models(family, tmp_path, pixel_values):
+    _, evit = stock_and_evit(family)
+    evit.save_pretrained(tmp_path)
+    stock_class = FAMILIES[family][0]
+    stock, info = stock_class.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert torch.equal(main_output(stock.eval()(pixel_values)), main_output(evit(pixel_values, keep_rate=1.0)))
+
+
+def test_saved_evit_folder_round_trips(tmp_path, pixel_values):
+    _, evit = stock_and_evit("deit-teacher", keep_rate=0.5, reduction_layers=[0, 2])
+    evit.save_pretrained(tmp_path)
+    loaded, info = AutoModelForImageClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(loaded) is evit_hf.EViTDeiTForImageClassificationWithTeacher  # picked by config.architectures
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (loaded.config.keep_rate, loaded.config.reduction_layers) == (0.5, [0, 2])
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(pixel_values).logits, evit(pixel_values).logits)
+
+
+def test_auto_classes_know_evit():
+    assert isinstance(AutoConfig.for_model("evit"), evit_hf.EViTConfig)
+    assert isinstance(AutoConfig.for_model("evit_deit"), evit_hf.EViTDeiTConfig)
+    config = evit_hf.EViTConfig(**TINY)
+    assert type(AutoModel.from_config(config)) is evit_hf.EViTModel
+    assert type(AutoModelForImageClassification.from_config(config)) is evit_hf.EViTForImageClassification
+    # Like stock DeiT, `architectures` picks the head (transformers needs it set for DeiT's two heads).
+    for head in (evit_hf.EViTDeiTForImageClassification, evit_hf.EViTDeiTForImageClassificationWithTeacher):
+        deit_config = evit_hf.EViTDeiTConfig(**TINY, architectures=[head.__name__])
+        assert type(AutoModelForImageClassification.from_config(deit_config)) is head
+    assert type(AutoModel.from_config(deit_config)) is evit_hf.EViTDeiTModel
+
+
+def test_config_rejects_other_model_types(tmp_path):
+    stock_config("deit-teacher").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="EViTDeiTForImageClassificationWithTeacher"):
+        evit_hf.EViTForImageClassification.from_pretrained(tmp_path)
+
+
+def test_save_pretrained_writes_safetensors_auto_map_and_code(tmp_path):
+    _, evit = stock_and_evit("vit-classifier")
+    evit.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert {"model.safetensors", "config.json", "configuration_evit.py", "modeling_evit.py"} <= files
+    assert "token_reorganization.py" in files  # imported by modeling_evit.py
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "evit"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_evit.EViTConfig",
+        "AutoModelForImageClassification": "modeling_evit.EViTForImageClassification",
+    }
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from transformers import AutoModelForImageClassification
+    model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    assert "evit_hf" not in sys.modules, "evit_hf was imported"
+    pixel_values = torch.load(sys.argv[2])
+    with torch.no_grad():
+        output = model(pixel_values)
+    result = {"logits": output.logits, "kept": output.kept_token_indices, "class": type(model).__name__}
+    torch.save(result, sys.argv[3])
+    """
+)
+
+
+@pytest.mark.parametrize("family", ["vit-classifier", "deit-teacher"])
+def test_remote_code_loads_without_evit_hf(family, tmp_path, pixel_values):
+    _, evit = stock_and_evit(family)
+    folder = tmp_path / "model"
+    evit.save_pretrained(folder)
+    torch.save(pixel_values, tmp_path / "pixels.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env.pop("PYTHONPATH", None)
+    subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(folder), str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+    )
+    result = torch.load(tmp_path / "out.pt")
+    assert result["class"] == type(evit).__name__
+    with torch.no_grad():
+        expected = evit(pixel_values)
+    torch.testing.assert_close(result["logits"], expected.logits, rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(result["kept"], expected.kept_token_indices, strict=True))
+
+
+def test_image_classification_pipeline(tmp_path):
+    _, evit = stock_and_evit("vit-classifier")
+    evit.config.id2label = {i: f"class_{i}" for i in range(TINY["num_labels"])}
+    evit.config.label2id = {v: k for k, v in evit.config.id2label.items()}
+    evit.save_pretrained(tmp_path)
+    size = TINY["image_size"]
+    ViTImageProcessor(size={"height": size, "width": size}).save_pretrained(tmp_path)
+    classifier = pipeline("image-classification", model=str(tmp_path))
+    assert isinstance(classifier.model, evit_hf.EViTForImageClassification)
+    image = Image.fromarray((torch.rand(40, 50, 3) * 255).to(torch.uint8).numpy())
+    predictions = classifier(image, top_k=3)
+    assert len(predictions) == 3
+    assert all(p["label"].startswith("class_") for p in predictions)
+    assert predictions[0]["score"] >= predictions[1]["score"]
+
+
+OFFLINE_HUB_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    import evit_hf
+    model = evit_hf.EViTForImageClassification.from_pretrained("some-org/tiny-vit", keep_rate=0.5)
+    assert model.config.keep_rate == 0.5
+    with torch.no_grad():
+        print(float(model.eval()(torch.load(sys.argv[1]), keep_rate=1.0).logits.sum()))
+    """
+)
+
+
+def test_loads_a_hub_id_from_an_offline_cache(tmp_path, pixel_values):
+    stock, _ = stock_and_evit("vit-classifier")
+    # The layout huggingface_hub writes: models--ORG--NAME/{refs/main, snapshots/REVISION/...}
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--some-org--tiny-vit"
+    write_checkpoint(stock, repo / "snapshots" / revision, "original")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    torch.save(pixel_values, tmp_path / "pixels.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = subprocess.run(
+        [sys.executable, "-c", OFFLINE_HUB_SCRIPT, str(tmp_path / "pixels.pt")],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    with torch.no_grad():
+        expected = float(stock(pixel_values).logits.sum())
+    assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_stock_classes_are_unchanged_by_import():
+    # evit_hf registers new names only: the stock ViT classes still build stock layers.
+    model = ViTForImageClassification(stock_config("vit-classifier"))
+    assert type(model.vit.layers[0]).__name__ == "ViTLayer"
