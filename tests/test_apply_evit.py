@@ -1,0 +1,98 @@
+import pytest
+import torch
+from torch import nn
+from transformers import ViTConfig, ViTForMaskedImageModeling, ViTModel
+
+import evit_hf
+
+from .model_builders import FAMILIES, TINY, main_output, stock_and_evit
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_apply_evit_converts_in_place(family, pixel_values):
+    stock, reference = stock_and_evit(family, keep_rate=0.5, reduction_layers=[0, 2], fuse_inattentive_tokens=False)
+    stock_class, evit_class, _ = FAMILIES[family]
+    parameters = {name: p.data_ptr() for name, p in stock.named_parameters()}
+
+    converted = evit_hf.apply_evit(stock, keep_rate=0.5, reduction_layers=[0, 2], fuse_inattentive_tokens=False)
+
+    assert converted is stock
+    assert type(converted) is evit_class and isinstance(converted, stock_class)
+    assert {name: p.data_ptr() for name, p in converted.named_parameters()} == parameters  # weights untouched
+    assert (converted.config.keep_rate, converted.config.reduction_layers) == (0.5, [0, 2])
+    assert converted.config.model_type == reference.config.model_type
+    with torch.no_grad():
+        expected = reference(pixel_values)
+        output = converted(pixel_values)
+    assert torch.equal(main_output(output), main_output(expected))
+    for a, b in zip(output.kept_token_indices, expected.kept_token_indices, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_apply_evit_defaults_and_settings_update(pixel_values):
+    stock, _ = stock_and_evit("vit-classifier")
+    evit_hf.apply_evit(stock)
+    assert (stock.config.keep_rate, stock.config.reduction_layers, stock.config.fuse_inattentive_tokens) == (
+        0.7,
+        evit_hf.default_reduction_layers(TINY["num_hidden_layers"]),
+        True,
+    )
+    evit_hf.apply_evit(stock, keep_rate=0.4)  # an EViT model: only the given setting changes
+    assert (stock.config.keep_rate, stock.config.reduction_layers) == (0.4, [1, 2, 3])
+    with torch.no_grad():
+        assert stock(pixel_values).kept_token_indices[0].shape[1] == 26
+
+
+def test_apply_evit_leaves_models_sharing_the_config_alone(pixel_values):
+    torch.manual_seed(0)
+    config = ViTConfig(**{k: v for k, v in TINY.items() if k != "num_labels"}, attn_implementation="eager")
+    first, second = ViTModel(config).eval(), ViTModel(config).eval()
+    evit_hf.apply_evit(first)
+    assert second.config is config and type(config) is ViTConfig
+    assert first.config is not config
+    assert first.config._attn_implementation == "eager"  # the backend carries over
+    assert all(layer.attention.config is first.config for layer in first.layers)
+    with torch.no_grad():
+        assert second(pixel_values).last_hidden_state.shape[1] == 65
+        assert first(pixel_values).last_hidden_state.shape[1] < 65
+
+
+def test_apply_evit_after_outputs_were_recorded(pixel_values):
+    stock, _ = stock_and_evit("deit-classifier", attn_implementation="eager")
+    with torch.no_grad():
+        before = stock(pixel_values, output_hidden_states=True, output_attentions=True)  # installs the hooks
+        evit_hf.apply_evit(stock, keep_rate=0.5)
+        after = stock(pixel_values, output_hidden_states=True, output_attentions=True)
+    assert [h.shape[1] for h in before.hidden_states] == [66] * 5
+    assert [h.shape[1] for h in after.hidden_states] == [66, 66, 35, 20, 12]
+    assert [a.shape[-1] for a in after.attentions] == [66, 66, 35, 20]
+
+
+def test_apply_evit_then_save_and_reload(tmp_path, pixel_values):
+    stock, _ = stock_and_evit("vit-classifier")
+    evit_hf.apply_evit(stock, keep_rate=0.6)
+    stock.save_pretrained(tmp_path)
+    reloaded = evit_hf.EViTForImageClassification.from_pretrained(tmp_path).eval()
+    assert reloaded.config.keep_rate == 0.6
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values).logits, stock(pixel_values).logits)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        ViTForMaskedImageModeling(ViTConfig(**{k: v for k, v in TINY.items() if k != "num_labels"})),
+        nn.Linear(2, 2),
+    ],
+    ids=["vit-masked-image-modeling", "linear"],
+)
+def test_apply_evit_rejects_other_models(model):
+    with pytest.raises(TypeError, match="apply_evit supports .*DeiTForImageClassificationWithTeacher.*ViTModel"):
+        evit_hf.apply_evit(model)
+
+
+def test_apply_evit_validates_settings():
+    stock, _ = stock_and_evit("vit-classifier")
+    with pytest.raises(ValueError, match="reduction_layers"):
+        evit_hf.apply_evit(stock, reduction_layers=[7])
+    assert type(stock).__name__ == "ViTForImageClassification"  # nothing changed on error
