@@ -217,10 +217,31 @@ def convert_layers_to_evit(base_model: ViTModel | DeiTModel) -> None:
         layer.attention.__class__ = attention_class
 
 
+BASE_FORWARD_DOC = r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Pixel values, as the checkpoint's image processor returns them.
+            bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
+                Patches replaced by the mask token (models built with `use_mask_token=True`).
+            interpolate_pos_encoding (`bool`, *optional*):
+                Interpolate the position embeddings to the input size (inputs larger than the checkpoint's).
+            attention_mask (`torch.Tensor`, *optional*):
+                Only with `keep_rate=1.0`: masks have no meaning once tokens are reorganized.
+            keep_rate (`float`, *optional*):
+                Overrides `config.keep_rate` for this call, in (0, 1].
+            output_hidden_states / output_attentions (`bool`, *optional*):
+                See the output's documentation for their varying token counts.
+"""
+
+
 class _TokenReductionEncoderMixin:
     """The layer loop of an EViT base model: stock layers, and token reorganization in the reduction layers."""
 
     num_prefix_tokens: int = 1
+
+    def __init__(self, config, add_pooling_layer: bool = True, use_mask_token: bool = False):
+        super().__init__(config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
+        convert_layers_to_evit(self)
 
     def _encode(
         self,
@@ -273,9 +294,17 @@ class _TokenReductionEncoderMixin:
             kept_token_indices.append(kept_positions)
         return hidden_states, tuple(kept_token_indices)
 
-    def _base_forward(
-        self, pixel_values, bool_masked_pos, interpolate_pos_encoding, attention_mask, keep_rate, **kwargs
-    ):
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        keep_rate: float | None = None,
+        **kwargs,
+    ) -> EViTModelOutput:
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values.")
         expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
@@ -299,22 +328,7 @@ class _TokenReductionEncoderMixin:
             last_hidden_state=sequence_output, pooler_output=pooled_output, kept_token_indices=kept_token_indices
         )
 
-
-BASE_FORWARD_DOC = r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
-                Pixel values, as the checkpoint's image processor returns them.
-            bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
-                Patches replaced by the mask token (models built with `use_mask_token=True`).
-            interpolate_pos_encoding (`bool`, *optional*):
-                Interpolate the position embeddings to the input size (inputs larger than the checkpoint's).
-            attention_mask (`torch.Tensor`, *optional*):
-                Only with `keep_rate=1.0`: masks have no meaning once tokens are reorganized.
-            keep_rate (`float`, *optional*):
-                Overrides `config.keep_rate` for this call, in (0, 1].
-            output_hidden_states / output_attentions (`bool`, *optional*):
-                See the output's documentation for their varying token counts.
-"""
+    forward.__doc__ = BASE_FORWARD_DOC
 
 
 class EViTModel(_TokenReductionEncoderMixin, ViTModel):
@@ -323,54 +337,12 @@ class EViTModel(_TokenReductionEncoderMixin, ViTModel):
     config_class = EViTConfig
     num_prefix_tokens = 1
 
-    def __init__(self, config: EViTConfig, add_pooling_layer: bool = True, use_mask_token: bool = False):
-        super().__init__(config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
-        convert_layers_to_evit(self)
-
-    @merge_with_config_defaults
-    @capture_outputs(tie_last_hidden_states=False)
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        bool_masked_pos: torch.BoolTensor | None = None,
-        interpolate_pos_encoding: bool | None = None,
-        attention_mask: torch.Tensor | None = None,
-        keep_rate: float | None = None,
-        **kwargs,
-    ) -> EViTModelOutput:
-        return self._base_forward(
-            pixel_values, bool_masked_pos, interpolate_pos_encoding, attention_mask, keep_rate, **kwargs
-        )
-
-    forward.__doc__ = BASE_FORWARD_DOC
-
 
 class EViTDeiTModel(_TokenReductionEncoderMixin, DeiTModel):
     """DeiT encoder (class + distillation token) with EViT token reorganization; both prefix tokens are always kept."""
 
     config_class = EViTDeiTConfig
     num_prefix_tokens = 2
-
-    def __init__(self, config: EViTDeiTConfig, add_pooling_layer: bool = True, use_mask_token: bool = False):
-        super().__init__(config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
-        convert_layers_to_evit(self)
-
-    @merge_with_config_defaults
-    @capture_outputs(tie_last_hidden_states=False)
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        bool_masked_pos: torch.BoolTensor | None = None,
-        interpolate_pos_encoding: bool | None = None,
-        attention_mask: torch.Tensor | None = None,
-        keep_rate: float | None = None,
-        **kwargs,
-    ) -> EViTModelOutput:
-        return self._base_forward(
-            pixel_values, bool_masked_pos, interpolate_pos_encoding, attention_mask, keep_rate, **kwargs
-        )
-
-    forward.__doc__ = BASE_FORWARD_DOC
 
 
 def _classification_heads(config) -> nn.Module:

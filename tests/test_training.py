@@ -73,7 +73,7 @@ def test_half_precision_forward_is_stable(family, dtype, pixel_values):
 def test_torch_compile_matches_eager_without_recompiling(pixel_values):
     torch._dynamo.reset()
     _, evit = stock_and_evit("vit-classifier")
-    compiled = torch.compile(evit)
+    compiled = torch.compile(evit, fullgraph=True)  # no graph breaks
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         torch.testing.assert_close(compiled(pixel_values).logits, evit(pixel_values).logits, atol=1e-5, rtol=1e-5)
