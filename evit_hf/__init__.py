@@ -2,6 +2,12 @@
 
 from .auto_registration import register_evit_auto_classes
 from .configuration_evit import EViTConfig, EViTDeiTConfig, default_reduction_layers
+from .data import digits_dataset
+from .evaluation import evaluate_keep_rates, results_markdown
+from .keep_rate_schedule import KeepRateScheduler, scheduled_keep_rate
+from .macs import count_macs
+from .metrics import Accuracy, TopKAccuracy, classification_metrics
+from .model_card import create_model_card
 from .modeling_evit import (
     EViTDeiTForImageClassification,
     EViTDeiTForImageClassificationWithTeacher,
@@ -14,6 +20,7 @@ from .modeling_evit import (
 )
 from .patch import apply_evit
 from .token_reorganization import num_kept_tokens
+from .visualization import visualize_kept_tokens
 
 
 __version__ = "0.1.0"
@@ -21,6 +28,7 @@ __version__ = "0.1.0"
 register_evit_auto_classes()
 
 __all__ = [
+    "Accuracy",
     "EViTConfig",
     "EViTDeiTConfig",
     "EViTDeiTForImageClassification",
@@ -31,9 +39,19 @@ __all__ = [
     "EViTImageClassifierOutput",
     "EViTModel",
     "EViTModelOutput",
+    "KeepRateScheduler",
+    "TopKAccuracy",
     "__version__",
     "apply_evit",
+    "classification_metrics",
+    "count_macs",
+    "create_model_card",
     "default_reduction_layers",
+    "digits_dataset",
+    "evaluate_keep_rates",
     "num_kept_tokens",
     "register_evit_auto_classes",
+    "results_markdown",
+    "scheduled_keep_rate",
+    "visualize_kept_tokens",
 ]

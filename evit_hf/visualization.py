@@ -48,7 +48,7 @@ def visualize_kept_tokens(
     output_path: str | None = None,
 ) -> Image.Image:
     """Draws the input and, for each reduction layer, the patches whose token that layer kept; the patches that were
-    fused or dropped are greyed, as in the paper's figure.
+    fused or dropped are dimmed to blue-grey, as the paper's figure greys them.
 
     Args:
         model (an EViT model):
@@ -79,14 +79,15 @@ def visualize_kept_tokens(
     patch_height, patch_width = (patch, patch) if isinstance(patch, int) else tuple(patch)
     grid = (height // patch_height, width // patch_width)
     picture = _displayable(pixel_values[0])
-    grey = np.full_like(picture, 200)
+    # Fused or dropped patches: dimmed towards a blue-grey that reads as "removed" on dark and light images alike.
+    removed = np.broadcast_to(np.array([96, 104, 150], dtype=np.float32), picture.shape)
     scale = scale or max(1, -(-160 // height))
 
     panels = [picture]
     for mask in kept_patch_masks(output.kept_token_indices, grid):
         full = np.kron(mask, np.ones((patch_height, patch_width), dtype=bool))
         full = np.pad(full, ((0, height - full.shape[0]), (0, width - full.shape[1])))
-        panels.append(np.where(full[:, :, None], picture, (0.25 * picture + 0.75 * grey).astype(np.uint8)))
+        panels.append(np.where(full[:, :, None], picture, (0.3 * picture + 0.7 * removed).astype(np.uint8)))
 
     titles = ["input"] + [f"after layer {layer}" for layer in model.config.reduction_layers][: len(panels) - 1]
     margin, title_height = 6, 16

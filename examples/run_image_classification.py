@@ -1,0 +1,375 @@
+#!/usr/bin/env python
+"""Fine-tune a ViT, DeiT or EViT checkpoint as EViT for image classification with `Trainer`.
+
+    # a Hub dataset
+    python examples/run_image_classification.py --model_name_or_path facebook/deit-small-patch16-224 \
+        --dataset_name beans --output_dir outputs/evit-beans --do_train --do_eval --keep_rate 0.7
+
+    # folders of images, one sub-folder per class
+    python examples/run_image_classification.py --model_name_or_path google/vit-base-patch16-224 \
+        --train_dir data/train --validation_dir data/val --output_dir outputs/evit-folders --do_train --do_eval
+
+    # no dataset argument: scikit-learn's bundled digits (offline)
+    python examples/run_image_classification.py --model_name_or_path MODEL_FOLDER --output_dir outputs/digits \
+        --do_train --do_eval
+
+Arguments can also come from one JSON file: `python examples/run_image_classification.py args.json`. Multi-GPU and
+multi-process runs go through `torchrun` or `accelerate launch`; DeepSpeed and FSDP through Trainer's own
+`--deepspeed` / `--fsdp` flags.
+"""
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import transformers
+from datasets import ClassLabel, load_dataset
+from huggingface_hub import HfApi
+from huggingface_hub.utils import filter_repo_objects
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    ViTImageProcessor,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+import evit_hf
+from evit_hf.data import collate_images, digits_dataset, image_transforms
+
+
+logger = logging.getLogger(__name__)
+
+# Files a published folder holds: weights as safetensors, configs, remote code, the card and its figures; never the
+# pickles Trainer writes (training_args.bin, optimizer.pt) nor the intermediate checkpoints.
+PUBLISHED_PATTERNS = ["*.safetensors", "*.json", "*.py", "README.md", "*.png"]
+UNPUBLISHED_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.bin", "*.pt", "*.pth", "*.pkl"]
+
+
+@dataclass
+class ModelArguments:
+    """Which checkpoint to start from, and the EViT settings."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "Hub id or folder of a ViT, DeiT or EViT image-classification checkpoint."}
+    )
+    keep_rate: float = field(default=0.7, metadata={"help": "Target share of tokens each reduction layer keeps."})
+    reduction_layers: list[int] | None = field(
+        default=None, metadata={"help": "0-based reduction layers (default: the checkpoint's, or the paper's)."}
+    )
+    fuse_inattentive_tokens: bool = field(
+        default=True, metadata={"help": "Fuse the tokens that are not kept into one (--no_fuse_inattentive_tokens)."}
+    )
+    keep_rate_warmup: float = field(
+        default=0.0, metadata={"help": "Span (see keep_rate_schedule_unit) during which every token is kept."}
+    )
+    keep_rate_shrink: float = field(
+        default=0.0, metadata={"help": "Span of the cosine from keep rate 1 down to keep_rate, after the warm-up."}
+    )
+    keep_rate_schedule_unit: str = field(
+        default="epoch", metadata={"help": "Unit of the warm-up and shrink spans: 'epoch' or 'step'."}
+    )
+    image_processor_name: str | None = field(
+        default=None, metadata={"help": "Image processor, if not the checkpoint's own."}
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Start a new head when the checkpoint's labels differ from the dataset's."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache Hub downloads."})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the checkpoint."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the stored login)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code in the checkpoint."})
+
+
+@dataclass
+class DataTrainingArguments:
+    """Which data to train and evaluate on. With no dataset argument, scikit-learn's bundled digits."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the Hub."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration."})
+    train_dir: str | None = field(default=None, metadata={"help": "A folder of training images (imagefolder)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "A folder of validation images."})
+    train_val_split: float = field(
+        default=0.15, metadata={"help": "Share of the training split held out when there is no validation split."}
+    )
+    image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column_name: str = field(default="label", metadata={"help": "Column holding the labels."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
+    crop_scale_min: float = field(
+        default=0.08, metadata={"help": "Smallest area share of the random resized crop (training augmentation)."}
+    )
+    random_flip: bool = field(default=True, metadata={"help": "Random horizontal flips (--no_random_flip)."})
+    card_keep_rates: list[float] = field(
+        default_factory=lambda: [1.0, 0.9, 0.7, 0.5],
+        metadata={"help": "Keep rates in the model card's accuracy and speed table (the target is added)."},
+    )
+    dataset_display_name: str | None = field(default=None, metadata={"help": "Dataset name for the model card."})
+
+
+def parse_arguments(args=None):
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    args = sys.argv[1:] if args is None else list(args)
+    if len(args) == 1 and args[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(args[0]))
+    return parser.parse_args_into_dataclasses(args=args)
+
+
+def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int):
+    if data_args.dataset_name is not None:
+        dataset = load_dataset(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            cache_dir=model_args.cache_dir,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+        )
+    elif data_args.train_dir is not None or data_args.validation_dir is not None:
+        data_files = {}
+        if data_args.train_dir is not None:
+            data_files["train"] = os.path.join(data_args.train_dir, "**")
+        if data_args.validation_dir is not None:
+            data_files["validation"] = os.path.join(data_args.validation_dir, "**")
+        dataset = load_dataset("imagefolder", data_files=data_files, cache_dir=model_args.cache_dir)
+    else:
+        logger.info("No dataset given: using scikit-learn's bundled digits (1,797 images, 10 classes).")
+        dataset = digits_dataset(seed=seed)
+
+    for split in dataset.values():
+        for role, column in (("image", data_args.image_column_name), ("label", data_args.label_column_name)):
+            if column not in split.column_names:
+                raise ValueError(
+                    f"The dataset has no {role} column {column!r}; its columns are {split.column_names}. "
+                    f"Pass --{role}_column_name with one of them."
+                )
+    if "validation" not in dataset and "train" in dataset and data_args.train_val_split > 0:
+        split = dataset["train"].train_test_split(data_args.train_val_split, seed=seed)
+        dataset["train"], dataset["validation"] = split["train"], split["test"]
+    return dataset
+
+
+def label_names(dataset, label_column: str) -> list[str]:
+    split = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+    feature = split.features[label_column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    raise ValueError(
+        f"The label column {label_column!r} must be a datasets.ClassLabel (integer class ids with names); it is "
+        f"{feature}. Cast it with dataset.cast_column({label_column!r}, ClassLabel(names=[...]))."
+    )
+
+
+def evit_class_for(model_name_or_path: str, model_args: ModelArguments):
+    """The EViT classifier class for a ViT, DeiT or EViT checkpoint; an error for anything else."""
+    config = AutoConfig.from_pretrained(
+        model_name_or_path,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if config.model_type in ("vit", "evit"):
+        return evit_hf.EViTForImageClassification, config
+    if config.model_type in ("deit", "evit_deit"):
+        # The distillation head is inference-only in transformers: fine-tuning trains the class head.
+        return evit_hf.EViTDeiTForImageClassification, config
+    raise ValueError(
+        f"{model_name_or_path} is a {config.model_type!r} model; this script fine-tunes ViT ('vit'), DeiT ('deit') "
+        "and EViT ('evit', 'evit_deit') checkpoints."
+    )
+
+
+def check_labels_match_head(config, labels: list[str], ignore_mismatched_sizes: bool, model_name_or_path: str):
+    checkpoint_labels = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
+    is_classifier = any("ForImageClassification" in name for name in (config.architectures or []))
+    # Default names (LABEL_0, ...) carry no meaning: only their number has to match.
+    unnamed = checkpoint_labels == [f"LABEL_{i}" for i in range(len(checkpoint_labels))]
+    mismatch = len(checkpoint_labels) != len(labels) if unnamed else checkpoint_labels != labels
+    if is_classifier and checkpoint_labels and mismatch and not ignore_mismatched_sizes:
+        shown = checkpoint_labels[:5] + (["..."] if len(checkpoint_labels) > 5 else [])
+        raise ValueError(
+            f"The head of {model_name_or_path} predicts {len(checkpoint_labels)} labels ({shown}), the dataset has "
+            f"{len(labels)} ({labels[:5]}{'...' if len(labels) > 5 else ''}). Pass --ignore_mismatched_sizes to "
+            "train a new head for the dataset's labels."
+        )
+
+
+def load_image_processor(model_args: ModelArguments, config):
+    name = model_args.image_processor_name or model_args.model_name_or_path
+    try:
+        return AutoImageProcessor.from_pretrained(
+            name, cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token
+        )
+    except OSError:
+        size = config.image_size
+        logger.warning(f"{name} has no image processor: using a ViTImageProcessor at {size} px, mean/std 0.5.")
+        return ViTImageProcessor(size={"height": size, "width": size})
+
+
+def main(args=None) -> dict:
+    model_args, data_args, training_args = parse_arguments(args)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        handlers=[logging.StreamHandler(sys.stdout)],
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+    )
+    datasets.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.set_seed(training_args.seed)
+
+    # Examples carry PIL images, which the transforms turn into pixel values: keep every column.
+    training_args.remove_unused_columns = False
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # published at the end, see below
+
+    last_checkpoint = None
+    if training_args.do_train and os.path.isdir(training_args.output_dir):
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+            logger.info(f"Resuming from {last_checkpoint}.")
+
+    # Clear errors before anything heavy.
+    evit_class, checkpoint_config = evit_class_for(model_args.model_name_or_path, model_args)
+    if model_args.keep_rate_warmup or model_args.keep_rate_shrink:
+        keep_rate_scheduler = evit_hf.KeepRateScheduler(
+            model_args.keep_rate,
+            warmup=model_args.keep_rate_warmup,
+            shrink=model_args.keep_rate_shrink,
+            unit=model_args.keep_rate_schedule_unit,
+        )
+    else:
+        keep_rate_scheduler = None
+
+    dataset = load_data(data_args, model_args, training_args.seed)
+    labels = label_names(dataset, data_args.label_column_name)
+    check_labels_match_head(
+        checkpoint_config, labels, model_args.ignore_mismatched_sizes, model_args.model_name_or_path
+    )
+
+    evit_settings = {"keep_rate": model_args.keep_rate, "fuse_inattentive_tokens": model_args.fuse_inattentive_tokens}
+    if model_args.reduction_layers is not None:
+        evit_settings["reduction_layers"] = model_args.reduction_layers
+    model = evit_class.from_pretrained(
+        model_args.model_name_or_path,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        **evit_settings,
+    )
+    image_processor = load_image_processor(model_args, model.config)
+
+    train_transform, eval_transform = image_transforms(
+        image_processor,
+        data_args.image_column_name,
+        crop_scale=(data_args.crop_scale_min, 1.0),
+        random_flip=data_args.random_flip,
+    )
+    train_dataset = eval_dataset = None
+    if training_args.do_train:
+        if "train" not in dataset:
+            raise ValueError("--do_train needs a train split: pass --train_dir or a dataset with a 'train' split.")
+        train_dataset = dataset["train"]
+        if data_args.max_train_samples is not None:
+            train_dataset = train_dataset.shuffle(seed=training_args.seed).select(range(data_args.max_train_samples))
+        train_dataset.set_transform(train_transform)
+    if training_args.do_eval:
+        if "validation" not in dataset:
+            raise ValueError("--do_eval needs a validation split: pass --validation_dir or --train_val_split > 0.")
+        eval_dataset = dataset["validation"]
+        if data_args.max_eval_samples is not None:
+            eval_dataset = eval_dataset.select(range(data_args.max_eval_samples))
+        eval_dataset.set_transform(eval_transform)
+
+    def collate(examples):
+        return collate_images(examples, data_args.label_column_name)
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        compute_metrics=evit_hf.classification_metrics(len(labels)),
+        processing_class=image_processor,
+        data_collator=collate,
+        callbacks=[keep_rate_scheduler] if keep_rate_scheduler is not None else None,
+    )
+
+    results = {}
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        model.config.keep_rate = model_args.keep_rate  # the target, whatever the schedule ended on
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+        results.update(train_result.metrics)
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
+
+    if trainer.is_world_process_zero():
+        keep_rate_rows = None
+        if training_args.do_eval and data_args.card_keep_rates:
+            keep_rates = sorted(set(data_args.card_keep_rates) | {model.config.keep_rate}, reverse=True)
+            keep_rate_rows = evit_hf.evaluate_keep_rates(
+                trainer.model, eval_dataset, keep_rates, training_args.per_device_eval_batch_size, collate
+            )
+            with open(os.path.join(training_args.output_dir, "keep_rate_results.json"), "w") as handle:
+                json.dump(keep_rate_rows, handle, indent=2)
+        if not training_args.do_train:  # evaluation only: the folder still gets the model it describes
+            trainer.save_model()
+        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+        card = evit_hf.create_model_card(
+            trainer.model,
+            repo_id=repo_id,
+            base_model=model_args.model_name_or_path if not os.path.isdir(model_args.model_name_or_path) else None,
+            dataset_name=data_args.dataset_display_name or data_args.dataset_name or _folder_dataset_name(data_args),
+            dataset_id=data_args.dataset_name,
+            results=keep_rate_rows,
+            results_note="Accuracy on the evaluation split; images/s of the forward pass on the evaluation machine.",
+        )
+        card.save(os.path.join(training_args.output_dir, "README.md"))
+        if push_to_hub:
+            publish(training_args.output_dir, repo_id, model_args.token, training_args.hub_private_repo)
+    return results
+
+
+def _folder_dataset_name(data_args: DataTrainingArguments) -> str:
+    if data_args.train_dir or data_args.validation_dir:
+        return "imagefolder"
+    return "scikit-learn digits"
+
+
+def published_files(folder: str) -> list[str]:
+    """The files of `folder` that `publish` uploads, as paths relative to it."""
+    paths = [os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder) for name in names]
+    return sorted(filter_repo_objects(paths, allow_patterns=PUBLISHED_PATTERNS, ignore_patterns=UNPUBLISHED_PATTERNS))
+
+
+def publish(folder: str, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
+    """Uploads the model folder to the Hub: safetensors weights, configs, remote code, card and figures (no pickles,
+    no intermediate checkpoints)."""
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        allow_patterns=PUBLISHED_PATTERNS,
+        ignore_patterns=UNPUBLISHED_PATTERNS,
+        commit_message="Upload EViT model",
+    )
+    return repo_id
+
+
+if __name__ == "__main__":
+    main()
