@@ -73,7 +73,7 @@ def main(args=None) -> list[dict]:
     _, eval_transform = image_transforms(image_processor, data_args.image_column_name)
     split = dataset[eval_args.split]
     if data_args.max_eval_samples is not None:
-        split = split.select(range(data_args.max_eval_samples))
+        split = split.select(range(min(data_args.max_eval_samples, len(split))))
     split.set_transform(eval_transform)
 
     rows = evit_hf.evaluate_keep_rates(

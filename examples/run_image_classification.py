@@ -278,14 +278,15 @@ def main(args=None) -> dict:
             raise ValueError("--do_train needs a train split: pass --train_dir or a dataset with a 'train' split.")
         train_dataset = dataset["train"]
         if data_args.max_train_samples is not None:
-            train_dataset = train_dataset.shuffle(seed=training_args.seed).select(range(data_args.max_train_samples))
+            count = min(data_args.max_train_samples, len(train_dataset))
+            train_dataset = train_dataset.shuffle(seed=training_args.seed).select(range(count))
         train_dataset.set_transform(train_transform)
     if training_args.do_eval:
         if "validation" not in dataset:
             raise ValueError("--do_eval needs a validation split: pass --validation_dir or --train_val_split > 0.")
         eval_dataset = dataset["validation"]
         if data_args.max_eval_samples is not None:
-            eval_dataset = eval_dataset.select(range(data_args.max_eval_samples))
+            eval_dataset = eval_dataset.select(range(min(data_args.max_eval_samples, len(eval_dataset))))
         eval_dataset.set_transform(eval_transform)
 
     def collate(examples):

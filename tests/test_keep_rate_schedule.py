@@ -1,0 +1,120 @@
+import math
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import evit_hf
+from evit_hf import KeepRateScheduler, scheduled_keep_rate
+
+from .model_builders import TINY, stock_and_evit
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [(0, 1.0), (9.99, 1.0), (10, 1.0), (60, 0.85), (110, 0.7), (500, 0.7)],
+    ids=lambda value: str(value),
+)
+def test_schedule_values(step, expected):
+    # keep 1 until 10, cosine down to 0.7 over 100, then constant; halfway the cosine is at the mean
+    assert scheduled_keep_rate(step, 0.7, warmup_steps=10, shrink_steps=100) == pytest.approx(expected)
+
+
+def test_schedule_is_monotone_and_cosine_shaped():
+    values = [scheduled_keep_rate(step, 0.5, 0, 40) for step in range(41)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert values[10] == pytest.approx(0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_no_warmup_uses_the_target_from_the_start():
+    assert scheduled_keep_rate(0, 0.7, 0, 0) == 0.7
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"target_keep_rate": 0.9, "start_keep_rate": 0.8}, "must not end above its start"),
+        ({"target_keep_rate": 1.5}, r"target_keep_rate must be in \(0, 1\]"),
+        ({"target_keep_rate": 0.7, "warmup": -1}, "must be >= 0"),
+        ({"target_keep_rate": 0.7, "unit": "minute"}, "unit must be 'epoch' or 'step'"),
+    ],
+    ids=["ends-above-start", "target-above-one", "negative-span", "bad-unit"],
+)
+def test_invalid_schedules_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        KeepRateScheduler(**kwargs)
+
+
+def test_epoch_schedule_uses_fractional_epochs():
+    scheduler = KeepRateScheduler(0.5, warmup=1, shrink=2, unit="epoch")
+    assert scheduler.keep_rate_at(10, steps_per_epoch=10) == 1.0
+    assert scheduler.keep_rate_at(20, steps_per_epoch=10) == pytest.approx(0.75)
+    assert scheduler.keep_rate_at(30, steps_per_epoch=10) == 0.5
+
+
+class RandomImages(torch.utils.data.Dataset):
+    def __init__(self, count=48):
+        generator = torch.Generator().manual_seed(0)
+        self.pixels = torch.randn(count, 3, TINY["image_size"], TINY["image_size"], generator=generator)
+        self.labels = torch.randint(0, TINY["num_labels"], (count,), generator=generator)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"pixel_values": self.pixels[index], "labels": self.labels[index]}
+
+
+class KeepRateRecorder(TrainerCallback):
+    """Records the keep rate the model trains each step with (after the scheduler has set it)."""
+
+    def __init__(self, stop_at=None):
+        self.keep_rates, self.stop_at = {}, stop_at
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.keep_rates[state.global_step + 1] = model.config.keep_rate
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop_at is not None and state.global_step >= self.stop_at:
+            control.should_training_stop = True
+
+
+def train(output_dir, recorder, resume=None):
+    _, model = stock_and_evit("vit-classifier")
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        num_train_epochs=3,  # 6 steps per epoch, 18 steps
+        learning_rate=1e-3,
+        save_steps=7,
+        logging_steps=1,
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+    )
+    scheduler = KeepRateScheduler(0.5, warmup=0.5, shrink=1.5, unit="epoch")
+    trainer = Trainer(model=model, args=args, train_dataset=RandomImages(), callbacks=[scheduler, recorder])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_resumed_training_sees_the_same_keep_rates(tmp_path):
+    full = KeepRateRecorder()
+    trainer = train(tmp_path / "full", full)
+    assert len(full.keep_rates) == 18
+    assert full.keep_rates[1] == 1.0 and full.keep_rates[18] == 0.5
+    assert len(set(full.keep_rates.values())) > 5  # it did shrink along the way
+    logged = [entry["keep_rate"] for entry in trainer.state.log_history if "keep_rate" in entry]
+    assert logged == [full.keep_rates[step] for step in range(1, 19)]  # logged with the Trainer's logs
+    assert trainer.model.config.keep_rate == 0.5  # left at the target
+
+    interrupted = KeepRateRecorder(stop_at=7)
+    train(tmp_path / "resumed", interrupted)
+    resumed = KeepRateRecorder()
+    train(tmp_path / "resumed", resumed, resume=str(tmp_path / "resumed" / "checkpoint-7"))
+    assert sorted(resumed.keep_rates) == list(range(8, 19))
+    assert resumed.keep_rates == {step: full.keep_rates[step] for step in range(8, 19)}
+
+
+def test_exported_from_the_package():
+    assert evit_hf.KeepRateScheduler is KeepRateScheduler
