@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 
 import datasets
+import torch
 import transformers
 from datasets import ClassLabel, load_dataset
 from huggingface_hub import HfApi
@@ -112,11 +113,29 @@ class DataTrainingArguments:
     dataset_display_name: str | None = field(default=None, metadata={"help": "Dataset name for the model card."})
 
 
+def _cpu_processes() -> bool:
+    """Whether this is one of several processes (torchrun, accelerate launch) on a machine without an accelerator."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def parse_arguments(args=None):
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     args = sys.argv[1:] if args is None else list(args)
     if len(args) == 1 and args[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(args[0]))
+        with open(args[0]) as handle:
+            values = json.load(handle)
+    else:
+        values = None
+    # Trainer runs CPU processes as one distributed job (gloo) only with use_cpu; without it each process would train
+    # a model of its own.
+    if _cpu_processes():
+        if values is not None and "use_cpu" not in values:
+            values["use_cpu"] = True
+        elif values is None and not any(arg.startswith(("--use_cpu", "--use-cpu")) for arg in args):
+            args = [*args, "--use_cpu", "true"]
+        logger.info("Several processes and no accelerator: training on CPU with gloo (use_cpu=True).")
+    if values is not None:
+        return parser.parse_dict(values)
     return parser.parse_args_into_dataclasses(args=args)
 
 

@@ -1,0 +1,58 @@
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import evit_hf
+
+from .test_examples import EXAMPLES, save_small_vit
+
+
+SCRIPT = os.path.join(EXAMPLES, "run_image_classification.py")
+BIN = os.path.dirname(sys.executable)
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2"],
+        # accelerate's multi-process launcher; on a machine without GPUs its processes train on CPU with gloo
+        [os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"],
+    ],
+    ids=["torchrun", "accelerate-launch"],
+)
+def test_two_processes_train_one_model(launcher, tmp_path):
+    if not os.path.exists(launcher[0]):
+        pytest.skip(f"{launcher[0]} is not installed")
+    model = save_small_vit(tmp_path / "vit")
+    output_dir = tmp_path / "out"
+    command = [
+        *launcher,
+        SCRIPT,
+        "--model_name_or_path", model,
+        "--output_dir", str(output_dir),
+        "--do_train",
+        "--max_steps", "4",
+        "--per_device_train_batch_size", "8",
+        "--keep_rate", "0.7",
+        "--keep_rate_shrink", "2",
+        "--keep_rate_schedule_unit", "step",
+        "--report_to", "none",
+        "--save_strategy", "no",
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    train_results = json.loads((output_dir / "train_results.json").read_text())
+    train_size = len(evit_hf.digits_dataset(seed=42)["train"])
+    # one optimizer step consumes 8 images in each of the 2 processes (one process alone: 4 / ceil(size / 8))
+    assert train_results["epoch"] == pytest.approx(4 / math.ceil(train_size / 16))
+    loaded = evit_hf.EViTForImageClassification.from_pretrained(output_dir)
+    assert loaded.config.keep_rate == 0.7
+    shutil.rmtree(output_dir)
