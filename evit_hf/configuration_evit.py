@@ -50,6 +50,8 @@ class _EViTSettingsMixin:
 
     # The plain checkpoints this configuration reads (their config.json names one of these `model_type`s).
     source_model_types: tuple[str, ...] = ()
+    # Trainer gathers every output but these during evaluation: the kept tokens are not predictions.
+    keys_to_ignore_at_inference = ["kept_token_indices"]
 
     def _resolve_evit_settings(self) -> None:
         self.keep_rate = check_keep_rate(self.keep_rate)
