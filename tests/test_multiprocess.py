@@ -2,6 +2,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -16,18 +17,25 @@ SCRIPT = os.path.join(EXAMPLES, "run_image_classification.py")
 BIN = os.path.dirname(sys.executable)
 
 
+def free_port() -> str:
+    with socket.socket() as probe:  # a port of our own: launchers default to 29500, which may still be taken
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 @pytest.mark.parametrize(
     "launcher",
     [
-        [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2"],
+        [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port"],
         # accelerate's multi-process launcher; on a machine without GPUs its processes train on CPU with gloo
-        [os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"],
+        [os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port"],
     ],
     ids=["torchrun", "accelerate-launch"],
 )
 def test_two_processes_train_one_model(launcher, tmp_path):
     if not os.path.exists(launcher[0]):
         pytest.skip(f"{launcher[0]} is not installed")
+    launcher = [*launcher, free_port()]
     model = save_small_vit(tmp_path / "vit")
     output_dir = tmp_path / "out"
     command = [
