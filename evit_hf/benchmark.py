@@ -1,50 +1,435 @@
-"""Throughput of EViT against the stock transformers model with the same weights, measured in one process.
+"""Speed of EViT against the stock transformers model with the same weights, measured in one process.
 
-python -m evit_hf.benchmark --shape deit-small --batch-size 32 --keep-rates 0.7 0.5
+    evit-hf benchmark --model deit-small --batch-sizes 32 --keep-rates 0.9 0.8 0.7 0.6 0.5 --output-dir outputs/bench
+
+Models run in alternation (one call of each per round, after a warm-up), so that drifts of the machine hit every model
+alike; each row reports the median and the spread of its rounds, images/s, latency, peak memory, and its speed-up over
+the stock model next to the MACs ratio (the bound for a speed-up that comes from doing less arithmetic).
 """
 
 import argparse
+import ctypes
+import gc
+import itertools
 import json
+import multiprocessing
+import os
 import statistics
 import time
+from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import ViTConfig, ViTForImageClassification
+from tqdm.auto import tqdm
+from transformers import AutoConfig, ViTConfig, ViTForImageClassification
 
 from .configuration_evit import EViTConfig
+from .macs import count_macs
 from .modeling_evit import EViTForImageClassification
+from .token_reorganization import class_token_attention, reorganize_tokens, track_token_positions
 
 
-# Model shapes by name (random weights: speed does not depend on them).
+# Model shapes by name (random weights: speed does not depend on them). DeiT without distillation is a ViT.
 SHAPES = {
     "deit-tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
     "deit-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
     "deit-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "vit-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_models(shape: str, image_size: int = 224, attn_implementation: str = "sdpa", seed: int = 0):
-    """A stock `ViTForImageClassification` of `shape` and an EViT classifier with the same weights, in eval mode."""
-    settings = dict(SHAPES[shape], image_size=image_size, patch_size=16, num_labels=1000)
+@dataclass
+class BenchmarkSettings:
+    """What `run_benchmark` measures: every combination of the list-valued settings, each against the stock model."""
+
+    model: str = "deit-small"
+    keep_rates: list[float] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5])
+    batch_sizes: list[int] = field(default_factory=lambda: [32])
+    image_sizes: list[int] = field(default_factory=lambda: [224])
+    attn_implementations: list[str] = field(default_factory=lambda: ["sdpa"])
+    dtypes: list[str] = field(default_factory=lambda: ["float32"])
+    devices: list[str] = field(default_factory=lambda: ["cpu"])
+    compiled: list[bool] = field(default_factory=lambda: [False])
+    modes: list[str] = field(default_factory=lambda: ["inference"])
+    warmup: int = 3
+    rounds: int = 10
+    measure_memory: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.model not in SHAPES and not os.path.isdir(self.model):
+            raise ValueError(f"model must be one of {sorted(SHAPES)} or a checkpoint folder, got {self.model!r}.")
+        unknown = [dtype for dtype in self.dtypes if dtype not in DTYPES]
+        if unknown:
+            raise ValueError(f"dtypes must be among {sorted(DTYPES)}, got {unknown}.")
+        if any(mode not in ("inference", "train") for mode in self.modes):
+            raise ValueError(f"modes must be 'inference' and/or 'train', got {self.modes}.")
+        if any(not 0 < keep_rate <= 1 for keep_rate in self.keep_rates):
+            raise ValueError(f"keep rates must be in (0, 1], got {self.keep_rates}.")
+        if self.rounds < 1 or self.warmup < 0:
+            raise ValueError("rounds must be >= 1 and warmup >= 0.")
+
+
+def model_config_settings(model: str, image_size: int) -> dict:
+    """Keyword arguments of a ViT configuration of the named shape, or of a checkpoint folder, at `image_size`."""
+    if model in SHAPES:
+        return dict(SHAPES[model], image_size=image_size, patch_size=16, num_labels=1000, layer_norm_eps=1e-6)
+    config = AutoConfig.from_pretrained(model)
+    if config.model_type not in ("vit", "evit"):
+        raise ValueError(f"The benchmark builds ViT-family models; {model} is {config.model_type!r}.")
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size", "num_labels")
+    return dict({key: getattr(config, key) for key in keys}, image_size=image_size)
+
+
+def build_models(
+    model: str = "deit-small",
+    image_size: int = 224,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+):
+    """A stock `ViTForImageClassification` and an EViT classifier of the same shape and weights, in eval mode."""
+    settings = model_config_settings(model, image_size)
     torch.manual_seed(seed)
-    stock = ViTForImageClassification(ViTConfig(**settings, attn_implementation=attn_implementation)).eval()
-    evit = EViTForImageClassification(EViTConfig(**settings, attn_implementation=attn_implementation)).eval()
+    stock = ViTForImageClassification(ViTConfig(**settings, attn_implementation=attn_implementation))
+    evit = EViTForImageClassification(EViTConfig(**settings, attn_implementation=attn_implementation))
     evit.load_state_dict(stock.state_dict())
-    return stock, evit
+    return stock.to(device, dtype).eval(), evit.to(device, dtype).eval()
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _step_function(model, pixel_values, labels, mode: str, keep_rate):
+    """One inference call, or one training step (forward, backward, optimizer step), of `model`."""
+    arguments = {} if keep_rate is None else {"keep_rate": keep_rate}
+    if mode == "inference":
+
+        def step():
+            with torch.inference_mode():
+                return model(pixel_values, **arguments)
+
+        return step
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(pixel_values, labels=labels, **arguments).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _resident_memory() -> tuple[int, int]:
+    """(current, peak) resident memory of this process in bytes, from /proc (Linux)."""
+    values = {}
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                name, amount, _ = line.split()
+                values[name] = int(amount) * 1024
+    return values["VmRSS:"], values["VmHWM:"]
+
+
+def _measure_cpu_peak_memory(queue, model, image_size, attn_implementation, dtype, mode, batch_size, keep_rate, seed):
+    """In a fresh process holding only the measured model: how far two steps raise the resident memory."""
+    stock, evit = build_models(model, image_size, attn_implementation, seed, DTYPES[dtype])
+    chosen = stock if keep_rate is None else evit
+    del stock, evit
+    if mode == "train":
+        chosen.train()
+    pixel_values = torch.randn(batch_size, 3, image_size, image_size, dtype=DTYPES[dtype])
+    labels = torch.zeros(batch_size, dtype=torch.long)
+    step = _step_function(chosen, pixel_values, labels, mode, keep_rate)
+    step()  # the optimizer's state exists from here on
+    gc.collect()
+    try:  # hand the memory freed by the first step back to the system, so that the second step has to take it again
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # resets the peak (VmHWM) to the current resident memory
+    before, _ = _resident_memory()
+    step()
+    queue.put(_resident_memory()[1] - before)
+
+
+def _peak_memory(device, step, group, keep_rate, settings) -> int | None:
+    """Peak memory one step adds: CUDA's allocator statistics, or on CPU the resident memory of a fresh process."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - baseline
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(
+        target=_measure_cpu_peak_memory,
+        args=(queue, settings.model, group["image_size"], group["attn_implementation"], group["dtype"],
+              group["mode"], group["batch_size"], keep_rate, settings.seed),
+    )  # fmt: skip
+    process.start()
+    peak = queue.get(timeout=600)
+    process.join()
+    return peak
+
+
+def run_benchmark(settings: BenchmarkSettings, progress: bool = True) -> dict:
+    """Measures every combination in `settings`. Returns {"environment": ..., "settings": ..., "rows": [...]}."""
+    groups = [
+        dict(zip(("batch_size", "image_size", "attn_implementation", "dtype", "device", "compiled", "mode"), values,
+                 strict=True))
+        for values in itertools.product(
+            settings.batch_sizes, settings.image_sizes, settings.attn_implementations, settings.dtypes,
+            settings.devices, settings.compiled, settings.modes,
+        )
+    ]  # fmt: skip
+    rows = []
+    bar = tqdm(total=len(groups) * (settings.warmup + settings.rounds), disable=not progress, desc="benchmark")
+    for group in groups:
+        rows += _run_group(settings, group, bar)
+    bar.close()
+    environment = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return {"environment": environment, "settings": asdict(settings), "rows": rows}
+
+
+def _run_group(settings: BenchmarkSettings, group: dict, bar) -> list[dict]:
+    device, dtype, mode = group["device"], DTYPES[group["dtype"]], group["mode"]
+    batch_size, image_size = group["batch_size"], group["image_size"]
+    stock, evit = build_models(settings.model, image_size, group["attn_implementation"], settings.seed, dtype, device)
+    if mode == "train":
+        stock.train()
+        evit.train()
+    if group["compiled"]:
+        stock, evit = torch.compile(stock), torch.compile(evit)
+    generator = torch.Generator().manual_seed(settings.seed)
+    pixel_values = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device, dtype)
+    labels = torch.randint(0, 1000, (batch_size,), generator=generator).to(device)
+
+    variants = [("stock", None, stock)] + [("evit", keep_rate, evit) for keep_rate in settings.keep_rates]
+    steps = [_step_function(model, pixel_values, labels, mode, keep_rate) for _, keep_rate, model in variants]
+    timings = [[] for _ in variants]
+    for round_index in range(settings.warmup + settings.rounds):
+        for index, step in enumerate(steps):
+            _synchronize(device)
+            start = time.perf_counter()
+            step()
+            _synchronize(device)
+            if round_index >= settings.warmup:
+                timings[index].append(time.perf_counter() - start)
+        bar.update(1)
+
+    config = EViTConfig(**model_config_settings(settings.model, image_size))
+    stock_macs = count_macs(config, image_size=image_size, keep_rate=1.0)
+    stock_median = statistics.median(timings[0])
+    rows = []
+    for (variant, keep_rate, _), seconds, step in zip(variants, timings, steps, strict=True):
+        median = statistics.median(seconds)
+        macs = count_macs(config, image_size=image_size, keep_rate=keep_rate or 1.0)
+        speedup = stock_median / median
+        row = dict(
+            group,
+            model=settings.model,
+            variant=variant,
+            keep_rate=keep_rate,
+            images_per_s=batch_size / median,
+            images_per_s_min=batch_size / max(seconds),
+            images_per_s_max=batch_size / min(seconds),
+            latency_ms=1000 * median,
+            speedup=speedup,
+            macs=macs,
+            macs_ratio=stock_macs / macs,
+            speedup_over_macs_ratio=speedup / (stock_macs / macs),
+        )
+        if settings.measure_memory and not group["compiled"]:
+            peak = _peak_memory(device, step, group, keep_rate, settings)
+            row["peak_memory_mb"] = peak / 2**20 if peak is not None else None
+        rows.append(row)
+    return rows
+
+
+def resolution_comparison(
+    model: str = "deit-small",
+    keep_rate: float = 0.7,
+    image_sizes=(256, 288),
+    reference_image_size: int = 224,
+    batch_size: int = 32,
+    attn_implementation: str = "sdpa",
+    rounds: int = 10,
+    warmup: int = 3,
+) -> list[dict]:
+    """EViT at larger inputs against the stock model at `reference_image_size` (the paper's "more tokens for the same
+    cost"): images/s and MACs of each, alternating in one process."""
+    stock, _ = build_models(model, reference_image_size, attn_implementation)
+    runners = {("stock", reference_image_size): (stock, reference_image_size, None)}
+    for size in image_sizes:
+        _, evit = build_models(model, size, attn_implementation)
+        runners[("evit", size)] = (evit, size, keep_rate)
+    inputs = {size: torch.randn(batch_size, 3, size, size) for _, size, _ in runners.values()}
+    timings = {key: [] for key in runners}
+    with torch.inference_mode():
+        for round_index in range(warmup + rounds):
+            for key, (net, size, rate) in runners.items():
+                start = time.perf_counter()
+                net(inputs[size]) if rate is None else net(inputs[size], keep_rate=rate)
+                if round_index >= warmup:
+                    timings[key].append(time.perf_counter() - start)
+    reference = statistics.median(timings[("stock", reference_image_size)])
+    reference_macs = count_macs(stock.config, image_size=reference_image_size)
+    rows = []
+    for (variant, size), seconds in timings.items():
+        net, _, rate = runners[(variant, size)]
+        macs = count_macs(net.config, image_size=size, keep_rate=rate or 1.0)
+        rows.append(
+            dict(
+                variant=variant,
+                image_size=size,
+                keep_rate=rate,
+                images_per_s=batch_size / statistics.median(seconds),
+                speed_relative_to_stock_at_reference=reference / statistics.median(seconds),
+                macs=macs,
+                macs_relative_to_stock_at_reference=macs / reference_macs,
+            )
+        )
+    return rows
+
+
+def reorganization_overhead(
+    model: str = "deit-small", keep_rate: float = 0.7, batch_size: int = 32, image_size: int = 224, rounds: int = 10
+) -> dict:
+    """The share of an EViT forward spent reorganizing tokens: class-token attention row, scoring, top-k, gathering,
+    fusion and position tracking, timed on the real tensors of each reduction layer, against the whole forward."""
+    _, evit = build_models(model, image_size)
+    pixel_values = torch.randn(batch_size, 3, image_size, image_size)
+    captured = {}
+
+    def capture(layer_index):
+        def hook(module, args, kwargs, output):
+            if kwargs.get("num_keep") is not None:
+                captured[layer_index] = (args[0], kwargs["num_keep"])
+
+        return hook
+
+    handles = [
+        layer.register_forward_hook(capture(index), with_kwargs=True) for index, layer in enumerate(evit.vit.layers)
+    ]
+    with torch.inference_mode():
+        evit(pixel_values, keep_rate=keep_rate)
+    for handle in handles:
+        handle.remove()
+
+    # Inputs of the reorganization in each reduction layer: queries, keys and the post-attention tokens.
+    cases = []
+    with torch.inference_mode():
+        for index, (layer_input, num_keep) in sorted(captured.items()):
+            attention = evit.vit.layers[index].attention
+            hidden = evit.vit.layers[index].layernorm_before(layer_input)
+            shape = (*hidden.shape[:-1], -1, attention.head_dim)
+            query = attention.q_proj(hidden).view(shape).transpose(1, 2)
+            key = attention.k_proj(hidden).view(shape).transpose(1, 2)
+            positions = torch.arange(layer_input.shape[1] - 1).expand(batch_size, -1)
+            cases.append((query, key, layer_input, num_keep, positions, attention.scaling))
+
+    def reorganize_all():
+        for query, key, tokens, num_keep, positions, scaling in cases:
+            class_attention = class_token_attention(query, key, scaling)
+            _, kept = reorganize_tokens(tokens, class_attention, 1, num_keep, fuse=True)
+            track_token_positions(positions, kept, fused=True)
+
+    forward_times, reorganize_times = [], []
+    with torch.inference_mode():
+        for round_index in range(rounds + 2):
+            start = time.perf_counter()
+            evit(pixel_values, keep_rate=keep_rate)
+            middle = time.perf_counter()
+            reorganize_all()
+            end = time.perf_counter()
+            if round_index >= 2:
+                forward_times.append(middle - start)
+                reorganize_times.append(end - middle)
+    forward, reorganization = statistics.median(forward_times), statistics.median(reorganize_times)
+    return {
+        "model": model,
+        "keep_rate": keep_rate,
+        "batch_size": batch_size,
+        "forward_ms": 1000 * forward,
+        "reorganization_ms": 1000 * reorganization,
+        "share": reorganization / forward,
+    }
+
+
+def markdown_table(rows: list[dict]) -> str:
+    columns = ["mode", "device", "dtype", "compiled", "batch_size", "image_size", "variant", "keep_rate"]
+    columns += ["images_per_s", "latency_ms", "peak_memory_mb", "speedup", "macs_ratio", "speedup_over_macs_ratio"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            if isinstance(value, float):
+                cells.append(
+                    f"{value:.3f}"
+                    if column in ("speedup", "macs_ratio", "speedup_over_macs_ratio")
+                    else f"{value:.1f}"
+                )
+            else:
+                cells.append("" if value is None else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_speedups(rows: list[dict], path: str) -> None:
+    """Speed-up over the stock model against keep rate, one line per setting, with the MACs bound dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    series = {}
+    for row in rows:
+        if row["variant"] != "evit":
+            continue
+        label = f"{row['mode']} {row['device']} {row['dtype']} bs{row['batch_size']} {row['image_size']}px"
+        label += " compiled" if row["compiled"] else ""
+        series.setdefault(label, []).append(row)
+    for label, points in series.items():
+        points.sort(key=lambda row: -row["keep_rate"])
+        axis.plot([p["keep_rate"] for p in points], [p["speedup"] for p in points], marker="o", label=label)
+    bound = sorted({(row["keep_rate"], row["macs_ratio"]) for row in rows if row["variant"] == "evit"}, reverse=True)
+    axis.plot([k for k, _ in bound], [r for _, r in bound], linestyle="--", color="grey", label="MACs bound")
+    axis.set_xlabel("keep rate")
+    axis.set_ylabel("speed-up over the stock model")
+    axis.invert_xaxis()
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def max_logit_difference_between_backends(
-    shape: str = "deit-small", keep_rate: float = 0.7, batch_size: int = 8, seed: int = 0
+    model: str = "deit-small", keep_rate: float = 0.7, batch_size: int = 8, seed: int = 0
 ) -> dict:
     """Largest |logit difference| of EViT with eager against SDPA attention, same weights and inputs."""
-    _, eager = build_models(shape, attn_implementation="eager", seed=seed)
-    _, sdpa = build_models(shape, attn_implementation="sdpa", seed=seed)
+    _, eager = build_models(model, attn_implementation="eager", seed=seed)
+    _, sdpa = build_models(model, attn_implementation="sdpa", seed=seed)
     pixel_values = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         a, b = eager(pixel_values, keep_rate=keep_rate), sdpa(pixel_values, keep_rate=keep_rate)
     same_tokens = all(torch.equal(x, y) for x, y in zip(a.kept_token_indices, b.kept_token_indices, strict=True))
     return {
-        "shape": shape,
+        "model": model,
         "keep_rate": keep_rate,
         "max_abs_logit_difference": float((a.logits - b.logits).abs().max()),
         "max_abs_logit": float(a.logits.abs().max()),
@@ -52,89 +437,72 @@ def max_logit_difference_between_backends(
     }
 
 
-def throughput_comparison(
-    shape: str = "deit-small",
-    keep_rates: tuple[float, ...] = (0.7, 0.5),
-    batch_size: int = 32,
-    image_size: int = 224,
-    attn_implementation: str = "sdpa",
-    rounds: int = 10,
-    warmup: int = 2,
-) -> list[dict]:
-    """Images/s of the stock model and of EViT at each keep rate, timed in alternation (one forward each per round),
-    so that drifts of the machine hit every model alike. Returns one row per model with the median, the spread
-    (min, max) and the ratio to the stock model's median."""
-    stock, evit = build_models(shape, image_size, attn_implementation)
-    pixel_values = torch.randn(batch_size, 3, image_size, image_size)
-    runners = {"stock": lambda: stock(pixel_values)}
-    for keep_rate in keep_rates:
-        runners[f"evit-{keep_rate}"] = lambda keep_rate=keep_rate: evit(pixel_values, keep_rate=keep_rate)
-    timings = {name: [] for name in runners}
-    with torch.inference_mode():
-        for round_index in range(warmup + rounds):
-            for name, run in runners.items():
-                start = time.perf_counter()
-                run()
-                elapsed = time.perf_counter() - start
-                if round_index >= warmup:
-                    timings[name].append(elapsed)
-    stock_median = statistics.median(timings["stock"])
-    rows = []
-    for name, seconds in timings.items():
-        median = statistics.median(seconds)
-        rows.append(
-            {
-                "model": name,
-                "images_per_s": batch_size / median,
-                "images_per_s_min": batch_size / max(seconds),
-                "images_per_s_max": batch_size / min(seconds),
-                "latency_ms": 1000 * median,
-                "speedup": stock_median / median,
-            }
-        )
-    return rows
+def _yes_no(value: str) -> bool:
+    if value.lower() in ("yes", "true", "1", "compiled"):
+        return True
+    if value.lower() in ("no", "false", "0", "eager"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="deit-small", choices=sorted(SHAPES))
-    parser.add_argument("--keep-rates", type=float, nargs="+", default=[0.7, 0.5])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--attn-implementation", default="sdpa")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+def main(argv=None) -> dict:
+    defaults = BenchmarkSettings()
+    parser = argparse.ArgumentParser(
+        prog="evit-hf benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=defaults.model, help=f"{', '.join(SHAPES)}, or a ViT checkpoint folder")
+    parser.add_argument("--keep-rates", type=float, nargs="+", default=defaults.keep_rates)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=defaults.batch_sizes)
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=defaults.image_sizes)
+    parser.add_argument("--attn-implementations", nargs="+", default=defaults.attn_implementations)
+    parser.add_argument("--dtypes", nargs="+", default=defaults.dtypes, choices=sorted(DTYPES))
+    parser.add_argument("--devices", nargs="+", default=defaults.devices)
+    parser.add_argument("--compile", type=_yes_no, nargs="+", default=defaults.compiled, help="no and/or yes")
+    parser.add_argument("--modes", nargs="+", default=defaults.modes, choices=["inference", "train"])
+    parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--resolutions", type=int, nargs="*", default=None,
+                        help="also compare EViT at these sizes with the stock model at 224 px")  # fmt: skip
+    parser.add_argument("--overhead", action="store_true", help="also profile the reorganization's share")
     parser.add_argument("--backend-difference", action="store_true", help="also compare eager and SDPA logits")
-    parser.add_argument("--output", help="write the results to this JSON file")
+    parser.add_argument("--output-dir", default=None, help="write benchmark.json, benchmark.md and benchmark.png")
+    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    results = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "throughput": throughput_comparison(
-            args.shape,
-            tuple(args.keep_rates),
-            args.batch_size,
-            args.image_size,
-            args.attn_implementation,
-            args.rounds,
-            args.warmup,
-        ),
-    }
+    settings = BenchmarkSettings(
+        model=args.model,
+        keep_rates=args.keep_rates,
+        batch_sizes=args.batch_sizes,
+        image_sizes=args.image_sizes,
+        attn_implementations=args.attn_implementations,
+        dtypes=args.dtypes,
+        devices=args.devices,
+        compiled=args.compile,
+        modes=args.modes,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        measure_memory=not args.no_memory,
+    )
+    results = run_benchmark(settings, progress=not args.no_progress)
+    if args.resolutions:
+        results["resolutions"] = resolution_comparison(args.model, image_sizes=args.resolutions, rounds=args.rounds)
+    if args.overhead:
+        results["overhead"] = reorganization_overhead(args.model, batch_size=args.batch_sizes[0])
     if args.backend_difference:
-        results["backend_difference"] = max_logit_difference_between_backends(args.shape)
-    print("| model | images/s (median) | min-max | latency ms | speed-up |")
-    print("|---|---|---|---|---|")
-    for row in results["throughput"]:
-        print(
-            f"| {row['model']} | {row['images_per_s']:.1f} | {row['images_per_s_min']:.1f}-"
-            f"{row['images_per_s_max']:.1f} | {row['latency_ms']:.1f} | {row['speedup']:.3f}x |"
-        )
-    if "backend_difference" in results:
-        print(json.dumps(results["backend_difference"]))
-    if args.output:
-        with open(args.output, "w") as handle:
+        results["backend_difference"] = max_logit_difference_between_backends(args.model)
+    table = markdown_table(results["rows"])
+    print(table)
+    for key in ("resolutions", "overhead", "backend_difference"):
+        if key in results:
+            print(json.dumps({key: results[key]}, indent=1))
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "benchmark.json"), "w") as handle:
             json.dump(results, handle, indent=2)
+        with open(os.path.join(args.output_dir, "benchmark.md"), "w") as handle:
+            handle.write(table + "\n")
+        plot_speedups(results["rows"], os.path.join(args.output_dir, "benchmark.png"))
     return results
 
 
