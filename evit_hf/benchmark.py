@@ -134,49 +134,57 @@ def _resident_memory() -> tuple[int, int]:
     return values["VmRSS:"], values["VmHWM:"]
 
 
-def _measure_cpu_peak_memory(queue, model, image_size, attn_implementation, dtype, mode, batch_size, keep_rate, seed):
-    """In a fresh process holding only the measured model: how far two steps raise the resident memory."""
-    stock, evit = build_models(model, image_size, attn_implementation, seed, DTYPES[dtype])
-    chosen = stock if keep_rate is None else evit
-    del stock, evit
-    if mode == "train":
-        chosen.train()
+def _measure_cpu_peak_memories(queue, model, image_size, attn_implementation, dtype, mode, batch_size, keep_rates):
+    """In a fresh process: for each keep rate (None: the stock model), how far one step raises the resident memory."""
+    stock, evit = build_models(model, image_size, attn_implementation, 0, DTYPES[dtype])
     pixel_values = torch.randn(batch_size, 3, image_size, image_size, dtype=DTYPES[dtype])
     labels = torch.zeros(batch_size, dtype=torch.long)
-    step = _step_function(chosen, pixel_values, labels, mode, keep_rate)
-    step()  # the optimizer's state exists from here on
-    gc.collect()
-    try:  # hand the memory freed by the first step back to the system, so that the second step has to take it again
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # resets the peak (VmHWM) to the current resident memory
-    before, _ = _resident_memory()
-    step()
-    queue.put(_resident_memory()[1] - before)
-
-
-def _peak_memory(device, step, group, keep_rate, settings) -> int | None:
-    """Peak memory one step adds: CUDA's allocator statistics, or on CPU the resident memory of a fresh process."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
+    peaks = []
+    for keep_rate in keep_rates:
+        chosen = stock if keep_rate is None else evit
+        chosen.train(mode == "train")
+        step = _step_function(chosen, pixel_values, labels, mode, keep_rate)
+        step()  # the optimizer's state exists from here on
+        del step  # ...and goes with it, before the next model is measured
+        step = _step_function(chosen, pixel_values, labels, mode, keep_rate)
         step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - baseline
+        gc.collect()
+        try:  # hand freed memory back to the system, so that the measured step has to take it again
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # resets the peak (VmHWM) to the current resident memory
+        before, _ = _resident_memory()
+        step()
+        peaks.append(_resident_memory()[1] - before)
+        del step
+    queue.put(peaks)
+
+
+def _cpu_peak_memories(group: dict, keep_rates: list, settings) -> list[int]:
+    """Peak memory one step of each model adds on CPU, measured in one fresh process (nothing else allocated)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(
-        target=_measure_cpu_peak_memory,
+        target=_measure_cpu_peak_memories,
         args=(queue, settings.model, group["image_size"], group["attn_implementation"], group["dtype"],
-              group["mode"], group["batch_size"], keep_rate, settings.seed),
+              group["mode"], group["batch_size"], keep_rates),
     )  # fmt: skip
     process.start()
-    peak = queue.get(timeout=600)
+    peaks = queue.get(timeout=1800)
     process.join()
-    return peak
+    return peaks
+
+
+def _cuda_peak_memory(step) -> int:
+    """Peak memory one step adds, from CUDA's allocator statistics."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - baseline
 
 
 def run_benchmark(settings: BenchmarkSettings, progress: bool = True) -> dict:
@@ -232,29 +240,34 @@ def _run_group(settings: BenchmarkSettings, group: dict, bar) -> list[dict]:
     config = EViTConfig(**model_config_settings(settings.model, image_size))
     stock_macs = count_macs(config, image_size=image_size, keep_rate=1.0)
     stock_median = statistics.median(timings[0])
+    peaks = [None] * len(variants)
+    if settings.measure_memory and not group["compiled"]:
+        if device.startswith("cuda"):
+            peaks = [_cuda_peak_memory(step) for step in steps]
+        else:
+            peaks = _cpu_peak_memories(group, [keep_rate for _, keep_rate, _ in variants], settings)
     rows = []
-    for (variant, keep_rate, _), seconds, step in zip(variants, timings, steps, strict=True):
+    for (variant, keep_rate, _), seconds, peak in zip(variants, timings, peaks, strict=True):
         median = statistics.median(seconds)
         macs = count_macs(config, image_size=image_size, keep_rate=keep_rate or 1.0)
         speedup = stock_median / median
-        row = dict(
-            group,
-            model=settings.model,
-            variant=variant,
-            keep_rate=keep_rate,
-            images_per_s=batch_size / median,
-            images_per_s_min=batch_size / max(seconds),
-            images_per_s_max=batch_size / min(seconds),
-            latency_ms=1000 * median,
-            speedup=speedup,
-            macs=macs,
-            macs_ratio=stock_macs / macs,
-            speedup_over_macs_ratio=speedup / (stock_macs / macs),
+        rows.append(
+            dict(
+                group,
+                model=settings.model,
+                variant=variant,
+                keep_rate=keep_rate,
+                images_per_s=batch_size / median,
+                images_per_s_min=batch_size / max(seconds),
+                images_per_s_max=batch_size / min(seconds),
+                latency_ms=1000 * median,
+                peak_memory_mb=None if peak is None else peak / 2**20,
+                speedup=speedup,
+                macs=macs,
+                macs_ratio=stock_macs / macs,
+                speedup_over_macs_ratio=speedup / (stock_macs / macs),
+            )
         )
-        if settings.measure_memory and not group["compiled"]:
-            peak = _peak_memory(device, step, group, keep_rate, settings)
-            row["peak_memory_mb"] = peak / 2**20 if peak is not None else None
-        rows.append(row)
     return rows
 
 
