@@ -243,6 +243,8 @@ def main(args=None) -> dict:
 
     # Examples carry PIL images, which the transforms turn into pixel values: keep every column.
     training_args.remove_unused_columns = False
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = False  # every parameter takes part in every step
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # published at the end, see below
 
     last_checkpoint = None
@@ -361,6 +363,11 @@ def main(args=None) -> dict:
         card.save(os.path.join(training_args.output_dir, "README.md"))
         if push_to_hub:
             publish(training_args.output_dir, repo_id, model_args.token, training_args.hub_private_repo)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every process waits for the main one to write its files, then leaves the group: processes that exit with
+        # the group still up can abort at shutdown (gloo).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return results
 
 
