@@ -1,11 +1,20 @@
 """Model cards for EViT checkpoints, rendered from `model_cards/` with `huggingface_hub.ModelCard`."""
 
+from importlib import resources
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "evit_model_card.md"
+def default_template_path() -> Path:
+    """model_cards/evit_model_card.md: shipped in the package as `evit_hf.model_cards`, or next to it in a checkout."""
+    try:
+        path = Path(str(resources.files("evit_hf.model_cards") / "evit_model_card.md"))
+        if path.is_file():
+            return path
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "model_cards" / "evit_model_card.md"
 
 
 def create_model_card(
@@ -33,7 +42,7 @@ def create_model_card(
     """
     from .evaluation import results_markdown
 
-    template_path = Path(template_path or TEMPLATE_PATH)
+    template_path = Path(template_path or default_template_path())
     if not template_path.is_file():
         raise FileNotFoundError(f"Model card template not found at {template_path}; pass template_path=...")
     config = model.config
