@@ -38,19 +38,21 @@ def visualize(argv) -> str:
     return args.output
 
 
+def benchmark(argv) -> dict:
+    from .benchmark import main as benchmark_main
+
+    return benchmark_main(argv)
+
+
+COMMANDS = {"visualize": visualize, "benchmark": benchmark}
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"visualize": visualize, "benchmark": None}
-    if not argv or argv[0] not in commands:
+    if not argv or argv[0] not in COMMANDS:
         print("usage: evit-hf {visualize,benchmark} [options]   (evit-hf COMMAND --help for its options)")
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    command, rest = argv[0], argv[1:]
-    if command == "benchmark":
-        from .benchmark import main as benchmark_main
-
-        benchmark_main(rest)
-    else:
-        commands[command](rest)
+    COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

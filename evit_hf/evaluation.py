@@ -1,6 +1,5 @@
 """Accuracy and speed of one model at several keep rates: the shape of the paper's Table 1."""
 
-import json
 import time
 
 import numpy as np
@@ -70,16 +69,4 @@ def results_markdown(rows: list[dict], title_column: str = "keep rate") -> str:
     return "\n".join(lines)
 
 
-def save_results(rows: list[dict], json_path: str | None = None, markdown_path: str | None = None) -> str:
-    """Writes `rows` as JSON and/or markdown; returns the markdown."""
-    markdown = results_markdown(rows)
-    if json_path:
-        with open(json_path, "w") as handle:
-            json.dump(rows, handle, indent=2)
-    if markdown_path:
-        with open(markdown_path, "w") as handle:
-            handle.write(markdown + "\n")
-    return markdown
-
-
-__all__ = ["evaluate_keep_rates", "results_markdown", "save_results"]
+__all__ = ["evaluate_keep_rates", "results_markdown"]
