@@ -79,15 +79,8 @@ def train(model_folder: str, output_dir: str, seed: int, epochs: int, learning_r
     return run_image_classification.main(args)
 
 
-def validation_split(seed: int, image_processor):
-    split = digits_dataset(seed=seed)["validation"]
-    split.set_transform(image_transforms(image_processor, "image")[1])
-    return split
-
-
-def ink_share(model, seed: int, keep_rate: float = 0.7) -> dict:
+def ink_share(model, raw, keep_rate: float = 0.7) -> dict:
     """Share of kept tokens whose patch has ink, against the share of ink patches among all patches."""
-    raw = digits_dataset(seed=seed)["validation"]
     processor = ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     kept_ink = kept_total = 0
     ink_patches = np.stack([np.asarray(image) > 64 for image in raw["image"]])  # [images, 8, 8]: ink at > 1/4
@@ -139,9 +132,8 @@ def plot_curves(rows_by_model: dict, path: str) -> None:
     plt.close(figure)
 
 
-def draw_kept_tokens(model, seed: int, path: str, count: int = 6, keep_rate: float = 0.7) -> None:
+def draw_kept_tokens(model, raw, path: str, count: int = 6, keep_rate: float = 0.7) -> None:
     """Rows of sample digits: the input, then the patches kept after each reduction layer."""
-    raw = digits_dataset(seed=seed)["validation"]
     processor = ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     rows = [
         evit_hf.visualize_kept_tokens(model, raw[i]["image"], image_processor=processor, keep_rate=keep_rate)
@@ -180,7 +172,8 @@ def run(output_dir: str, seed: int = 0, vit_epochs: int = 30, evit_epochs: int =
     print(f"[1/4] training a small ViT from scratch on digits ({vit_epochs} epochs)")
     train(initial, vit_dir, seed, vit_epochs, 2e-3, extra=["--keep_rate", "1.0", "--card_keep_rates", "1.0"])
     processor = ViTImageProcessor.from_pretrained(vit_dir)
-    validation = validation_split(seed, processor)
+    raw_validation = digits_dataset(seed=seed)["validation"]  # the split the example held out (same seed)
+    validation = raw_validation.with_transform(image_transforms(processor, "image")[1])
 
     print("[2/4] the trained ViT as EViT, off the shelf")
     shelf_model = evit_hf.EViTForImageClassification.from_pretrained(vit_dir, keep_rate=0.7)
@@ -200,14 +193,14 @@ def run(output_dir: str, seed: int = 0, vit_epochs: int = 30, evit_epochs: int =
     tuned_rows = evit_hf.evaluate_keep_rates(tuned_model, validation, KEEP_RATES, 128, collate_images)
 
     print("[4/4] figures, model card, ink share")
-    ink = ink_share(tuned_model, seed)
+    ink = ink_share(tuned_model, raw_validation)
     table = comparison_table(vit_row, shelf_rows, tuned_rows)
     if figures:
         plot_curves(
             {"EViT off the shelf": shelf_rows, "EViT fine-tuned": tuned_rows},
             os.path.join(evit_dir, "accuracy_speed_vs_keep_rate.png"),
         )
-        draw_kept_tokens(tuned_model, seed, os.path.join(evit_dir, "kept_tokens.png"))
+        draw_kept_tokens(tuned_model, raw_validation, os.path.join(evit_dir, "kept_tokens.png"))
     note = (
         f"Digits validation split (360 images), seed {seed}. The ViT (keep rate 1.0) scores "
         f"{100 * vit_row['accuracy']:.2f}%. Per keep rate:\n\n{table}\n\nAt keep rate 0.7, "
