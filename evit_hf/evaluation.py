@@ -31,6 +31,7 @@ def evaluate_keep_rates(
     device = next(model.parameters()).device
     num_labels = model.config.num_labels
     accuracy, top5 = Accuracy(), TopKAccuracy(k=5) if num_labels > 5 else None
+    image_size = tuple(dataset[0]["pixel_values"].shape[-2:])  # one transformed example, for the MAC count
     rows = []
     for keep_rate in keep_rates:
         logits, labels, seconds = [], [], 0.0
@@ -48,9 +49,8 @@ def evaluate_keep_rates(
         row.update(accuracy.compute(predictions=np.argmax(logits, axis=1), references=labels))
         if top5 is not None:
             row.update(top5.compute(predictions=logits, references=labels))
-        image_size = dataset[0]["pixel_values"].shape[-2:]
         row["images_per_s"] = len(labels) / seconds
-        row["macs"] = count_macs(model.config, image_size=tuple(image_size), keep_rate=keep_rate)
+        row["macs"] = count_macs(model.config, image_size=image_size, keep_rate=keep_rate)
         rows.append(row)
     return rows
 
