@@ -1,8 +1,9 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 import evit_hf
 from evit_hf import KeepRateScheduler, scheduled_keep_rate
@@ -50,6 +51,45 @@ def test_epoch_schedule_uses_fractional_epochs():
     assert scheduler.keep_rate_at(10, steps_per_epoch=10) == 1.0
     assert scheduler.keep_rate_at(20, steps_per_epoch=10) == pytest.approx(0.75)
     assert scheduler.keep_rate_at(30, steps_per_epoch=10) == 0.5
+
+
+def cosine_after(steps_into_shrink):
+    """Target 0.5, start 1.0, a cosine over 4 steps."""
+    return 0.5 + 0.25 * (1 + math.cos(math.pi * steps_into_shrink / 4))
+
+
+# Warm-up 4 steps at 1.0, then the cosine over 4 steps, then 0.5.
+STEP_SCHEDULE = [
+    (0, 1.0),
+    (3, 1.0),
+    (4, 1.0),
+    (5, cosine_after(1)),
+    (6, 0.75),
+    (7, cosine_after(3)),
+    (8, 0.5),
+    (9, 0.5),
+]
+STEP_IDS = [f"after-{step}-steps" for step, _ in STEP_SCHEDULE]
+
+
+@pytest.mark.parametrize("global_step, expected", STEP_SCHEDULE, ids=STEP_IDS)
+def test_step_schedule_reads_the_steps_already_taken(global_step, expected):
+    # The step that follows `global_step` optimizer steps: the first step (global_step 0) trains at the start value.
+    scheduler = KeepRateScheduler(0.5, warmup=4, shrink=4, unit="step")
+    assert scheduler.keep_rate_at(global_step) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("global_step, expected", STEP_SCHEDULE, ids=STEP_IDS)
+@pytest.mark.parametrize("unit", ["step", "epoch"])
+def test_callback_sets_the_keep_rate_of_the_coming_step(unit, global_step, expected):
+    # 2 optimizer steps per epoch (20 steps, 10 epochs): in epochs, warm-up 2 and shrink 2 are 4 and 4 steps.
+    spans = {"warmup": 4, "shrink": 4} if unit == "step" else {"warmup": 2, "shrink": 2}
+    scheduler = KeepRateScheduler(0.5, unit=unit, **spans)
+    model = SimpleNamespace(config=SimpleNamespace(keep_rate=None))
+    state = TrainerState(global_step=global_step, max_steps=20, num_train_epochs=10)
+    scheduler.on_step_begin(None, state, TrainerControl(), model=model)
+    assert model.config.keep_rate == pytest.approx(expected, abs=1e-12)
+    assert scheduler.current_keep_rate == model.config.keep_rate
 
 
 class RandomImages(torch.utils.data.Dataset):
@@ -104,6 +144,14 @@ def test_resumed_training_sees_the_same_keep_rates(tmp_path):
     assert len(full.keep_rates) == 18
     assert full.keep_rates[1] == 1.0 and full.keep_rates[18] == 0.5
     assert len(set(full.keep_rates.values())) > 5  # it did shrink along the way
+    # 6 steps per epoch: step s (1-based) follows s - 1 steps, at epoch (s - 1) / 6; 1.0 until epoch 0.5, then the
+    # cosine over 1.5 epochs (steps 4 to 13), then 0.5.
+    for step, keep_rate in full.keep_rates.items():
+        epoch = (step - 1) / 6
+        expected = (
+            1.0 if epoch <= 0.5 else 0.5 if epoch >= 2 else 0.75 + 0.25 * math.cos(math.pi * (epoch - 0.5) / 1.5)
+        )
+        assert keep_rate == pytest.approx(expected, abs=1e-12), step
     logged = [entry["keep_rate"] for entry in trainer.state.log_history if "keep_rate" in entry]
     assert logged == [full.keep_rates[step] for step in range(1, 19)]  # logged with the Trainer's logs
     assert trainer.model.config.keep_rate == 0.5  # left at the target
