@@ -1,9 +1,12 @@
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import DeiTConfig, ViTConfig
 
+import evit_hf
 from evit_hf import EViTConfig, EViTDeiTConfig, count_macs
 
-from .model_builders import DEIT_SMALL
+from .model_builders import DEIT_SMALL, TINY
 
 
 DEIT_S = {**DEIT_SMALL, "num_labels": 1000}
@@ -54,3 +57,122 @@ def test_distilled_deit_counts_two_prefix_tokens_and_two_heads():
     vit = EViTConfig(**DEIT_S)
     assert count_macs(config, keep_rate=1.0) > count_macs(vit, keep_rate=1.0)
     assert count_macs(DeiTConfig(**DEIT_S)) == count_macs(EViTDeiTConfig(**DEIT_S), keep_rate=1.0)
+
+
+def macs_by_hand(attention_tokens, mlp_tokens, fused_candidates, heads, dim, mlp_dim, patch_embedding_macs, labels):
+    """Per layer: 4 N d^2 projections and 2 N^2 d attention products on the tokens it received, 2 N d m in the MLP on
+    the tokens after its reorganization; `candidates x d` per fused token; `heads` linear heads on one token each."""
+    layers = sum(4 * n * dim * dim + 2 * n * n * dim for n in attention_tokens)
+    mlps = sum(2 * n * dim * mlp_dim for n in mlp_tokens)
+    return patch_embedding_macs + layers + mlps + sum(c * dim for c in fused_candidates) + heads * dim * labels
+
+
+# The tiny shape at keep 0.5 (4 layers, reduction layers 1, 2, 3; 64 patches; d 32, m 64; 5 labels), by hand:
+# fused ViT: 64 candidates keep 32 (+1 fused) -> 33 candidates keep 17 (+1) -> 18 candidates keep 9 (+1);
+# dropped ViT: 64 keep 32 -> 32 keep 16 -> 16 keep 8. Distilled DeiT: the same candidates, one more prefix token.
+TINY_BY_HAND = {
+    # (config class, architecture, fuse): (tokens into each layer's attention, into each MLP, fused candidates, heads)
+    "vit-fused": (EViTConfig, None, True, ([65, 65, 34, 19], [65, 34, 19, 11], [64, 33, 18], 1)),
+    "vit-dropped": (EViTConfig, None, False, ([65, 65, 33, 17], [65, 33, 17, 9], [], 1)),
+    "deit-fused": (
+        EViTDeiTConfig,
+        "EViTDeiTForImageClassification",
+        True,
+        ([66, 66, 35, 20], [66, 35, 20, 12], [64, 33, 18], 1),
+    ),
+    "deit-dropped": (
+        EViTDeiTConfig,
+        "EViTDeiTForImageClassification",
+        False,
+        ([66, 66, 34, 18], [66, 34, 18, 10], [], 1),
+    ),
+    "deit-teacher-fused": (
+        EViTDeiTConfig,
+        "EViTDeiTForImageClassificationWithTeacher",
+        True,
+        ([66, 66, 35, 20], [66, 35, 20, 12], [64, 33, 18], 2),
+    ),
+    "deit-teacher-dropped": (
+        EViTDeiTConfig,
+        "EViTDeiTForImageClassificationWithTeacher",
+        False,
+        ([66, 66, 34, 18], [66, 34, 18, 10], [], 2),
+    ),
+}
+
+
+def tiny_config(config_class, architecture, fuse, **overrides):
+    architectures = [architecture] if architecture else None
+    return config_class(**{**TINY, **overrides}, fuse_inattentive_tokens=fuse, architectures=architectures)
+
+
+@pytest.mark.parametrize("setting", TINY_BY_HAND)
+def test_tiny_macs_by_hand(setting):
+    config_class, architecture, fuse, (attention_tokens, mlp_tokens, fused_candidates, heads) = TINY_BY_HAND[setting]
+    config = tiny_config(config_class, architecture, fuse)
+    assert config.reduction_layers == [1, 2, 3]
+    patch_embedding = 64 * 3 * 4 * 4 * 32
+    expected = macs_by_hand(attention_tokens, mlp_tokens, fused_candidates, heads, 32, 64, patch_embedding, 5)
+    assert count_macs(config, keep_rate=0.5) == expected
+    stock_tokens = [attention_tokens[0]] * 4  # keep 1: every layer sees every token
+    assert count_macs(config, keep_rate=1.0) == macs_by_hand(
+        stock_tokens, stock_tokens, [], heads, 32, 64, patch_embedding, 5
+    )
+
+
+@pytest.mark.parametrize("setting", TINY_BY_HAND)
+@pytest.mark.parametrize("keep_rate", [1.0, 0.5, 0.25])
+def test_macs_are_what_the_model_computes(setting, keep_rate):
+    # The multiply-adds torch counts in one eager forward pass (matrix products, convolution) of the model itself.
+    config_class, architecture, fuse, _ = TINY_BY_HAND[setting]
+    config = tiny_config(config_class, architecture, fuse, attn_implementation="eager")
+    model_class = getattr(evit_hf, architecture or "EViTForImageClassification")
+    model = model_class(config).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, TINY["image_size"], TINY["image_size"]), keep_rate=keep_rate)
+    assert counter.get_total_flops() % 2 == 0
+    assert count_macs(config, keep_rate=keep_rate) == counter.get_total_flops() // 2
+
+
+# DeiT-S (196 patches, d 384, m 1536, 1000 labels, reduction layers 3, 6, 9) from the spec's token counts.
+DEIT_S_PATCH_EMBEDDING = 196 * 3 * 16 * 16 * 384
+
+
+def deit_small_tokens(prefix, after):
+    """Tokens into each layer's attention and MLP when the reduction layers 3, 6, 9 leave `after` candidates."""
+    stages = [prefix + 196] + [prefix + c for c in after]
+    attention = [stages[0]] * 4 + [stages[1]] * 3 + [stages[2]] * 3 + [stages[3]] * 2
+    mlp = [stages[0]] * 3 + [stages[1]] * 3 + [stages[2]] * 3 + [stages[3]] * 3
+    return attention, mlp
+
+
+@pytest.mark.parametrize(
+    "config_class, architecture, prefix, heads",
+    [
+        (EViTConfig, None, 1, 1),
+        (EViTDeiTConfig, "EViTDeiTForImageClassification", 2, 1),
+        (EViTDeiTConfig, "EViTDeiTForImageClassificationWithTeacher", 2, 2),
+    ],
+    ids=["vit", "deit", "distilled-deit-with-teacher"],
+)
+@pytest.mark.parametrize(
+    "keep_rate, fuse, after, fused_candidates, giga_macs",
+    [
+        (1.0, True, [196, 196, 196], [], 4.60),
+        (0.7, True, [139, 99, 71], [196, 139, 99], 3.03),  # 138 + 1, 98 + 1, 70 + 1
+        (0.7, False, [138, 97, 68], [], None),
+        (0.5, True, [99, 51, 27], [196, 99, 51], 2.31),  # 98 + 1, 50 + 1, 26 + 1
+        (0.5, False, [98, 49, 25], [], None),
+    ],
+    ids=["1.0", "0.7-fused", "0.7-dropped", "0.5-fused", "0.5-dropped"],
+)
+def test_deit_small_macs_exactly(
+    config_class, architecture, prefix, heads, keep_rate, fuse, after, fused_candidates, giga_macs
+):
+    architectures = [architecture] if architecture else None
+    config = config_class(**DEIT_S, fuse_inattentive_tokens=fuse, architectures=architectures)
+    attention, mlp = deit_small_tokens(prefix, after)
+    expected = macs_by_hand(attention, mlp, fused_candidates, heads, 384, 1536, DEIT_S_PATCH_EMBEDDING, 1000)
+    assert count_macs(config, keep_rate=keep_rate) == expected
+    if giga_macs is not None and prefix == 1:  # the spec's figures are for one prefix token and one head
+        assert round(expected / 1e9, 2) == giga_macs
