@@ -8,6 +8,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features
 from datasets import Image as ImageFeature
 from PIL import Image
+from transformers import TrainerCallback
 
 
 def digits_dataset(validation_fraction: float = 0.2, seed: int = 0) -> DatasetDict:
@@ -68,16 +69,84 @@ def random_resized_crop(
     return image.resize((size[1], size[0]), Image.BILINEAR)  # fall back to the whole image
 
 
-def image_transforms(image_processor, image_column: str, crop_scale=(0.08, 1.0), random_flip: bool = True):
+SAMPLE_INDEX_COLUMN = "sample_index"
+
+
+class AugmentationRandomness(TrainerCallback):
+    """The random numbers of the training augmentation, drawn per sample from `(seed, epoch, sample index)`.
+
+    Drawing from a global generator makes the augmentation of a sample depend on everything fetched before it: a
+    resumed run skips batches, and the data loader fetches ahead of the step that saves a checkpoint, so the random
+    state saved in a checkpoint is already past the next batch. Per-sample generators give every sample the same crop
+    and flip in an interrupted and resumed run as in an uninterrupted one, whatever was skipped or prefetched.
+
+    Pass it to `Trainer(callbacks=[...])`: it follows the epoch (`on_epoch_begin`), in a shared-memory counter that
+    data-loader workers see too.
+
+    Args:
+        seed (`int`):
+            The run's seed (`TrainingArguments.seed`).
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def generator(self, sample_index: int) -> random.Random:
+        """A generator of its own for `sample_index` in the current epoch (string seeds are hashed with SHA-512, the
+        same in every process)."""
+        return random.Random(f"{self.seed}:{self.epoch}:{sample_index}")
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # `state.epoch` is the epochs done so far (fractional when resuming inside an epoch).
+        self.set_epoch(math.floor(state.epoch))
+
+
+def with_sample_index(dataset: Dataset) -> Dataset:
+    """`dataset` with a `sample_index` column (0, 1, ...) that the training transform seeds each sample's
+    augmentation with."""
+    if SAMPLE_INDEX_COLUMN in dataset.column_names:
+        dataset = dataset.remove_columns(SAMPLE_INDEX_COLUMN)
+    return dataset.add_column(SAMPLE_INDEX_COLUMN, list(range(len(dataset))))
+
+
+def image_transforms(
+    image_processor,
+    image_column: str,
+    crop_scale=(0.08, 1.0),
+    random_flip: bool = True,
+    randomness: AugmentationRandomness | None = None,
+):
     """`set_transform` functions for training (random resized crop, optional horizontal flip) and evaluation (the
-    processor's resize), both normalized by the image processor. They add "pixel_values" to the batch."""
+    processor's resize), both normalized by the image processor. They add "pixel_values" to the batch.
+
+    With `randomness`, the training transform reads the `sample_index` column (see `with_sample_index`) and draws each
+    sample's crop and flip from its own generator, so that interrupted runs resume exactly; without it, from Python's
+    global generator.
+    """
     size = processor_size(image_processor)
 
     def train_transform(batch):
+        if randomness is None:
+            generators = [random] * len(batch[image_column])
+        else:
+            if SAMPLE_INDEX_COLUMN not in batch:
+                raise ValueError(
+                    f"Per-sample augmentation needs a {SAMPLE_INDEX_COLUMN!r} column: pass the training set through "
+                    "evit_hf.data.with_sample_index before set_transform."
+                )
+            generators = [randomness.generator(index) for index in batch[SAMPLE_INDEX_COLUMN]]
         images = []
-        for image in batch[image_column]:
-            image = random_resized_crop(image.convert("RGB"), size, scale=crop_scale)
-            if random_flip and random.random() < 0.5:
+        for image, rng in zip(batch[image_column], generators, strict=True):
+            image = random_resized_crop(image.convert("RGB"), size, scale=crop_scale, rng=rng)
+            if random_flip and rng.random() < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
             images.append(image)
         batch["pixel_values"] = list(image_processor(images, do_resize=False, return_tensors="pt").pixel_values)
@@ -99,4 +168,12 @@ def collate_images(examples, label_column: str = "label") -> dict[str, torch.Ten
     return batch
 
 
-__all__ = ["collate_images", "digits_dataset", "image_transforms", "processor_size", "random_resized_crop"]
+__all__ = [
+    "AugmentationRandomness",
+    "collate_images",
+    "digits_dataset",
+    "image_transforms",
+    "processor_size",
+    "random_resized_crop",
+    "with_sample_index",
+]

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
+    get_model_conversion_mapping,
     register_checkpoint_conversion_mapping,
 )
+from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -46,6 +48,27 @@ from .token_reorganization import class_token_attention, num_kept_tokens, reorga
 # load (and back on save) by looking up each sub-model's class name. Ours are new names, so they get ViT's renaming.
 for _class_name in ("EViTModel", "EViTDeiTModel"):
     register_checkpoint_conversion_mapping(_class_name, get_checkpoint_conversion_mapping("ViTModel"), overwrite=True)
+
+
+class _CheckpointKeyNamesMixin:
+    """`load_state_dict` that also reads state dicts in the old key names, the ones `save_pretrained` writes.
+
+    `from_pretrained` renames old keys on load, but `Trainer` resumes from a checkpoint (and loads the best one at the
+    end) with a plain `load_state_dict`: without this, every encoder weight of the checkpoint would be "unexpected",
+    every model weight "missing", and training would go on from the weights the run started with.
+    """
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        own_keys = self.state_dict().keys()
+        if not own_keys >= state_dict.keys():
+            transforms = get_model_conversion_mapping(self)
+            renamings = [transform for transform in transforms if isinstance(transform, WeightRenaming)]
+            converters = [transform for transform in transforms if isinstance(transform, WeightConverter)]
+            state_dict = {
+                key if key in own_keys else rename_source_key(key, renamings, converters)[0]: tensor
+                for key, tensor in state_dict.items()
+            }
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 KEPT_TOKEN_INDICES_DOC = """
@@ -234,7 +257,7 @@ BASE_FORWARD_DOC = r"""
 """
 
 
-class _TokenReductionEncoderMixin:
+class _TokenReductionEncoderMixin(_CheckpointKeyNamesMixin):
     """The layer loop of an EViT base model: stock layers, and token reorganization in the reduction layers."""
 
     num_prefix_tokens: int = 1
@@ -349,7 +372,7 @@ def _classification_heads(config) -> nn.Module:
     return nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
 
 
-class EViTForImageClassification(ViTForImageClassification):
+class EViTForImageClassification(_CheckpointKeyNamesMixin, ViTForImageClassification):
     """ViT (or non-distilled DeiT) image classifier with EViT token reorganization; keys are
     [`ViTForImageClassification`]'s.
 
@@ -409,7 +432,7 @@ class EViTForImageClassification(ViTForImageClassification):
     )
 
 
-class EViTDeiTForImageClassification(DeiTForImageClassification):
+class EViTDeiTForImageClassification(_CheckpointKeyNamesMixin, DeiTForImageClassification):
     """DeiT image classifier (class head only) with EViT token reorganization; keys are
     [`DeiTForImageClassification`]'s."""
 
@@ -452,7 +475,7 @@ class EViTDeiTForImageClassification(DeiTForImageClassification):
     forward.__doc__ = EViTForImageClassification.forward.__doc__
 
 
-class EViTDeiTForImageClassificationWithTeacher(DeiTForImageClassificationWithTeacher):
+class EViTDeiTForImageClassificationWithTeacher(_CheckpointKeyNamesMixin, DeiTForImageClassificationWithTeacher):
     """Distilled DeiT (class and distillation heads, logits averaged) with EViT token reorganization; keys are
     [`DeiTForImageClassificationWithTeacher`]'s. Both prefix tokens are always kept."""
 

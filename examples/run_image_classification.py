@@ -41,7 +41,13 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 import evit_hf
-from evit_hf.data import collate_images, digits_dataset, image_transforms
+from evit_hf.data import (
+    AugmentationRandomness,
+    collate_images,
+    digits_dataset,
+    image_transforms,
+    with_sample_index,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -287,11 +293,14 @@ def main(args=None) -> dict:
     )
     image_processor = load_image_processor(model_args, model.config)
 
+    # Each sample's crop and flip come from (seed, epoch, sample index): a resumed run augments as the uninterrupted one.
+    augmentation_randomness = AugmentationRandomness(training_args.seed)
     train_transform, eval_transform = image_transforms(
         image_processor,
         data_args.image_column_name,
         crop_scale=(data_args.crop_scale_min, 1.0),
         random_flip=data_args.random_flip,
+        randomness=augmentation_randomness,
     )
     train_dataset = eval_dataset = None
     if training_args.do_train:
@@ -301,6 +310,7 @@ def main(args=None) -> dict:
         if data_args.max_train_samples is not None:
             count = min(data_args.max_train_samples, len(train_dataset))
             train_dataset = train_dataset.shuffle(seed=training_args.seed).select(range(count))
+        train_dataset = with_sample_index(train_dataset)
         train_dataset.set_transform(train_transform)
     if training_args.do_eval:
         if "validation" not in dataset:
@@ -321,7 +331,7 @@ def main(args=None) -> dict:
         compute_metrics=evit_hf.classification_metrics(len(labels)),
         processing_class=image_processor,
         data_collator=collate,
-        callbacks=[keep_rate_scheduler] if keep_rate_scheduler is not None else None,
+        callbacks=[augmentation_randomness] + ([keep_rate_scheduler] if keep_rate_scheduler is not None else []),
     )
 
     results = {}
