@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from torch import nn
@@ -96,3 +101,56 @@ def test_apply_evit_validates_settings():
     with pytest.raises(ValueError, match="reduction_layers"):
         evit_hf.apply_evit(stock, reduction_layers=[7])
     assert type(stock).__name__ == "ViTForImageClassification"  # nothing changed on error
+
+
+# A fresh process: no EViT model has been built in it, so nothing but `apply_evit` tells transformers what a converted
+# model records for output_hidden_states / output_attentions (the registry is per process, filled by class name).
+FRESH_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, ViTConfig, ViTForImageClassification
+    from transformers import ViTModel
+    import evit_hf
+    from tests.model_builders import TINY
+
+    pixel_values = torch.load(sys.argv[1])
+    results = {}
+    for name, model_class, config_class in (
+        ("vit-classifier", ViTForImageClassification, ViTConfig),
+        ("vit-base", ViTModel, ViTConfig),
+        ("deit-teacher", DeiTForImageClassificationWithTeacher, DeiTConfig),
+    ):
+        torch.manual_seed(0)
+        model = model_class(config_class(**TINY, attn_implementation="eager")).eval()
+        evit_hf.apply_evit(model, keep_rate=0.5)
+        with torch.no_grad():
+            output = model(pixel_values, output_hidden_states=True, output_attentions=True)
+        results[name] = {"hidden_states": output.hidden_states, "attentions": output.attentions}
+    torch.save(results, sys.argv[2])
+    """
+)
+
+
+def test_converted_models_record_outputs_in_a_fresh_process(tmp_path, pixel_values):
+    torch.save(pixel_values, tmp_path / "pixels.pt")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_SCRIPT, str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
+        cwd=root,
+        env=env,
+        check=True,
+    )
+    results = torch.load(tmp_path / "out.pt")
+    # prefix + 64 patches; reduction layers 1, 2, 3 at keep 0.5 keep 32, 17, 9 candidates (+1 fused)
+    for family, prefix in (("vit-classifier", 1), ("vit-base", 1), ("deit-teacher", 2)):
+        recorded = results[family]
+        assert recorded["hidden_states"] is not None and recorded["attentions"] is not None, family
+        assert [h.shape[1] for h in recorded["hidden_states"]] == [prefix + n for n in (64, 64, 33, 18, 10)]
+        assert [a.shape[-1] for a in recorded["attentions"]] == [prefix + n for n in (64, 64, 33, 18)]
+        _, evit = stock_and_evit(family, attn_implementation="eager", keep_rate=0.5)  # the same weights, built here
+        with torch.no_grad():
+            expected = evit(pixel_values, output_hidden_states=True, output_attentions=True)
+        for name in ("hidden_states", "attentions"):
+            for got, want in zip(recorded[name], getattr(expected, name), strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
