@@ -140,3 +140,49 @@ def test_track_token_positions():
     assert new.tolist() == [[2, 0, -1], [3, 1, -1]]
     kept_again, _ = track_token_positions(new, torch.tensor([[2, 1], [0, 2]]), fused=False)
     assert kept_again.tolist() == [[-1, 0], [3, -1]]
+
+
+HALF_DTYPES = {"bf16": (torch.bfloat16, 2**-7), "fp16": (torch.float16, 2**-10)}  # dtype, spacing of numbers in [1, 2)
+
+
+@pytest.mark.parametrize("name", HALF_DTYPES)
+def test_class_token_attention_of_half_inputs_is_computed_in_float32(name):
+    dtype, _ = HALF_DTYPES[name]
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 3, 9, 8, generator=generator).to(dtype)
+    key = torch.randn(2, 3, 9, 8, generator=generator).to(dtype)
+    expected = torch.softmax(query[:, :, :1].double() @ key.double().transpose(-1, -2) * 0.5, dim=-1).squeeze(2)
+    row = class_token_attention(query, key, scaling=0.5)
+    assert row.dtype == torch.float32
+    torch.testing.assert_close(row, expected.float(), rtol=1e-6, atol=1e-7)
+
+
+def half_class_attention(dtype, eps):
+    """One image, two heads, a class token and three candidates, all exact in `dtype`. Candidate 2's mean over the
+    heads, 0.25 * (1 + eps / 2), is not: in `dtype` it rounds to 0.25 and ties with candidate 1."""
+    return torch.tensor([[[0.25, 0.375, 0.25, 0.25], [0.25, 0.375, 0.25, 0.25 * (1 + eps)]]], dtype=dtype)
+
+
+@pytest.mark.parametrize("name", HALF_DTYPES)
+def test_candidate_scores_of_half_attention_are_float32(name):
+    dtype, eps = HALF_DTYPES[name]
+    scores = candidate_scores(half_class_attention(dtype, eps), num_prefix_tokens=1)
+    assert scores.dtype == torch.float32
+    assert scores.tolist() == [[0.375, 0.25, 0.25 * (1 + eps / 2)]]
+
+
+@pytest.mark.parametrize("name", HALF_DTYPES)
+def test_half_precision_tokens_are_kept_and_fused_by_float32_scores(name):
+    dtype, eps = HALF_DTYPES[name]
+    class_attention = half_class_attention(dtype, eps)
+    hidden = torch.tensor([[[0.0], [7.0], [-1.0], [1.0]]], dtype=dtype)  # class token, candidates 0, 1, 2
+    # keep 2: candidates 0 and 2 (0.375 > 0.25 * (1 + eps / 2) > 0.25), highest first
+    tokens, kept = reorganize_tokens(hidden, class_attention, num_prefix_tokens=1, num_keep=2, fuse=True)
+    assert kept.tolist() == [[0, 2]]
+    assert tokens.dtype == dtype
+    assert tokens[0, :, 0].tolist() == [0.0, 7.0, 1.0, 0.25 * -1.0]
+    # keep 1: the fused token 0.25 * -1 + 0.25 * (1 + eps / 2) * 1 = eps / 8, exact in `dtype`; 0 if the scores were
+    # rounded to `dtype`
+    tokens, kept = reorganize_tokens(hidden, class_attention, num_prefix_tokens=1, num_keep=1, fuse=True)
+    assert kept.tolist() == [[0]]
+    assert tokens[0, :, 0].tolist() == [0.0, 7.0, eps / 8]

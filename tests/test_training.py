@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from .model_builders import main_output, stock_and_evit
+from .model_builders import FAMILIES, main_output, stock_and_evit
 
 
 def gradients(model, pixel_values, labels=None):
@@ -68,6 +68,47 @@ def test_half_precision_forward_is_stable(family, dtype, pixel_values):
     assert half.logits.dtype == dtype
     assert torch.isfinite(half.logits).all()
     torch.testing.assert_close(half.logits.float(), reference, atol=0.15, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("family", ["vit-classifier", "deit-teacher"])
+def test_half_precision_keeps_the_tokens_that_exact_scores_keep(family, dtype, pixel_values):
+    # SDPA gives no attention weights: the reduction layers score from the layer's own half-precision queries and
+    # keys. The kept tokens must be those of the exact (float64) class-token softmax of those same queries and keys.
+    _, evit = stock_and_evit(family, keep_rate=0.5)
+    evit = evit.to(dtype)
+    prefix = FAMILIES[family][2]
+    records = []
+
+    def record_attention(attention, args, output):
+        records.append({"attention": attention, "input": args[0], "class_attention": output[2]})
+
+    def record_layer(layer, args, output):
+        records[-1]["kept"] = output[1]
+
+    handles = []
+    for index in evit.config.reduction_layers:
+        layer = evit.base_model.layers[index]
+        handles += [layer.attention.register_forward_hook(record_attention), layer.register_forward_hook(record_layer)]
+    with torch.no_grad():
+        evit(pixel_values.to(dtype))
+    for handle in handles:
+        handle.remove()
+
+    assert len(records) == len(evit.config.reduction_layers)
+    for record in records:
+        attention, hidden = record["attention"], record["input"]
+        assert hidden.dtype == dtype and record["class_attention"].dtype == torch.float32
+        batch, tokens, _ = hidden.shape
+        with torch.no_grad():
+            query, key = (
+                projection(hidden).view(batch, tokens, -1, attention.head_dim).transpose(1, 2).double()
+                for projection in (attention.q_proj, attention.k_proj)
+            )
+        exact = torch.softmax(query[:, :, :1] @ key.transpose(-1, -2) * attention.head_dim**-0.5, dim=-1)
+        scores = exact[:, :, 0, prefix:].mean(dim=1)  # [batch, candidates]
+        kept = record["kept"]
+        assert kept.tolist() == scores.argsort(dim=1, descending=True, stable=True)[:, : kept.shape[1]].tolist()
 
 
 def test_torch_compile_matches_eager_without_recompiling(pixel_values):
