@@ -1,12 +1,16 @@
 """Image datasets and transforms for fine-tuning, without torchvision."""
 
 import math
+import os
 import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features
 from datasets import Image as ImageFeature
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
 from transformers import TrainerCallback
 
@@ -38,6 +42,83 @@ def digits_dataset(validation_fraction: float = 0.2, seed: int = 0) -> DatasetDi
         )
 
     return DatasetDict(train=split(train_indices), validation=split(validation_indices))
+
+
+# The file types `datasets`' imagefolder loader reads as images; other files in a folder are not part of the data.
+IMAGE_EXTENSIONS = frozenset(ImageFolder.EXTENSIONS)
+
+
+@dataclass
+class ImageFolderContents:
+    """What `scan_image_folder` found: the readable images (sorted paths), their classes, and the skipped files."""
+
+    folder: str
+    images: list[str]
+    classes: list[str]
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, why), skipped on request
+
+
+def _decode_error(path: str) -> str | None:
+    """Why the image at `path` cannot be decoded, or None when it can (every pixel is read, so a truncated file fails
+    here and not in the middle of training)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def scan_image_folder(folder: str, skip_unreadable: bool = False, num_threads: int | None = None):
+    """Checks a folder of images laid out as `folder/CLASS/IMAGE` and returns its contents, before any training.
+
+    Every image is opened and decoded (in `num_threads` threads; PIL decodes without holding the GIL). All problems
+    are reported together in one `ValueError`, each file by its path: a missing folder, images outside class
+    sub-folders or nested deeper, fewer than two classes, and files that do not decode. With `skip_unreadable`, files
+    that do not decode are left out instead and listed in `unreadable`.
+
+    Returns:
+        [`ImageFolderContents`]
+    """
+    if not os.path.exists(folder):
+        raise ValueError(f"The image folder {folder} does not exist.")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder} is not a folder: expected a folder of class sub-folders ({folder}/CLASS/IMAGE).")
+    candidates, misplaced = [], []
+    for root, directories, names in os.walk(folder):
+        directories[:] = sorted(name for name in directories if not name.startswith("."))
+        depth = os.path.relpath(root, folder).count(os.sep) + (root != folder)
+        for name in sorted(names):
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            (candidates if depth == 1 else misplaced).append(os.path.join(root, name))
+
+    with ThreadPoolExecutor(max_workers=num_threads or min(32, (os.cpu_count() or 1) + 4)) as pool:
+        errors = list(pool.map(_decode_error, candidates))
+    unreadable = [(path, error) for path, error in zip(candidates, errors, strict=True) if error is not None]
+    images = [path for path, error in zip(candidates, errors, strict=True) if error is None]
+    classes = sorted({os.path.basename(os.path.dirname(path)) for path in images})
+
+    problems = []
+    if misplaced:
+        problems.append(
+            f"{len(misplaced)} image(s) outside the {folder}/CLASS/IMAGE layout (each image belongs in a sub-folder "
+            "named after its class, one level down):\n" + "\n".join(f"  {path}" for path in misplaced)
+        )
+    if len(classes) < 2:
+        found = f"one class ({classes[0]!r})" if classes else "no class sub-folder with a readable image"
+        problems.append(
+            f"{folder} holds {found}; image classification needs at least two classes, one sub-folder each "
+            f"({folder}/CLASS/IMAGE)."
+        )
+    if unreadable and not skip_unreadable:
+        problems.append(
+            f"{len(unreadable)} file(s) that do not decode as images (repair or remove them, or skip them with "
+            "--skip_unreadable_images):\n" + "\n".join(f"  {path}: {error}" for path, error in unreadable)
+        )
+    if problems:
+        raise ValueError(f"The image folder {folder} cannot be used as it is:\n" + "\n".join(problems))
+    return ImageFolderContents(folder=folder, images=images, classes=classes, unreadable=unreadable)
 
 
 def processor_size(image_processor) -> tuple[int, int]:
@@ -170,10 +251,12 @@ def collate_images(examples, label_column: str = "label") -> dict[str, torch.Ten
 
 __all__ = [
     "AugmentationRandomness",
+    "ImageFolderContents",
     "collate_images",
     "digits_dataset",
     "image_transforms",
     "processor_size",
     "random_resized_crop",
+    "scan_image_folder",
     "with_sample_index",
 ]

@@ -21,6 +21,8 @@ multi-process runs go through `torchrun` or `accelerate launch`; DeepSpeed and F
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -38,7 +40,6 @@ from transformers import (
     TrainingArguments,
     ViTImageProcessor,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 import evit_hf
 from evit_hf.data import (
@@ -46,6 +47,7 @@ from evit_hf.data import (
     collate_images,
     digits_dataset,
     image_transforms,
+    scan_image_folder,
     with_sample_index,
 )
 
@@ -106,6 +108,10 @@ class DataTrainingArguments:
     )
     image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column_name: str = field(default="label", metadata={"help": "Column holding the labels."})
+    skip_unreadable_images: bool = field(
+        default=False,
+        metadata={"help": "Leave out image files that do not decode (listed in the log) instead of stopping."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
     crop_scale_min: float = field(
@@ -119,13 +125,26 @@ class DataTrainingArguments:
     dataset_display_name: str | None = field(default=None, metadata={"help": "Dataset name for the model card."})
 
 
+@dataclass
+class RunArguments:
+    """How a run treats what an earlier run left in --output_dir."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over: delete the checkpoints, model and results of an earlier run in --output_dir. Without "
+            "it, a run resumes from the last complete checkpoint and a finished run is left as it is."
+        },
+    )
+
+
 def _cpu_processes() -> bool:
     """Whether this is one of several processes (torchrun, accelerate launch) on a machine without an accelerator."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def parse_arguments(args=None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, RunArguments))
     args = sys.argv[1:] if args is None else list(args)
     if len(args) == 1 and args[0].endswith(".json"):
         with open(args[0]) as handle:
@@ -155,12 +174,7 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
             trust_remote_code=model_args.trust_remote_code,
         )
     elif data_args.train_dir is not None or data_args.validation_dir is not None:
-        data_files = {}
-        if data_args.train_dir is not None:
-            data_files["train"] = os.path.join(data_args.train_dir, "**")
-        if data_args.validation_dir is not None:
-            data_files["validation"] = os.path.join(data_args.validation_dir, "**")
-        dataset = load_dataset("imagefolder", data_files=data_files, cache_dir=model_args.cache_dir)
+        dataset = load_image_folders(data_args, model_args.cache_dir)
     else:
         logger.info("No dataset given: using scikit-learn's bundled digits (1,797 images, 10 classes).")
         dataset = digits_dataset(seed=seed)
@@ -176,6 +190,40 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
         split = dataset["train"].train_test_split(data_args.train_val_split, seed=seed)
         dataset["train"], dataset["validation"] = split["train"], split["test"]
     return dataset
+
+
+def load_image_folders(data_args: DataTrainingArguments, cache_dir: str | None = None):
+    """The --train_dir / --validation_dir folders as an imagefolder dataset, every image checked first (see
+    `evit_hf.data.scan_image_folder`): bad layouts and files are reported all at once, before any model is loaded."""
+    folders = {
+        "train": ("--train_dir", data_args.train_dir),
+        "validation": ("--validation_dir", data_args.validation_dir),
+    }
+    contents, problems = {}, []
+    for split, (argument, folder) in folders.items():
+        if folder is None:
+            continue
+        try:
+            contents[split] = scan_image_folder(folder, skip_unreadable=data_args.skip_unreadable_images)
+        except ValueError as error:
+            problems.append(f"{argument}: {error}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    if "train" in contents and "validation" in contents:
+        unseen = sorted(set(contents["validation"].classes) - set(contents["train"].classes))
+        if unseen:
+            raise ValueError(
+                f"The validation folder {data_args.validation_dir} has classes that the training folder "
+                f"{data_args.train_dir} has not: {unseen}. Both need the same class sub-folders."
+            )
+    for found in contents.values():
+        if found.unreadable:
+            logger.warning(
+                f"Skipped {len(found.unreadable)} unreadable file(s) in {found.folder} (--skip_unreadable_images):\n"
+                + "\n".join(f"  {path}: {error}" for path, error in found.unreadable)
+            )
+    data_files = {split: found.images for split, found in contents.items()}
+    return load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
 
 
 def label_names(dataset, label_column: str) -> list[str]:
@@ -224,6 +272,97 @@ def check_labels_match_head(config, labels: list[str], ignore_mismatched_sizes: 
         )
 
 
+# Written last into a checkpoint by Trainer, and into the output folder by main() once training has ended.
+TRAINER_STATE = "trainer_state.json"
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
+# What a run writes into --output_dir besides the model folder's own files; --overwrite_output_dir deletes them.
+RUN_FILES = (
+    TRAINER_STATE,
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
+    "keep_rate_results.json",
+    *MODEL_FILES,
+)
+# An evaluation-only run writes its results here, never over a trained run's files.
+EVALUATION_ONLY_RESULTS = "eval_only_results.json"
+
+
+def holds_model(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in MODEL_FILES)
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N folder written to its end; newer ones that a killed run left half-written are skipped
+    with a warning (Trainer writes trainer_state.json last)."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(
+        (int(match.group(1)), os.path.join(output_dir, name))
+        for name in os.listdir(output_dir)
+        if (match := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(output_dir, name))
+    )
+    for _, checkpoint in reversed(steps):
+        if os.path.isfile(os.path.join(checkpoint, TRAINER_STATE)):
+            return checkpoint
+        logger.warning(f"Skipping {checkpoint}: it is incomplete (the run stopped while writing it).")
+    return None
+
+
+def finished_training_steps(output_dir: str) -> int | None:
+    """The steps of the training that ended in `output_dir` (its model and final state are there), else None."""
+    state_file = os.path.join(output_dir, TRAINER_STATE)
+    if not (os.path.isfile(state_file) and holds_model(output_dir)):
+        return None
+    with open(state_file) as handle:
+        return json.load(handle)["global_step"]
+
+
+def clear_earlier_run(output_dir: str) -> None:
+    """--overwrite_output_dir: deletes the checkpoints, model and results an earlier run left in `output_dir`."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if re.fullmatch(r"checkpoint-\d+", name) and os.path.isdir(path):
+            shutil.rmtree(path)
+        elif name in RUN_FILES or name == EVALUATION_ONLY_RESULTS:
+            os.remove(path)
+        else:
+            continue
+        logger.info(f"--overwrite_output_dir: deleted {path}.")
+
+
+def training_start(trainer: Trainer, training_args: TrainingArguments) -> tuple[str | None, bool]:
+    """Where training starts: `(checkpoint or None, finished)`. `finished` is True when `output_dir` holds a run that
+    already reached this run's step count: there is nothing to train, and nothing is overwritten."""
+    if training_args.resume_from_checkpoint is not None:
+        return training_args.resume_from_checkpoint, False
+    output_dir = training_args.output_dir
+    checkpoint = last_complete_checkpoint(output_dir)
+    trained_steps = finished_training_steps(output_dir)
+    if trained_steps is not None:
+        # The step count Trainer will aim for, from --max_steps or the epochs over this data.
+        target_steps = trainer.set_initial_training_values(training_args, trainer.get_train_dataloader())[-1]
+        if target_steps <= trained_steps:
+            return None, True
+        if checkpoint is None:
+            raise ValueError(
+                f"{output_dir} holds a model trained for {trained_steps} steps, and this run asks for "
+                f"{target_steps}, but there is no checkpoint to continue from (--save_strategy no). Pass "
+                "--overwrite_output_dir to train again from --model_name_or_path, replacing it, or choose another "
+                "--output_dir."
+            )
+    elif checkpoint is None and holds_model(output_dir):
+        raise ValueError(
+            f"{output_dir} already holds a model, and no checkpoint or finished training of a run here. Choose "
+            "another --output_dir, or pass --overwrite_output_dir to replace it."
+        )
+    if checkpoint is not None:
+        logger.info(f"Resuming from {checkpoint}.")
+    return checkpoint, False
+
+
 def load_image_processor(model_args: ModelArguments, config):
     name = model_args.image_processor_name or model_args.model_name_or_path
     try:
@@ -237,7 +376,7 @@ def load_image_processor(model_args: ModelArguments, config):
 
 
 def main(args=None) -> dict:
-    model_args, data_args, training_args = parse_arguments(args)
+    model_args, data_args, training_args, run_args = parse_arguments(args)
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         handlers=[logging.StreamHandler(sys.stdout)],
@@ -253,11 +392,13 @@ def main(args=None) -> dict:
         training_args.ddp_find_unused_parameters = False  # every parameter takes part in every step
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # published at the end, see below
 
-    last_checkpoint = None
-    if training_args.do_train and os.path.isdir(training_args.output_dir):
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.info(f"Resuming from {last_checkpoint}.")
+    output_dir = training_args.output_dir
+    if run_args.overwrite_output_dir and training_args.do_train:
+        with training_args.main_process_first(desc="clearing the earlier run"):
+            if training_args.should_save:
+                clear_earlier_run(output_dir)
+    # An evaluation-only run leaves a model already in the folder, and the results of its runs, as they are.
+    keeps_folder_model = training_args.do_eval and not training_args.do_train and holds_model(output_dir)
 
     # Clear errors before anything heavy.
     evit_class, checkpoint_config = evit_class_for(model_args.model_name_or_path, model_args)
@@ -293,7 +434,7 @@ def main(args=None) -> dict:
     )
     image_processor = load_image_processor(model_args, model.config)
 
-    # Each sample's crop and flip come from (seed, epoch, sample index): a resumed run augments as the uninterrupted one.
+    # Each sample's crop and flip come from (seed, epoch, sample index): resumed runs augment as uninterrupted ones.
     augmentation_randomness = AugmentationRandomness(training_args.seed)
     train_transform, eval_transform = image_transforms(
         image_processor,
@@ -334,10 +475,46 @@ def main(args=None) -> dict:
         callbacks=[augmentation_randomness] + ([keep_rate_scheduler] if keep_rate_scheduler is not None else []),
     )
 
+    checkpoint, finished = training_start(trainer, training_args) if training_args.do_train else (None, False)
+    if finished:
+        results = finished_run_results(output_dir, training_args.do_eval)
+    else:
+        results = train_and_evaluate(trainer, model_args, training_args, checkpoint)
+        if trainer.is_world_process_zero():
+            write_results(trainer, results, model_args, data_args, training_args, push_to_hub, keeps_folder_model)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every process waits for the main one to write its files, then leaves the group: processes that exit with
+        # the group still up can abort at shutdown (gloo).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return results
+
+
+def finished_run_results(output_dir: str, do_eval: bool) -> dict:
+    """A rerun of a finished command: nothing is trained or written; the results of the run are returned."""
+    message = (
+        f"{output_dir} holds a finished run of this length: nothing to train, nothing is overwritten. Pass a higher "
+        "--max_steps (or --num_train_epochs) to continue it from its last checkpoint, or --overwrite_output_dir to "
+        "start over."
+    )
+    results_file = os.path.join(output_dir, "all_results.json")
+    results = {}
+    if os.path.isfile(results_file):
+        with open(results_file) as handle:
+            results = json.load(handle)
+    if do_eval and not any(key.startswith("eval_") for key in results):
+        message += (
+            f" Its evaluation did not finish: evaluate it with --do_eval alone and --model_name_or_path {output_dir}."
+        )
+    logger.warning(message)
+    return results
+
+
+def train_and_evaluate(trainer, model_args, training_args, checkpoint: str | None) -> dict:
     results = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
-        model.config.keep_rate = model_args.keep_rate  # the target, whatever the schedule ended on
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.model.config.keep_rate = model_args.keep_rate  # the target, whatever the schedule ended on
         trainer.save_model()
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
@@ -346,39 +523,55 @@ def main(args=None) -> dict:
     if training_args.do_eval:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+        if training_args.do_train:  # an evaluation-only run writes its own file, see write_results
+            trainer.save_metrics("eval", metrics)
         results.update(metrics)
-
-    if trainer.is_world_process_zero():
-        keep_rate_rows = None
-        if training_args.do_eval and data_args.card_keep_rates:
-            keep_rates = sorted(set(data_args.card_keep_rates) | {model.config.keep_rate}, reverse=True)
-            keep_rate_rows = evit_hf.evaluate_keep_rates(
-                trainer.model, eval_dataset, keep_rates, training_args.per_device_eval_batch_size, collate
-            )
-            with open(os.path.join(training_args.output_dir, "keep_rate_results.json"), "w") as handle:
-                json.dump(keep_rate_rows, handle, indent=2)
-        if not training_args.do_train:  # evaluation only: the folder still gets the model it describes
-            trainer.save_model()
-        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-        card = evit_hf.create_model_card(
-            trainer.model,
-            repo_id=repo_id,
-            base_model=model_args.model_name_or_path if not os.path.isdir(model_args.model_name_or_path) else None,
-            dataset_name=data_args.dataset_display_name or data_args.dataset_name or _folder_dataset_name(data_args),
-            dataset_id=data_args.dataset_name,
-            results=keep_rate_rows,
-            results_note="Accuracy on the evaluation split; images/s of the forward pass on the evaluation machine.",
-        )
-        card.save(os.path.join(training_args.output_dir, "README.md"))
-        if push_to_hub:
-            publish(training_args.output_dir, repo_id, model_args.token, training_args.hub_private_repo)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Every process waits for the main one to write its files, then leaves the group: processes that exit with
-        # the group still up can abort at shutdown (gloo).
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
     return results
+
+
+def write_results(trainer, results, model_args, data_args, training_args, push_to_hub, keeps_folder_model) -> None:
+    """The main process's files: keep-rate table, model card, the model of an evaluation-only run, the upload."""
+    output_dir = training_args.output_dir
+    evaluation_only = not training_args.do_train
+    model = trainer.model
+    keep_rate_rows = None
+    if training_args.do_eval and data_args.card_keep_rates:
+        keep_rates = sorted(set(data_args.card_keep_rates) | {model.config.keep_rate}, reverse=True)
+        keep_rate_rows = evit_hf.evaluate_keep_rates(
+            model,
+            trainer.eval_dataset,
+            keep_rates,
+            training_args.per_device_eval_batch_size,
+            trainer.data_collator,
+        )
+    if evaluation_only:
+        # Never over a trained run's model, results or card: its own file, naming the model it evaluated.
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, EVALUATION_ONLY_RESULTS), "w") as handle:
+            evaluated = {"model_name_or_path": model_args.model_name_or_path, "metrics": results}
+            json.dump({**evaluated, "keep_rate_results": keep_rate_rows}, handle, indent=2)
+        if keeps_folder_model:
+            logger.info(
+                f"{output_dir} already holds a model: left as it is; the results are in {EVALUATION_ONLY_RESULTS}."
+            )
+            return
+        trainer.save_model()  # an empty folder gets the model its results describe
+    elif keep_rate_rows is not None:
+        with open(os.path.join(output_dir, "keep_rate_results.json"), "w") as handle:
+            json.dump(keep_rate_rows, handle, indent=2)
+    repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
+    card = evit_hf.create_model_card(
+        model,
+        repo_id=repo_id,
+        base_model=model_args.model_name_or_path if not os.path.isdir(model_args.model_name_or_path) else None,
+        dataset_name=data_args.dataset_display_name or data_args.dataset_name or _folder_dataset_name(data_args),
+        dataset_id=data_args.dataset_name,
+        results=keep_rate_rows,
+        results_note="Accuracy on the evaluation split; images/s of the forward pass on the evaluation machine.",
+    )
+    card.save(os.path.join(output_dir, "README.md"))
+    if push_to_hub:
+        publish(output_dir, repo_id, model_args.token, training_args.hub_private_repo)
 
 
 def _folder_dataset_name(data_args: DataTrainingArguments) -> str:
