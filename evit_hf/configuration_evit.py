@@ -4,6 +4,7 @@ This file is copied next to the weights by `save_pretrained`, so it only uses re
 """
 
 import math
+import numbers
 from collections.abc import Sequence
 
 from huggingface_hub.dataclasses import strict
@@ -23,7 +24,7 @@ def default_reduction_layers(num_hidden_layers: int) -> list[int]:
 def check_keep_rate(keep_rate: float) -> float:
     """Returns `keep_rate` as a Python float, or raises a `ValueError` saying what is allowed."""
     if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) or not math.isfinite(keep_rate):
-        raise ValueError(f"keep_rate must be a number in (0, 1], got {keep_rate!r}.")
+        raise ValueError(f"keep_rate must be a number in (0, 1], such as 0.7; got {keep_rate!r}.")
     if not 0.0 < keep_rate <= 1.0:
         raise ValueError(
             f"keep_rate must be in (0, 1] (the share of candidate tokens each reduction layer keeps), got {keep_rate}."
@@ -31,18 +32,35 @@ def check_keep_rate(keep_rate: float) -> float:
     return float(keep_rate)
 
 
-def check_reduction_layers(reduction_layers: Sequence[int], num_hidden_layers: int) -> list[int]:
-    """Returns the reduction layers as a sorted list, or raises a `ValueError` saying what is allowed."""
+def check_reduction_layers(reduction_layers: Sequence[int] | None, num_hidden_layers: int) -> list[int]:
+    """Returns the reduction layers as a sorted list (the defaults for `None`), or raises a `ValueError` saying what
+    is allowed."""
+    if reduction_layers is None:
+        return default_reduction_layers(num_hidden_layers)
+    if not isinstance(reduction_layers, (list, tuple)):
+        raise ValueError(
+            f"reduction_layers must be a list of 0-based layer indices in [0, {num_hidden_layers - 1}], or None for "
+            f"the defaults ({default_reduction_layers(num_hidden_layers)} for {num_hidden_layers} layers); got "
+            f"{reduction_layers!r}."
+        )
     layers = list(reduction_layers)
     for index in layers:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_hidden_layers:
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < num_hidden_layers:
             raise ValueError(
                 f"reduction_layers holds 0-based layer indices in [0, {num_hidden_layers - 1}] for a model with "
                 f"{num_hidden_layers} layers; got {index!r} in {layers}."
             )
     if len(set(layers)) != len(layers):
-        raise ValueError(f"reduction_layers must not repeat a layer, got {layers}.")
-    return sorted(layers)
+        raise ValueError(f"reduction_layers must not repeat a layer (list each layer once), got {layers}.")
+    # The model runs its layers in index order, so the sorted list is what it does. Plain ints keep config.json valid.
+    return sorted(int(index) for index in layers)
+
+
+def check_fuse_inattentive_tokens(fuse_inattentive_tokens: bool) -> bool:
+    """Returns `fuse_inattentive_tokens`, or raises a `ValueError` saying what is allowed."""
+    if not isinstance(fuse_inattentive_tokens, bool):
+        raise ValueError(f"fuse_inattentive_tokens must be True or False, got {fuse_inattentive_tokens!r}.")
+    return fuse_inattentive_tokens
 
 
 class _EViTSettingsMixin:
@@ -53,13 +71,36 @@ class _EViTSettingsMixin:
     # Trainer gathers every output but these during evaluation: the kept tokens are not predictions.
     keys_to_ignore_at_inference = ["kept_token_indices"]
 
-    def _resolve_evit_settings(self) -> None:
-        self.keep_rate = check_keep_rate(self.keep_rate)
-        if self.reduction_layers is None:
-            self.reduction_layers = default_reduction_layers(self.num_hidden_layers)
-        self.reduction_layers = check_reduction_layers(self.reduction_layers, self.num_hidden_layers)
-        if not isinstance(self.fuse_inattentive_tokens, bool):
-            raise ValueError(f"fuse_inattentive_tokens must be True or False, got {self.fuse_inattentive_tokens!r}.")
+    def __setattr__(self, name, value):
+        # The one place the EViT settings are checked: the constructor sets every field through here, and so do
+        # `from_pretrained` keyword arguments, `update` and plain assignment. `KeepRateScheduler` assigns keep_rate
+        # before every training step, so this stays a few comparisons.
+        if name == "keep_rate":
+            value = check_keep_rate(value)
+        elif name == "reduction_layers":
+            value = check_reduction_layers(value, self.num_hidden_layers)
+        elif name == "fuse_inattentive_tokens":
+            value = check_fuse_inattentive_tokens(value)
+        elif name == "num_hidden_layers" and isinstance(value, int) and "reduction_layers" in vars(self):
+            # A new depth must still hold the reduction layers, or the model would skip the ones past its end.
+            try:
+                check_reduction_layers(self.reduction_layers, value)
+            except ValueError as error:
+                raise ValueError(
+                    f"{error} To set num_hidden_layers={value}, first set reduction_layers to layers below {value}, "
+                    "or pass both to the constructor or to from_pretrained."
+                ) from None
+        super().__setattr__(name, value)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # transformers sets keyword arguments one by one on the built configuration, and a depth and reduction layers
+        # that only fit each other would fail in either order. The constructor sets the depth before the layers, so
+        # they go there; a plain checkpoint loaded at a new depth also gets that depth's default layers.
+        constructor_settings = {
+            key: kwargs.pop(key) for key in ("num_hidden_layers", "reduction_layers") if key in kwargs
+        }
+        return super().from_dict({**config_dict, **constructor_settings}, **kwargs)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
@@ -79,6 +120,18 @@ class _EViTSettingsMixin:
         return config_dict, kwargs
 
 
+def _settings_checked_first(config_class):
+    """Makes the EViT settings' checks run before `@strict`'s type checks on `config_class`.
+
+    `@strict` puts its own `__setattr__` on the class, which type-checks a value before any parent's `__setattr__`
+    sees it: a string keep_rate would get strict's `TypeError` wrapper instead of our `ValueError`. The parents'
+    strict `__setattr__` still runs after ours and type-checks the normalized value with this class's validators.
+    """
+    config_class.__setattr__ = _EViTSettingsMixin.__setattr__
+    return config_class
+
+
+@_settings_checked_first
 @strict
 class EViTConfig(_EViTSettingsMixin, ViTConfig):
     r"""
@@ -89,11 +142,16 @@ class EViTConfig(_EViTSettingsMixin, ViTConfig):
         Share of the non-prefix tokens that each reduction layer keeps, in (0, 1]. A reduction layer with `n`
         candidate tokens keeps `ceil(keep_rate * n)` of them. 1.0 gives the stock ViT.
     reduction_layers (`list[int]`, *optional*):
-        0-based indices of the layers that reorganize tokens after their attention block. Defaults to the paper's
-        `[3, 6, 9]` for 12 layers, and `round(L/4), round(L/2), round(3L/4)` for other depths `L`.
+        0-based indices of the layers that reorganize tokens after their attention block, each once and below
+        `num_hidden_layers`; stored as a sorted list. Defaults (also for `None`) to the paper's `[3, 6, 9]` for 12
+        layers, and `round(L/4), round(L/2), round(3L/4)` for other depths `L`.
     fuse_inattentive_tokens (`bool`, *optional*, defaults to `True`):
         Whether the tokens a reduction layer does not keep are fused into one token (weighted by their class-token
         attention) or dropped.
+
+    The three settings are checked whenever they are set: by the constructor, by `from_pretrained` keyword arguments
+    and config.json values, and by assignment (`config.keep_rate = 0.5`). A bad value raises a `ValueError` that says
+    what is allowed. Changing `num_hidden_layers` is refused while `reduction_layers` holds a layer past the new depth.
 
     Example:
 
@@ -111,11 +169,8 @@ class EViTConfig(_EViTSettingsMixin, ViTConfig):
     reduction_layers: list[int] | tuple[int, ...] | None = None
     fuse_inattentive_tokens: bool = True
 
-    def __post_init__(self, **kwargs):
-        self._resolve_evit_settings()
-        super().__post_init__(**kwargs)
 
-
+@_settings_checked_first
 @strict
 class EViTDeiTConfig(_EViTSettingsMixin, DeiTConfig):
     r"""
@@ -126,9 +181,11 @@ class EViTDeiTConfig(_EViTSettingsMixin, DeiTConfig):
     keep_rate (`float`, *optional*, defaults to 0.7):
         Share of the non-prefix tokens that each reduction layer keeps, in (0, 1].
     reduction_layers (`list[int]`, *optional*):
-        0-based indices of the reduction layers; defaults as in [`EViTConfig`].
+        0-based indices of the reduction layers, stored sorted; defaults as in [`EViTConfig`].
     fuse_inattentive_tokens (`bool`, *optional*, defaults to `True`):
         Whether the tokens a reduction layer does not keep are fused into one token or dropped.
+
+    The settings are checked whenever they are set, as in [`EViTConfig`].
     """
 
     model_type = "evit_deit"
@@ -137,10 +194,6 @@ class EViTDeiTConfig(_EViTSettingsMixin, DeiTConfig):
     keep_rate: float | int = 0.7
     reduction_layers: list[int] | tuple[int, ...] | None = None
     fuse_inattentive_tokens: bool = True
-
-    def __post_init__(self, **kwargs):
-        self._resolve_evit_settings()
-        super().__post_init__(**kwargs)
 
 
 __all__ = ["EViTConfig", "EViTDeiTConfig", "check_keep_rate", "default_reduction_layers"]
