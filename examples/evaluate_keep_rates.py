@@ -26,6 +26,7 @@ from run_image_classification import (  # noqa: E402
     DataTrainingArguments,
     ModelArguments,
     evit_class_for,
+    head_label_mismatch,
     label_names,
     load_data,
     load_image_processor,
@@ -63,10 +64,12 @@ def main(args=None) -> list[dict]:
     model = evit_class.from_pretrained(
         model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token, **settings
     )
-    if model.config.num_labels != len(labels):
+    mismatch = head_label_mismatch(model.config, labels)
+    if mismatch is not None:
+        # Same count, other names: the accuracy would compare unrelated classes.
         raise ValueError(
-            f"The model predicts {model.config.num_labels} labels, the dataset has {len(labels)}: evaluate a model "
-            "fine-tuned on this dataset (examples/run_image_classification.py)."
+            f"{model_args.model_name_or_path} {mismatch}: evaluate a model fine-tuned on this dataset "
+            "(examples/run_image_classification.py), or a dataset with the model's labels in its order."
         )
     model.to(eval_args.device)
     image_processor = load_image_processor(model_args, model.config)

@@ -257,18 +257,36 @@ def evit_class_for(model_name_or_path: str, model_args: ModelArguments):
     )
 
 
-def check_labels_match_head(config, labels: list[str], ignore_mismatched_sizes: bool, model_name_or_path: str):
+def head_label_mismatch(config, labels: list[str]) -> str | None:
+    """How the labels a checkpoint's classification head predicts differ from the dataset's, or None when they agree.
+
+    Names must agree in order; default names (LABEL_0, ...) carry no meaning, so for them only the count must."""
     checkpoint_labels = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
-    is_classifier = any("ForImageClassification" in name for name in (config.architectures or []))
-    # Default names (LABEL_0, ...) carry no meaning: only their number has to match.
     unnamed = checkpoint_labels == [f"LABEL_{i}" for i in range(len(checkpoint_labels))]
-    mismatch = len(checkpoint_labels) != len(labels) if unnamed else checkpoint_labels != labels
-    if is_classifier and checkpoint_labels and mismatch and not ignore_mismatched_sizes:
-        shown = checkpoint_labels[:5] + (["..."] if len(checkpoint_labels) > 5 else [])
+    if (len(checkpoint_labels) == len(labels)) if unnamed else (checkpoint_labels == labels):
+        return None
+    differing = [
+        f"{i}: {ours!r} vs {theirs!r}"
+        for i, (ours, theirs) in enumerate(zip(checkpoint_labels, labels, strict=False))
+        if ours != theirs
+    ]
+    shown = checkpoint_labels[:5] + (["..."] if len(checkpoint_labels) > 5 else [])
+    description = (
+        f"predicts {len(checkpoint_labels)} labels ({shown}), the dataset has {len(labels)} "
+        f"({labels[:5]}{'...' if len(labels) > 5 else ''})"
+    )
+    if len(checkpoint_labels) == len(labels):
+        description += f"; they differ at {', '.join(differing[:5])}{', ...' if len(differing) > 5 else ''}"
+    return description
+
+
+def check_labels_match_head(config, labels: list[str], ignore_mismatched_sizes: bool, model_name_or_path: str):
+    is_classifier = any("ForImageClassification" in name for name in (config.architectures or []))
+    mismatch = head_label_mismatch(config, labels) if is_classifier and config.id2label else None
+    if mismatch is not None and not ignore_mismatched_sizes:
         raise ValueError(
-            f"The head of {model_name_or_path} predicts {len(checkpoint_labels)} labels ({shown}), the dataset has "
-            f"{len(labels)} ({labels[:5]}{'...' if len(labels) > 5 else ''}). Pass --ignore_mismatched_sizes to "
-            "train a new head for the dataset's labels."
+            f"The head of {model_name_or_path} {mismatch}. Pass --ignore_mismatched_sizes to train a new head for "
+            "the dataset's labels."
         )
 
 

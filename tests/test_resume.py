@@ -3,6 +3,7 @@ ends with the weights of an uninterrupted run, and rerunning a finished command 
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,23 +85,14 @@ def small_vit(tmp_path_factory):
     return save_small_vit(tmp_path_factory.mktemp("vit") / "model")
 
 
-@pytest.mark.parametrize(
-    "signal_number, schedule",
-    [
-        (signal.SIGTERM, ["--keep_rate_warmup", "2", "--keep_rate_shrink", "3", "--keep_rate_schedule_unit", "step"]),
-        (signal.SIGINT, []),
-    ],
-    ids=["sigterm-keep-rate-warmup", "sigint-constant-keep-rate"],
-)
-def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(
-    small_vit, tmp_path, signal_number, schedule, caplog
-):
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(small_vit, tmp_path, caplog):
+    schedule = ["--keep_rate_warmup", "2", "--keep_rate_shrink", "3", "--keep_rate_schedule_unit", "step"]
     uninterrupted = tmp_path / "uninterrupted"
     run_image_classification.main(resume_args(small_vit, uninterrupted, *schedule))
 
     interrupted = tmp_path / "interrupted"
     args = resume_args(small_vit, interrupted, *schedule)
-    kill_after_first_checkpoint(args, interrupted, signal_number)
+    kill_after_first_checkpoint(args, interrupted, signal.SIGTERM)
     with caplog.at_level("INFO"):
         run_image_classification.main(args)  # the same command again
     assert "Resuming from" in caplog.text
@@ -111,3 +103,95 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(
     assert largest_difference(weights(interrupted), weights(uninterrupted)) <= 1e-6
     # Training moved the weights: equal runs are not equal because nothing happened.
     assert largest_difference(weights(uninterrupted), weights(interrupted / "checkpoint-2")) > 1e-3
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file of a run's folder (checkpoints included) and its bytes."""
+    return {
+        os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
+        for root, _, names in os.walk(folder)
+        for name in names
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_vit, tmp_path_factory):
+    """A finished run of 4 steps with evaluation, checkpoints every 2 steps."""
+    output_dir = tmp_path_factory.mktemp("finished") / "run"
+    args = resume_args(small_vit, output_dir, "--max_steps", "4", "--do_eval", "--max_eval_samples", "16")
+    results = run_image_classification.main([*args, "--card_keep_rates", "1.0"])
+    return output_dir, args, results
+
+
+def test_rerunning_a_finished_command_changes_nothing(finished_run, caplog):
+    output_dir, args, results = finished_run
+    before = snapshot(output_dir)
+    with caplog.at_level("WARNING"):
+        rerun = run_image_classification.main([*args, "--card_keep_rates", "1.0"])
+    assert "holds a finished run" in caplog.text and "--overwrite_output_dir" in caplog.text
+    assert snapshot(output_dir) == before  # no step, no file written
+    assert rerun == json.loads((output_dir / "all_results.json").read_text())
+    assert rerun["eval_accuracy"] == results["eval_accuracy"]
+
+
+def test_an_evaluation_only_run_leaves_a_trained_model_and_its_results(finished_run, small_vit):
+    output_dir, _, _ = finished_run
+    before = snapshot(output_dir)
+    run_image_classification.main(
+        ["--model_name_or_path", small_vit, "--output_dir", str(output_dir), "--do_eval", "--max_eval_samples", "16",
+         "--report_to", "none", "--card_keep_rates", "1.0", "0.5"]
+    )  # fmt: skip
+    after = snapshot(output_dir)
+    written = json.loads(after.pop("eval_only_results.json"))
+    assert after == before  # model, card, all_results.json and checkpoints untouched
+    assert written["model_name_or_path"] == small_vit
+    assert 0 <= written["metrics"]["eval_accuracy"] <= 1
+    assert [row["keep_rate"] for row in written["keep_rate_results"]] == [1.0, 0.7, 0.5]
+
+
+def test_a_higher_max_steps_continues_to_the_weights_of_one_longer_run(small_vit, tmp_path):
+    # A shorter --max_steps is an interruption too: constant learning rate, every token kept from the start.
+    continued = tmp_path / "continued"
+    run_image_classification.main(resume_args(small_vit, continued, "--max_steps", "4"))
+    (continued / "checkpoint-6").mkdir()  # a checkpoint a killed run left half-written: no trainer_state.json
+    shutil.copy(continued / "model.safetensors", continued / "checkpoint-6" / "model.safetensors")
+    run_image_classification.main(resume_args(small_vit, continued, "--max_steps", "6"))
+    longer = tmp_path / "longer"
+    run_image_classification.main(resume_args(small_vit, longer, "--max_steps", "6"))
+    assert json.loads((continued / "trainer_state.json").read_text())["global_step"] == 6
+    assert largest_difference(weights(continued), weights(longer)) <= 1e-6
+    assert largest_difference(weights(longer), weights(continued / "checkpoint-4")) > 1e-3
+
+
+def test_overwrite_output_dir_starts_over(small_vit, tmp_path):
+    output_dir = tmp_path / "run"
+    run_image_classification.main(resume_args(small_vit, output_dir, "--max_steps", "4"))
+    run_image_classification.main(resume_args(small_vit, output_dir, "--max_steps", "2", "--overwrite_output_dir"))
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 2
+    assert not (output_dir / "checkpoint-4").exists()
+    fresh = tmp_path / "fresh"
+    run_image_classification.main(resume_args(small_vit, fresh, "--max_steps", "2"))
+    assert largest_difference(weights(output_dir), weights(fresh)) <= 1e-6
+
+
+def test_training_into_a_folder_that_holds_another_model_is_refused(small_vit, tmp_path):
+    output_dir = tmp_path / "run"
+    save_small_vit(output_dir)
+    with pytest.raises(ValueError, match="already holds a model.*--overwrite_output_dir"):
+        run_image_classification.main(resume_args(small_vit, output_dir, "--max_steps", "2"))
+
+
+def test_load_best_model_at_end_loads_every_weight_of_the_best_checkpoint(small_vit, tmp_path, caplog):
+    output_dir = tmp_path / "run"
+    args = resume_args(
+        small_vit, output_dir, "--max_steps", "4", "--do_eval", "--max_eval_samples", "32", "--eval_strategy",
+        "steps", "--eval_steps", "2", "--load_best_model_at_end", "--metric_for_best_model", "eval_loss",
+        "--greater_is_better", "false", "--card_keep_rates", "1.0",
+    )  # fmt: skip
+    with caplog.at_level("WARNING"):
+        run_image_classification.main(args)
+    assert "missing keys" not in caplog.text.lower() and "unexpected keys" not in caplog.text.lower()
+    best = json.loads((output_dir / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert os.path.basename(best) == "checkpoint-2"  # not the last one: loading it changes the weights
+    assert largest_difference(weights(output_dir), weights(best)) == 0.0
+    assert largest_difference(weights(output_dir), weights(output_dir / "checkpoint-4")) > 1e-3
