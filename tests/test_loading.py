@@ -168,29 +168,37 @@ def test_remote_code_loads_without_evit_hf(family, tmp_path, pixel_values):
 
 
 def test_image_classification_pipeline(tmp_path):
-    _, evit = stock_and_evit("vit-classifier")
+    _, evit = stock_and_evit("vit-classifier", keep_rate=0.5)
     evit.config.id2label = {i: f"class_{i}" for i in range(TINY["num_labels"])}
     evit.config.label2id = {v: k for k, v in evit.config.id2label.items()}
     evit.save_pretrained(tmp_path)
     size = TINY["image_size"]
-    ViTImageProcessor(size={"height": size, "width": size}).save_pretrained(tmp_path)
+    processor = ViTImageProcessor(size={"height": size, "width": size})
+    processor.save_pretrained(tmp_path)
     classifier = pipeline("image-classification", model=str(tmp_path))
     assert isinstance(classifier.model, evit_hf.EViTForImageClassification)
-    image = Image.fromarray((torch.rand(40, 50, 3) * 255).to(torch.uint8).numpy())
+    image = Image.fromarray(
+        (torch.rand(40, 50, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    )
     predictions = classifier(image, top_k=3)
-    assert len(predictions) == 3
-    assert all(p["label"].startswith("class_") for p in predictions)
-    assert predictions[0]["score"] >= predictions[1]["score"]
+    # The model in memory on the same pixels: softmax over its logits, the three most likely classes.
+    with torch.no_grad():
+        probabilities = evit(processor(images=image, return_tensors="pt").pixel_values).logits.softmax(dim=-1)[0]
+    top = probabilities.topk(3)
+    assert [p["label"] for p in predictions] == [f"class_{i}" for i in top.indices.tolist()]
+    assert [p["score"] for p in predictions] == pytest.approx(top.values.tolist(), rel=1e-5, abs=1e-7)
 
 
 OFFLINE_HUB_SCRIPT = textwrap.dedent(
     """
     import sys, torch
     import evit_hf
-    model = evit_hf.EViTForImageClassification.from_pretrained("some-org/tiny-vit", keep_rate=0.5)
+    model = evit_hf.EViTForImageClassification.from_pretrained("some-org/tiny-vit", keep_rate=0.5).eval()
     assert model.config.keep_rate == 0.5
+    pixel_values = torch.load(sys.argv[1])
     with torch.no_grad():
-        print(float(model.eval()(torch.load(sys.argv[1]), keep_rate=1.0).logits.sum()))
+        full, reduced = model(pixel_values, keep_rate=1.0), model(pixel_values)
+    torch.save({"full": full.logits, "reduced": reduced.logits, "kept": reduced.kept_token_indices}, sys.argv[2])
     """
 )
 
@@ -205,16 +213,19 @@ def test_loads_a_hub_id_from_an_offline_cache(tmp_path, pixel_values):
     (repo / "refs" / "main").write_text(revision)
     torch.save(pixel_values, tmp_path / "pixels.pt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    result = subprocess.run(
-        [sys.executable, "-c", OFFLINE_HUB_SCRIPT, str(tmp_path / "pixels.pt")],
+    subprocess.run(
+        [sys.executable, "-c", OFFLINE_HUB_SCRIPT, str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
         env=env,
         check=True,
-        capture_output=True,
-        text=True,
     )
+    result = torch.load(tmp_path / "out.pt")
+    _, evit = stock_and_evit("vit-classifier", keep_rate=0.5)  # the same weights, built here
     with torch.no_grad():
-        expected = float(stock(pixel_values).logits.sum())
-    assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected, abs=1e-5)
+        stock_logits = stock(pixel_values).logits
+        expected = evit(pixel_values)
+    torch.testing.assert_close(result["full"], stock_logits, rtol=0, atol=0)  # keep 1: the stock model's logits
+    torch.testing.assert_close(result["reduced"], expected.logits, rtol=0, atol=0)
+    assert [k.tolist() for k in result["kept"]] == [k.tolist() for k in expected.kept_token_indices]
 
 
 def test_stock_classes_are_unchanged_by_import():
