@@ -12,6 +12,7 @@ import ctypes
 import gc
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -22,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, ViTConfig, ViTForImageClassification
 
+from .cli import one_line, writable_folder_problem
 from .configuration_evit import EViTConfig
 from .macs import count_macs
 from .modeling_evit import EViTForImageClassification
@@ -38,9 +40,23 @@ SHAPES = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class InvalidBenchmarkSetting(ValueError):
+    """A setting the benchmark cannot run with. `field` names the `BenchmarkSettings` field (the command-line option
+    is `option`), `problem` says what is wrong and what is allowed."""
+
+    def __init__(self, field: str, problem: str):
+        self.field, self.problem = field, problem
+        super().__init__(f"{field}: {problem}")
+
+    @property
+    def option(self) -> str:
+        return "--" + {"compiled": "compile"}.get(self.field, self.field).replace("_", "-")
+
+
 @dataclass
 class BenchmarkSettings:
-    """What `run_benchmark` measures: every combination of the list-valued settings, each against the stock model."""
+    """What `run_benchmark` measures: every combination of the list-valued settings, each against the stock model.
+    Invalid settings raise `InvalidBenchmarkSetting` (a `ValueError`) here, before any model is built."""
 
     model: str = "deit-small"
     keep_rates: list[float] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5])
@@ -57,17 +73,129 @@ class BenchmarkSettings:
     seed: int = 0
 
     def __post_init__(self):
-        if self.model not in SHAPES and not os.path.isdir(self.model):
-            raise ValueError(f"model must be one of {sorted(SHAPES)} or a checkpoint folder, got {self.model!r}.")
+        patch_size = model_patch_size(self.model)
+        for name in ("keep_rates", "batch_sizes", "image_sizes", "attn_implementations", "dtypes", "devices",
+                     "compiled", "modes"):  # fmt: skip
+            if len(getattr(self, name)) == 0:
+                raise InvalidBenchmarkSetting(name, "needs at least one value")
+        for keep_rate in self.keep_rates:
+            if not _is_number(keep_rate) or not math.isfinite(keep_rate) or not 0 < keep_rate <= 1:
+                raise InvalidBenchmarkSetting(
+                    "keep_rates",
+                    f"a keep rate is the share of tokens each reduction layer keeps, in (0, 1]; got {keep_rate}",
+                )
+        for batch_size in self.batch_sizes:
+            if not _is_whole(batch_size) or batch_size < 1:
+                raise InvalidBenchmarkSetting("batch_sizes", f"a batch size is a whole number >= 1, got {batch_size}")
+        check_image_sizes(self.image_sizes, patch_size, self.model)
         unknown = [dtype for dtype in self.dtypes if dtype not in DTYPES]
         if unknown:
-            raise ValueError(f"dtypes must be among {sorted(DTYPES)}, got {unknown}.")
-        if any(mode not in ("inference", "train") for mode in self.modes):
-            raise ValueError(f"modes must be 'inference' and/or 'train', got {self.modes}.")
-        if any(not 0 < keep_rate <= 1 for keep_rate in self.keep_rates):
-            raise ValueError(f"keep rates must be in (0, 1], got {self.keep_rates}.")
-        if self.rounds < 1 or self.warmup < 0:
-            raise ValueError("rounds must be >= 1 and warmup >= 0.")
+            raise InvalidBenchmarkSetting("dtypes", f"must be among {', '.join(DTYPES)}, got {', '.join(unknown)}")
+        unknown = [mode for mode in self.modes if mode not in ("inference", "train")]
+        if unknown:
+            raise InvalidBenchmarkSetting("modes", f"must be inference and/or train, got {', '.join(unknown)}")
+        if not _is_whole(self.warmup) or self.warmup < 0:
+            raise InvalidBenchmarkSetting(
+                "warmup", f"the number of warm-up rounds is a whole number >= 0, got {self.warmup}"
+            )
+        if not _is_whole(self.rounds) or self.rounds < 1:
+            raise InvalidBenchmarkSetting(
+                "rounds", f"the number of timed rounds is a whole number >= 1, got {self.rounds}"
+            )
+        for device in self.devices:
+            problem = device_problem(device)
+            if problem:
+                raise InvalidBenchmarkSetting("devices", problem)
+        for attn_implementation in self.attn_implementations:
+            problem = attn_implementation_problem(attn_implementation)
+            if problem:
+                raise InvalidBenchmarkSetting("attn_implementations", problem)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def model_patch_size(model: str) -> int:
+    """The patch size of a named shape or of a ViT checkpoint folder; `InvalidBenchmarkSetting` for anything else."""
+    if model in SHAPES:
+        return 16
+    if not os.path.isdir(model):
+        raise InvalidBenchmarkSetting(
+            "model", f"must be one of {', '.join(SHAPES)} or a checkpoint folder; {model!r} is neither"
+        )
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise InvalidBenchmarkSetting("model", f"{model} has no config.json; give a folder written by save_pretrained")
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise InvalidBenchmarkSetting(
+            "model", f"cannot read the configuration in {model}: {one_line(error)}"
+        ) from None
+    if config.model_type not in ("vit", "evit"):
+        raise InvalidBenchmarkSetting(
+            "model",
+            f"{model} holds a {config.model_type!r} model; the benchmark builds ViT models: model_type 'vit' (ViT and "
+            "non-distilled DeiT checkpoints) or 'evit'",
+        )
+    patch_size = config.patch_size
+    return patch_size if isinstance(patch_size, int) else max(patch_size)
+
+
+def check_image_sizes(image_sizes, patch_size: int, model: str, field_name: str = "image_sizes") -> None:
+    """Image sizes must hold at least one patch: the patch embedding cannot cut a smaller image. (Sizes that are not
+    a multiple of the patch size run, as in transformers: the pixels past the last whole patch are not used.)"""
+    for size in image_sizes:
+        if not _is_whole(size) or size < patch_size:
+            raise InvalidBenchmarkSetting(
+                field_name,
+                f"an image size is a whole number of pixels, at least the patch size ({patch_size} px for {model}); "
+                f"got {size}",
+            )
+
+
+def device_problem(device: str) -> str | None:
+    """Why `device` cannot run the benchmark here, or None if it can."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return f"unknown device {device!r}: use cpu, cuda, cuda:N or mps"
+    if parsed.type == "cpu":
+        return None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{device} asked for, but CUDA is not available to this torch {torch.__version__}: use cpu"
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            return f"{device} asked for, but there are {count} CUDA devices (cuda:0 to cuda:{count - 1})"
+        return None
+    if parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            return f"{device} asked for, but MPS is not available here: use cpu"
+        return None
+    backend = getattr(torch, parsed.type, None)  # xpu and other accelerators with a torch.<type> module
+    if backend is not None and getattr(backend, "is_available", lambda: False)():
+        return None
+    return f"device {device!r} is not available here: use cpu, cuda, cuda:N or mps"
+
+
+def attn_implementation_problem(attn_implementation: str) -> str | None:
+    """Why transformers cannot build the models with `attn_implementation` here (unknown name, kernel package not
+    installed), or None if it can. Asks transformers itself, on a one-layer model without memory (meta device)."""
+    config = dict(
+        hidden_size=4, num_hidden_layers=1, num_attention_heads=1, intermediate_size=4, image_size=4, patch_size=4
+    )
+    try:
+        with torch.device("meta"):
+            ViTForImageClassification(ViTConfig(**config, attn_implementation=attn_implementation))
+            EViTForImageClassification(EViTConfig(**config, attn_implementation=attn_implementation))
+    except (ValueError, ImportError, OSError, RuntimeError) as error:
+        return f"cannot use {attn_implementation!r}: {one_line(error)}"
+    return None
 
 
 def model_config_settings(model: str, image_size: int) -> dict:
@@ -99,8 +227,10 @@ def build_models(
 
 
 def _synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    """Waits for the device's queued work, so that a timing covers the computation and not just its launch."""
+    device_type = torch.device(device).type
+    if device_type != "cpu":
+        getattr(torch, device_type).synchronize()
 
 
 def _step_function(model, pixel_values, labels, mode: str, keep_rate):
@@ -241,10 +371,12 @@ def _run_group(settings: BenchmarkSettings, group: dict, bar) -> list[dict]:
     stock_macs = count_macs(config, image_size=image_size, keep_rate=1.0)
     stock_median = statistics.median(timings[0])
     peaks = [None] * len(variants)
+    device_type = torch.device(device).type
+    # Peak memory is read from CUDA's allocator or from the resident memory of a CPU process; other devices have none.
     if settings.measure_memory and not group["compiled"]:
-        if device.startswith("cuda"):
+        if device_type == "cuda":
             peaks = [_cuda_peak_memory(step) for step in steps]
-        else:
+        elif device_type == "cpu":
             peaks = _cpu_peak_memories(group, [keep_rate for _, keep_rate, _ in variants], settings)
     rows = []
     for (variant, keep_rate, _), seconds, peak in zip(variants, timings, peaks, strict=True):
@@ -483,20 +615,30 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    settings = BenchmarkSettings(
-        model=args.model,
-        keep_rates=args.keep_rates,
-        batch_sizes=args.batch_sizes,
-        image_sizes=args.image_sizes,
-        attn_implementations=args.attn_implementations,
-        dtypes=args.dtypes,
-        devices=args.devices,
-        compiled=args.compile,
-        modes=args.modes,
-        warmup=args.warmup,
-        rounds=args.rounds,
-        measure_memory=not args.no_memory,
-    )
+    # Every setting is checked here, before a model is built: a bad one ends with argparse's one-line error.
+    try:
+        settings = BenchmarkSettings(
+            model=args.model,
+            keep_rates=args.keep_rates,
+            batch_sizes=args.batch_sizes,
+            image_sizes=args.image_sizes,
+            attn_implementations=args.attn_implementations,
+            dtypes=args.dtypes,
+            devices=args.devices,
+            compiled=args.compile,
+            modes=args.modes,
+            warmup=args.warmup,
+            rounds=args.rounds,
+            measure_memory=not args.no_memory,
+        )
+        if args.resolutions:
+            check_image_sizes(args.resolutions, model_patch_size(args.model), args.model, field_name="resolutions")
+    except InvalidBenchmarkSetting as error:
+        parser.error(f"argument {error.option}: {error.problem}")
+    if args.output_dir is not None:
+        problem = writable_folder_problem(args.output_dir)
+        if problem:
+            parser.error(f"argument --output-dir: cannot write into {args.output_dir}: {problem}")
     results = run_benchmark(settings, progress=not args.no_progress)
     if args.resolutions:
         results["resolutions"] = resolution_comparison(args.model, image_sizes=args.resolutions, rounds=args.rounds)

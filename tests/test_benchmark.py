@@ -1,12 +1,20 @@
 import json
+import re
 
 import pytest
 import torch
+from transformers import ViTConfig
 
-from evit_hf.benchmark import BenchmarkSettings, reorganization_overhead, run_benchmark
+from evit_hf.benchmark import BenchmarkSettings, InvalidBenchmarkSetting, reorganization_overhead, run_benchmark
 from evit_hf.benchmark import main as benchmark_main
 
 from .model_builders import stock_and_evit
+
+
+# Two layers, 4 px patches: reduction layers 0 and 1 by the depth rule.
+TWO_LAYERS = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=4
+)
 
 
 def test_benchmark_rows_and_files(tmp_path):
@@ -30,12 +38,21 @@ def test_benchmark_rows_and_files(tmp_path):
     assert (tmp_path / "benchmark.png").stat().st_size > 1000
 
 
-def test_compiled_benchmark_runs():
+def test_compiled_benchmark_runs(tmp_path):
+    # torch.compile's cost on CPU is mostly compiling C++ kernels, and then tracing each layer: a two-layer shape from
+    # a checkpoint folder has the kernels of any depth (both layers reorganize tokens: layer 1 also tracks the fused
+    # token of layer 0) at a fraction of deit-tiny's twelve layers.
+    ViTConfig(**TWO_LAYERS).save_pretrained(tmp_path)
     settings = BenchmarkSettings(
-        model="deit-tiny", keep_rates=[0.5], batch_sizes=[2], image_sizes=[32], compiled=[True], rounds=1, warmup=1
+        model=str(tmp_path), keep_rates=[0.5], batch_sizes=[2], image_sizes=[16], compiled=[True], rounds=1, warmup=1
     )
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     rows = run_benchmark(settings, progress=False)["rows"]
-    assert [row["compiled"] for row in rows] == [True, True]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before >= 2  # stock and EViT compiled
+    assert [(row["compiled"], row["variant"], row["keep_rate"]) for row in rows] == [
+        (True, "stock", None), (True, "evit", 0.5)
+    ]  # fmt: skip
+    assert all(row["images_per_s"] > 0 for row in rows) and rows[1]["macs_ratio"] > 1
 
 
 def test_reorganization_overhead_is_a_share():
@@ -45,14 +62,23 @@ def test_reorganization_overhead_is_a_share():
 
 
 @pytest.mark.parametrize(
-    "settings, message",
-    [({"model": "resnet"}, "model must be one of"), ({"dtypes": ["int8"]}, "dtypes must be among"),
-     ({"keep_rates": [0.0]}, "keep rates must be in")],
-    ids=["model", "dtype", "keep-rate"],
+    "settings, field, message",
+    [({"model": "resnet"}, "model", "must be one of deit-tiny"), ({"dtypes": ["int8"]}, "dtypes", "must be among"),
+     ({"keep_rates": [0.0]}, "keep_rates", "in (0, 1]; got 0.0"),
+     ({"keep_rates": [float("nan")]}, "keep_rates", "in (0, 1]; got nan"),
+     ({"batch_sizes": [0]}, "batch_sizes", "a batch size is a whole number >= 1"),
+     ({"image_sizes": [8]}, "image_sizes", "at least the patch size (16 px for deit-small); got 8"),
+     ({"rounds": 0}, "rounds", "whole number >= 1"), ({"warmup": -1}, "warmup", "whole number >= 0"),
+     ({"devices": ["tpu"]}, "devices", "unknown device 'tpu'"),
+     ({"attn_implementations": ["fast"]}, "attn_implementations", "cannot use 'fast'"),
+     ({"modes": []}, "modes", "needs at least one value")],
+    ids=["model", "dtype", "keep-rate", "keep-rate-nan", "batch-size", "image-size", "rounds", "warmup", "device",
+         "attention", "empty"],
 )  # fmt: skip
-def test_benchmark_settings_are_validated(settings, message):
-    with pytest.raises(ValueError, match=message):
+def test_benchmark_settings_are_validated(settings, field, message):
+    with pytest.raises(InvalidBenchmarkSetting, match=re.escape(message)) as error:
         BenchmarkSettings(**settings)
+    assert isinstance(error.value, ValueError) and error.value.field == field
 
 
 @pytest.mark.gpu
