@@ -195,3 +195,38 @@ def test_load_best_model_at_end_loads_every_weight_of_the_best_checkpoint(small_
     assert os.path.basename(best) == "checkpoint-2"  # not the last one: loading it changes the weights
     assert largest_difference(weights(output_dir), weights(best)) == 0.0
     assert largest_difference(weights(output_dir), weights(output_dir / "checkpoint-4")) > 1e-3
+
+
+class RandomDraws(torch.utils.data.Dataset):
+    """Six samples; each is the first draw of its augmentation generator."""
+
+    def __init__(self, randomness):
+        self.randomness = randomness
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        return self.randomness.generator(index).random()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2], ids=["main-process", "persistent-workers"])
+def test_augmentation_draws_depend_on_seed_epoch_and_index_only(num_workers):
+    from evit_hf.data import AugmentationRandomness
+
+    randomness = AugmentationRandomness(seed=3)
+    # Persistent workers are started once: they must still see each new epoch.
+    loader = torch.utils.data.DataLoader(
+        RandomDraws(randomness), batch_size=2, num_workers=num_workers, persistent_workers=num_workers > 0,
+        collate_fn=list,
+    )  # fmt: skip
+
+    def draws(epoch):
+        randomness.set_epoch(epoch)
+        return [value for batch in loader for value in batch]
+
+    epoch_0, epoch_1 = draws(0), draws(1)
+    assert len(set(epoch_0)) == 6 and set(epoch_0).isdisjoint(epoch_1)  # new draws each epoch
+    assert draws(0) == epoch_0  # whatever was drawn in between
+    assert [AugmentationRandomness(seed=3).generator(index).random() for index in range(6)] == epoch_0
+    assert AugmentationRandomness(seed=4).generator(0).random() != epoch_0[0]
