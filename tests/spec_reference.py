@@ -8,10 +8,15 @@ import math
 import torch
 
 
-def reference_forward(stock_model, pixel_values, keep_rate, reduction_layers, fuse, num_prefix_tokens):
-    """Returns (final hidden states per image, kept patch indices per image and reduction layer)."""
+def reference_forward(
+    stock_model, pixel_values, keep_rate, reduction_layers, fuse, num_prefix_tokens, bool_masked_pos=None
+):
+    """Returns (final hidden states per image, kept patch indices per image and reduction layer).
+
+    `bool_masked_pos` ([batch, patches]) replaces those patches' embeddings by the model's mask token.
+    """
     base = stock_model.base_model
-    embeddings = base.embeddings(pixel_values, interpolate_pos_encoding=True)
+    embeddings = base.embeddings(pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=True)
     finals, kept_per_image = [], []
     for x in embeddings:  # [tokens, dim]
         positions = list(range(x.shape[0] - num_prefix_tokens))

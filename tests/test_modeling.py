@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from transformers import DeiTConfig, DeiTModel, ViTConfig, ViTModel
 
 import evit_hf
 from evit_hf.token_reorganization import num_kept_tokens
@@ -180,6 +181,94 @@ def test_invalid_calls_raise_clear_errors(pixel_values):
         evit(pixel_values, keep_rate=0.0)
     with pytest.raises(ValueError, match="keep_rate=1.0"):
         evit(pixel_values, attention_mask=torch.ones(3, NUM_PATCHES + 1))
+
+
+def token_mask(prefix):
+    """An attention mask over prefix + 64 patch tokens: image 0 masks patches 5-19, image 2 patches 40-63."""
+    mask = torch.ones(3, prefix + NUM_PATCHES, dtype=torch.long)
+    mask[0, prefix + 5 : prefix + 20] = 0
+    mask[2, prefix + 40 :] = 0
+    return mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_attention_mask_at_keep_rate_one_is_the_stock_models(family, attn_implementation, pixel_values):
+    stock, evit = stock_and_evit(family, attn_implementation=attn_implementation)
+    mask = token_mask(FAMILIES[family][2])
+    with torch.no_grad():
+        expected = main_output(stock(pixel_values, attention_mask=mask))
+        output = evit(pixel_values, attention_mask=mask, keep_rate=1.0)
+        unmasked = main_output(stock(pixel_values))
+    assert torch.equal(main_output(output), expected)
+    assert not torch.equal(expected[0], unmasked[0]) and not torch.equal(expected[2], unmasked[2])  # it masks
+    torch.testing.assert_close(expected[1], unmasked[1])  # image 1 masks nothing
+    assert all(k.tolist() == [list(range(NUM_PATCHES))] * 3 for k in output.kept_token_indices)
+
+
+@pytest.mark.parametrize("family", ["vit-classifier", "deit-teacher"])
+@pytest.mark.parametrize(
+    "settings, call",
+    [({}, {"keep_rate": 0.5}), ({"keep_rate": 0.5}, {}), ({"keep_rate": 0.5}, {"keep_rate": 0.9})],
+    ids=["keep-rate-of-the-call", "keep-rate-of-the-config", "both"],
+)
+def test_attention_mask_with_token_reduction_raises(family, settings, call, pixel_values):
+    _, evit = stock_and_evit(family, **settings)
+    mask = token_mask(FAMILIES[family][2])
+    with pytest.raises(ValueError, match="attention_mask cannot be combined with token reduction.*keep_rate=1.0"):
+        evit(pixel_values, attention_mask=mask, **call)
+
+
+def masked_image_models(family, attn_implementation="sdpa", **evit_settings):
+    """Stock and EViT base models built with a mask token, same weights; the mask token and the position embeddings
+    are random, not the zeros they start as."""
+    is_deit = family.startswith("deit")
+    stock_class, evit_class = (DeiTModel, evit_hf.EViTDeiTModel) if is_deit else (ViTModel, evit_hf.EViTModel)
+    config_class, evit_config_class = (
+        (DeiTConfig, evit_hf.EViTDeiTConfig) if is_deit else (ViTConfig, evit_hf.EViTConfig)
+    )
+    torch.manual_seed(0)
+    stock = stock_class(config_class(**TINY, attn_implementation=attn_implementation), use_mask_token=True).eval()
+    with torch.no_grad():
+        stock.embeddings.mask_token.normal_()
+        # DeiT starts with zero position embeddings: masked patches would be identical tokens with tied scores.
+        stock.embeddings.position_embeddings.normal_(std=0.2)
+    evit_config = evit_config_class(**TINY, **evit_settings, attn_implementation=attn_implementation)
+    evit = evit_class(evit_config, use_mask_token=True).eval()
+    evit.load_state_dict(stock.state_dict())
+    return stock, evit
+
+
+def masked_patches():
+    generator = torch.Generator().manual_seed(6)
+    return torch.rand(3, NUM_PATCHES, generator=generator) < 0.4
+
+
+@pytest.mark.parametrize("family, prefix", [("vit-base", 1), ("deit-base", 2)], ids=["vit", "deit"])
+def test_bool_masked_pos_at_keep_rate_one_is_the_stock_models(family, prefix, pixel_values):
+    stock, evit = masked_image_models(family)
+    bool_masked_pos = masked_patches()
+    with torch.no_grad():
+        expected = stock(pixel_values, bool_masked_pos=bool_masked_pos).last_hidden_state
+        output = evit(pixel_values, bool_masked_pos=bool_masked_pos, keep_rate=1.0).last_hidden_state
+        unmasked = stock(pixel_values).last_hidden_state
+    assert torch.equal(output, expected)
+    assert not torch.equal(expected, unmasked)  # the mask token is used
+
+
+@pytest.mark.parametrize("family, prefix", [("vit-base", 1), ("deit-base", 2)], ids=["vit", "deit"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "dropped"])
+def test_bool_masked_pos_with_token_reduction_matches_the_spec(family, prefix, fuse, pixel_values):
+    stock, evit = masked_image_models(family, keep_rate=0.5, fuse_inattentive_tokens=fuse)
+    bool_masked_pos = masked_patches()
+    with torch.no_grad():
+        output = evit(pixel_values, bool_masked_pos=bool_masked_pos)
+        finals, kept = reference_forward(
+            stock, pixel_values, 0.5, evit.config.reduction_layers, fuse, prefix, bool_masked_pos=bool_masked_pos
+        )
+    torch.testing.assert_close(output.last_hidden_state, torch.stack(finals), atol=2e-5, rtol=1e-4)
+    for layer, indices in enumerate(output.kept_token_indices):
+        assert indices.tolist() == [per_image[layer] for per_image in kept]
 
 
 # DeiT-S shapes: the spec's token counts after each reduction layer.
