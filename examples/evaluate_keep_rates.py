@@ -53,24 +53,24 @@ def main(args=None) -> list[dict]:
     else:
         model_args, data_args, eval_args = parser.parse_args_into_dataclasses(args=args)
 
-    evit_class, _ = evit_class_for(model_args.model_name_or_path, model_args)
+    evit_class, checkpoint_config = evit_class_for(model_args.model_name_or_path, model_args)
     dataset = load_data(data_args, model_args, eval_args.seed)
     if eval_args.split not in dataset:
         raise ValueError(f"The dataset has no split {eval_args.split!r}; it has {list(dataset)}. Pass --split.")
     labels = label_names(dataset, data_args.label_column_name)
-    settings = {"fuse_inattentive_tokens": model_args.fuse_inattentive_tokens}
-    if model_args.reduction_layers is not None:
-        settings["reduction_layers"] = model_args.reduction_layers
-    model = evit_class.from_pretrained(
-        model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token, **settings
-    )
-    mismatch = head_label_mismatch(model.config, labels)
+    mismatch = head_label_mismatch(checkpoint_config, labels)
     if mismatch is not None:
         # Same count, other names: the accuracy would compare unrelated classes.
         raise ValueError(
             f"{model_args.model_name_or_path} {mismatch}: evaluate a model fine-tuned on this dataset "
             "(examples/run_image_classification.py), or a dataset with the model's labels in its order."
         )
+    settings = {"fuse_inattentive_tokens": model_args.fuse_inattentive_tokens}
+    if model_args.reduction_layers is not None:
+        settings["reduction_layers"] = model_args.reduction_layers
+    model = evit_class.from_pretrained(
+        model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token, **settings
+    )
     model.to(eval_args.device)
     image_processor = load_image_processor(model_args, model.config)
     _, eval_transform = image_transforms(image_processor, data_args.image_column_name)
