@@ -151,7 +151,9 @@ def test_skipping_unreadable_images_trains_on_the_others(tmp_path, caplog):
     ],
     ids=["reordered", "renamed", "fewer"],
 )
-def test_evaluation_refuses_a_model_whose_labels_are_not_the_datasets(tmp_path, model_labels, message):
+def test_evaluation_refuses_a_model_whose_labels_are_not_the_datasets(
+    tmp_path, model_labels, message, forbid_model_loading
+):
     model = save_small_vit(tmp_path / "model", labels=model_labels)
     with pytest.raises(ValueError, match=message):
         evaluate_keep_rates.main(["--model_name_or_path", model, "--output_dir", str(tmp_path / "out")])
