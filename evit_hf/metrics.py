@@ -28,7 +28,7 @@ class Accuracy(evaluate.Metric):
 
 
 class TopKAccuracy(evaluate.Metric):
-    """Share of references among the `k` highest logits: `{f"top{k}_accuracy": float}`.
+    """Share of references among the `k` highest logits: `{f"top{k}_accuracy": float}`. Ties go to the lower class.
 
     Args:
         k (`int`, *optional*, defaults to 5): how many of the highest logits count.
@@ -50,7 +50,8 @@ class TopKAccuracy(evaluate.Metric):
 
     def _compute(self, predictions, references):
         logits, references = np.asarray(predictions), np.asarray(references)
-        top_k = np.argsort(-logits, axis=1)[:, : self.k]
+        # A stable sort: among tied logits the lower class comes first, as np.argmax picks it (top-1 equals accuracy).
+        top_k = np.argsort(-logits, axis=1, kind="stable")[:, : self.k]
         return {f"top{self.k}_accuracy": float((top_k == references[:, None]).any(axis=1).mean())}
 
 
