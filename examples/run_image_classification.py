@@ -34,11 +34,9 @@ from huggingface_hub import HfApi
 from huggingface_hub.utils import filter_repo_objects
 from transformers import (
     AutoConfig,
-    AutoImageProcessor,
     HfArgumentParser,
     Trainer,
     TrainingArguments,
-    ViTImageProcessor,
 )
 
 import evit_hf
@@ -50,6 +48,7 @@ from evit_hf.data import (
     scan_image_folder,
     with_sample_index,
 )
+from evit_hf.visualization import load_image_processor_or_default
 
 
 logger = logging.getLogger(__name__)
@@ -382,15 +381,14 @@ def training_start(trainer: Trainer, training_args: TrainingArguments) -> tuple[
 
 
 def load_image_processor(model_args: ModelArguments, config):
-    name = model_args.image_processor_name or model_args.model_name_or_path
-    try:
-        return AutoImageProcessor.from_pretrained(
-            name, cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token
-        )
-    except OSError:
-        size = config.image_size
-        logger.warning(f"{name} has no image processor: using a ViTImageProcessor at {size} px, mean/std 0.5.")
-        return ViTImageProcessor(size={"height": size, "width": size})
+    """The checkpoint's (or --image_processor_name's) image processor, or a default one at the model's size."""
+    return load_image_processor_or_default(
+        model_args.image_processor_name or model_args.model_name_or_path,
+        config,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+    )
 
 
 def main(args=None) -> dict:
