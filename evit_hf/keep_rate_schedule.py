@@ -86,27 +86,32 @@ class KeepRateScheduler(TrainerCallback):
         position = global_step
         if self.unit == "epoch":
             if not steps_per_epoch:
-                raise ValueError("A schedule in epochs needs steps_per_epoch (the Trainer's max_steps / num_epochs).")
+                raise ValueError("A schedule in epochs needs steps_per_epoch (optimizer steps per epoch).")
             position = global_step / steps_per_epoch
         return scheduled_keep_rate(position, self.target_keep_rate, self.warmup, self.shrink, self.start_keep_rate)
 
     @staticmethod
-    def _steps_per_epoch(state) -> float | None:
-        if state.max_steps and state.num_train_epochs:
+    def _steps_per_epoch(args, state, train_dataloader) -> float | None:
+        """Optimizer steps per epoch, counted as Trainer counts them."""
+        if train_dataloader is not None and hasattr(train_dataloader, "__len__"):
+            # Not max_steps / num_train_epochs: with --max_steps, Trainer rounds the epochs up to a whole number.
+            accumulation = args.gradient_accumulation_steps
+            return max(len(train_dataloader) // accumulation + int(len(train_dataloader) % accumulation > 0), 1)
+        if state.max_steps and state.num_train_epochs:  # a loader without a length: the state's estimate
             return state.max_steps / state.num_train_epochs
         return None
 
-    def _apply(self, state, model) -> None:
-        keep_rate = self.keep_rate_at(state.global_step, self._steps_per_epoch(state))
+    def _apply(self, args, state, model, train_dataloader) -> None:
+        keep_rate = self.keep_rate_at(state.global_step, self._steps_per_epoch(args, state, train_dataloader))
         if model is not None:
             model.config.keep_rate = keep_rate
         self.current_keep_rate = keep_rate
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._apply(state, model)
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        self._apply(args, state, model, train_dataloader)
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self._apply(state, model)
+    def on_step_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        self._apply(args, state, model, train_dataloader)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs:  # training logs only, not evaluation results

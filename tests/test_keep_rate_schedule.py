@@ -119,12 +119,13 @@ class KeepRateRecorder(TrainerCallback):
             control.should_training_stop = True
 
 
-def train(output_dir, recorder, resume=None):
+def train(output_dir, recorder, resume=None, max_steps=-1):
     _, model = stock_and_evit("vit-classifier")
     args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=8,
         num_train_epochs=3,  # 6 steps per epoch, 18 steps
+        max_steps=max_steps,
         learning_rate=1e-3,
         save_steps=7,
         logging_steps=1,
@@ -162,6 +163,16 @@ def test_resumed_training_sees_the_same_keep_rates(tmp_path):
     train(tmp_path / "resumed", resumed, resume=str(tmp_path / "resumed" / "checkpoint-7"))
     assert sorted(resumed.keep_rates) == list(range(8, 19))
     assert resumed.keep_rates == {step: full.keep_rates[step] for step in range(8, 19)}
+
+
+def test_epochs_count_the_steps_of_an_epoch_when_max_steps_ends_inside_one(tmp_path):
+    # 10 steps of 6 per epoch: Trainer counts 2 epochs, but an epoch is still 6 steps, not 10 / 2.
+    recorder = KeepRateRecorder()
+    train(tmp_path / "run", recorder, max_steps=10)
+    assert sorted(recorder.keep_rates) == list(range(1, 11))
+    for step, keep_rate in recorder.keep_rates.items():
+        expected = scheduled_keep_rate((step - 1) / 6, 0.5, warmup_steps=0.5, shrink_steps=1.5)
+        assert keep_rate == pytest.approx(expected, abs=1e-12), step
 
 
 def test_exported_from_the_package():
