@@ -2,6 +2,7 @@
 
 from .auto_registration import register_evit_auto_classes
 from .configuration_evit import EViTConfig, EViTDeiTConfig, default_reduction_layers
+from .conversion import convert_timm_checkpoint
 from .data import digits_dataset
 from .evaluation import evaluate_keep_rates, results_markdown
 from .keep_rate_schedule import KeepRateScheduler, scheduled_keep_rate
@@ -44,6 +45,7 @@ __all__ = [
     "__version__",
     "apply_evit",
     "classification_metrics",
+    "convert_timm_checkpoint",
     "count_macs",
     "create_model_card",
     "default_reduction_layers",

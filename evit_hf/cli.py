@@ -1,4 +1,4 @@
-"""The `evit-hf` command: `evit-hf visualize` and `evit-hf benchmark`.
+"""The `evit-hf` command: `evit-hf visualize`, `evit-hf benchmark` and `evit-hf convert`.
 
 Every argument is checked before a model is built, and a bad one ends the command with argparse's one-line
 `evit-hf COMMAND: error: ...` (exit status 2), never a traceback.
@@ -152,24 +152,117 @@ def benchmark(argv) -> dict:
     return benchmark_main(argv)
 
 
-COMMANDS = {"visualize": visualize, "benchmark": benchmark}
+def layer_index_argument(text: str) -> int:
+    """argparse type of a 0-based layer index."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a reduction layer is a 0-based layer index such as 3, got {text!r}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a reduction layer is a 0-based layer index (0 or more), got {value}")
+    return value
+
+
+def heads_argument(text: str) -> int:
+    """argparse type of a number of attention heads."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"the number of attention heads is a whole number >= 1, got {text!r}")
+    return value
+
+
+def convert(argv):
+    parser = argparse.ArgumentParser(
+        prog="evit-hf convert",
+        description="Convert a timm-layout ViT/DeiT checkpoint (an EViT reference training checkpoint, a timm or DeiT "
+        "release) into an evit_hf folder: model.safetensors, config.json with auto_map and the model code, the "
+        "reference's evaluation image processor and a model card.",
+    )
+    parser.add_argument("checkpoint", help="A .pth/.bin (read without running code from it) or .safetensors file.")
+    parser.add_argument("output_dir", help="Folder to write (created once the conversion has succeeded).")
+    parser.add_argument(
+        "--keep_rate", type=keep_rate_argument, default=None, help="Overrides the checkpoint's base_keep_rate (0.7)."
+    )
+    parser.add_argument(
+        "--reduction_layers",
+        type=layer_index_argument,
+        nargs="+",
+        default=None,
+        help="0-based reduction layers; override the checkpoint's drop_loc (default: the paper's for the depth).",
+    )
+    parser.add_argument(
+        "--no_fuse", action="store_true", help="Drop the inattentive tokens instead of fusing them (fuse_token)."
+    )
+    parser.add_argument("--use_ema", action="store_true", help="Convert the checkpoint's model_ema weights.")
+    parser.add_argument(
+        "--num_attention_heads", type=heads_argument, default=None, help="Heads per layer (default: width / 64)."
+    )
+    parser.add_argument(
+        "--id2label",
+        default=None,
+        help='JSON file of class names ({"0": "cat", ...} or a list); default: ImageNet-1k names for 1000 classes.',
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Write into an output folder that is not empty.")
+    args = parser.parse_args(argv)
+
+    # Cheap checks first: a typo should not wait for a large checkpoint to load.
+    if not os.path.isfile(args.checkpoint):
+        parser.error(f"argument checkpoint: {args.checkpoint} does not exist or is not a file")
+    if args.id2label is not None and not os.path.isfile(args.id2label):
+        parser.error(f"argument --id2label: {args.id2label} does not exist or is not a file")
+    problem = writable_folder_problem(args.output_dir)
+    if problem:
+        parser.error(f"argument output_dir: cannot write {args.output_dir}: {problem}")
+
+    from .conversion import CheckpointConversionError, convert_timm_checkpoint
+
+    try:
+        model = convert_timm_checkpoint(
+            args.checkpoint,
+            args.output_dir,
+            keep_rate=args.keep_rate,
+            reduction_layers=args.reduction_layers,
+            fuse_inattentive_tokens=False if args.no_fuse else None,
+            use_ema=args.use_ema,
+            num_attention_heads=args.num_attention_heads,
+            id2label=args.id2label,
+            overwrite=args.overwrite,
+        )
+    except (CheckpointConversionError, FileNotFoundError) as error:
+        parser.error(one_line(error))
+    config = model.config
+    print(
+        f"wrote {args.output_dir}: {type(model).__name__}, {config.num_hidden_layers} layers of width "
+        f"{config.hidden_size}, keep rate {config.keep_rate}, reduction layers {config.reduction_layers}, "
+        f"{'fused' if config.fuse_inattentive_tokens else 'dropped'} inattentive tokens, {config.num_labels} classes"
+    )
+    return model
+
+
+COMMANDS = {"visualize": visualize, "benchmark": benchmark, "convert": convert}
 
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
         prog="evit-hf",
-        usage="evit-hf {visualize,benchmark} [options]",
+        usage="evit-hf {visualize,benchmark,convert} [options]",
         description="EViT for transformers. `evit-hf COMMAND --help` lists a command's options.",
-        epilog="visualize: draw the patches an EViT model keeps. benchmark: time EViT against the stock model.",
+        epilog="visualize: draw the patches an EViT model keeps. benchmark: time EViT against the stock model. "
+        "convert: turn a timm-layout ViT/DeiT checkpoint into an evit_hf folder.",
     )
     if argv and argv[0] in ("-h", "--help"):
         parser.print_help()
         raise SystemExit(0)
     if not argv:
-        parser.error("give a command: visualize or benchmark (evit-hf COMMAND --help for its options)")
+        parser.error("give a command: visualize or benchmark or convert (evit-hf COMMAND --help for its options)")
     if argv[0] not in COMMANDS:
-        parser.error(f"unknown command {argv[0]!r}; the commands are visualize and benchmark")
+        parser.error(f"unknown command {argv[0]!r}; the commands are visualize and benchmark and convert")
     COMMANDS[argv[0]](argv[1:])
 
 

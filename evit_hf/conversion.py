@@ -1,0 +1,649 @@
+"""Conversion of timm-layout ViT/DeiT checkpoints into evit_hf folders ready for the Hub.
+
+Reads the EViT reference's training checkpoints (`{"model", "model_ema", "optimizer", "epoch", "args", ...}`), bare
+timm `VisionTransformer` state dicts (`.pth`, `.bin` or `.safetensors`) and DeiT/timm releases that hold the state
+dict under `"model"`. The mapping functions (`timm_architecture`, `timm_to_hf_state_dict`, `settings_from_args`,
+`parse_drop_loc`) work on dicts and tensors only; `read_checkpoint` and `convert_timm_checkpoint` do the I/O.
+"""
+
+import argparse
+import ast
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+
+# The reference's evaluation transform: resize the shorter side to int(input_size / crop share), center crop.
+CROP_SHARE = 0.875
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# timm's ViT/DeiT LayerNorm epsilon; transformers' ViT/DeiT configurations default to 1e-12, which moves the logits.
+TIMM_LAYER_NORM_EPS = 1e-6
+# Heads cannot be read from the weights; every ViT/DeiT of the paper and of timm's releases uses 64 per head.
+HEAD_DIM = 64
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# timm block parameters and their names in the transformers ViT/DeiT layers (qkv is split separately).
+_BLOCK_RENAMES = {
+    "norm1": "layernorm_before",
+    "attn.proj": "attention.o_proj",
+    "norm2": "layernorm_after",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+
+
+class CheckpointConversionError(ValueError):
+    """A checkpoint that `convert_timm_checkpoint` refuses: the message says what is wrong and what to do."""
+
+
+def imagenet1k_labels() -> list[str]:
+    """The 1000 ImageNet-1k class names in the standard class-index order ("tench, Tinca tinca" first), shipped with
+    the package as `evit_hf/data_files/imagenet1k_labels.txt`."""
+    text = resources.files("evit_hf").joinpath("data_files", "imagenet1k_labels.txt").read_text(encoding="utf-8")
+    return text.splitlines()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure mapping functions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_drop_loc(drop_loc) -> list[int]:
+    """The reduction layers of the reference's `--drop_loc` argument: 0-based layer indices given as a string such as
+    `"(3, 6, 9)"` (also a list, a tuple or a single index)."""
+    value = drop_loc
+    if isinstance(drop_loc, str):
+        try:
+            value = ast.literal_eval(drop_loc.strip())
+        except (ValueError, SyntaxError):
+            value = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(index, int) and not isinstance(index, bool) for index in value
+    ):
+        raise CheckpointConversionError(
+            f"the checkpoint's args.drop_loc is {drop_loc!r}; expected 0-based layer indices such as '(3, 6, 9)'. "
+            "Pass --reduction_layers to set the layers yourself."
+        )
+    return list(value)
+
+
+def settings_from_args(args) -> dict:
+    """The EViT settings and shapes recorded in a reference training checkpoint's `args` (an `argparse.Namespace`).
+
+    Returns a dict with `keep_rate`, `reduction_layers`, `fuse_inattentive_tokens`, `input_size` and `num_labels`,
+    holding only the ones `args` has.
+    """
+    names = {
+        "base_keep_rate": "keep_rate",
+        "drop_loc": "reduction_layers",
+        "fuse_token": "fuse_inattentive_tokens",
+        "input_size": "input_size",
+        "nb_classes": "num_labels",
+    }
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    settings = {ours: values[theirs] for theirs, ours in names.items() if values.get(theirs) is not None}
+    if "reduction_layers" in settings:
+        settings["reduction_layers"] = parse_drop_loc(settings["reduction_layers"])
+    return settings
+
+
+def _square_side(count: int) -> int | None:
+    side = math.isqrt(count)
+    return side if side * side == count else None
+
+
+def _block_indices(state_dict: Mapping) -> list[int]:
+    return sorted({int(match.group(1)) for key in state_dict if (match := _BLOCK_KEY.match(key))})
+
+
+def _required(state_dict: Mapping, keys: Sequence[str]) -> None:
+    missing = [key for key in keys if key not in state_dict]
+    if missing:
+        raise CheckpointConversionError(
+            f"the checkpoint lacks weights a timm VisionTransformer has: {', '.join(missing)}. Give a ViT/DeiT state "
+            "dict in timm's layout (cls_token, pos_embed, patch_embed.proj.*, blocks.N.*, norm.*, head.*)."
+        )
+
+
+def timm_architecture(state_dict: Mapping[str, torch.Tensor], num_attention_heads: int | None = None) -> dict:
+    """The transformers configuration fields of a timm-layout ViT/DeiT state dict, read from the weights' shapes.
+
+    Width, depth, patch size, channels, image size (a square grid of patches from `pos_embed`), MLP width and qkv bias
+    come from the weights; heads are `width / 64` unless `num_attention_heads` is given. LayerNorm epsilon and GELU
+    are timm's (1e-6, exact GELU). Returns the configuration fields plus `distilled` (a `dist_token` is present).
+    """
+    _required(state_dict, ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight", "head.weight"))
+    depth_indices = _block_indices(state_dict)
+    if not depth_indices:
+        raise CheckpointConversionError("the checkpoint has no transformer blocks (blocks.N.*); is it a timm ViT?")
+    if depth_indices != list(range(len(depth_indices))):
+        raise CheckpointConversionError(
+            f"the checkpoint's blocks are numbered {depth_indices}; expected 0 to {len(depth_indices) - 1} with no "
+            "gaps."
+        )
+    hidden_size = state_dict["cls_token"].shape[-1]
+    projection = state_dict["patch_embed.proj.weight"]  # [width, channels, patch, patch]
+    if projection.ndim != 4 or projection.shape[2] != projection.shape[3]:
+        raise CheckpointConversionError(
+            f"patch_embed.proj.weight has shape {list(projection.shape)}; only square patches "
+            "([width, channels, p, p]) map to transformers' ViT/DeiT."
+        )
+    distilled = "dist_token" in state_dict
+    num_prefix_tokens = 2 if distilled else 1
+    positions = state_dict["pos_embed"].shape[1]
+    grid = _square_side(positions - num_prefix_tokens)
+    if grid is None or grid == 0:
+        raise CheckpointConversionError(
+            f"pos_embed has {positions} positions, which is not {num_prefix_tokens} prefix token(s) plus a square "
+            "grid of patches; non-square grids and position embeddings without the prefix tokens' positions have no "
+            "transformers ViT/DeiT equivalent."
+        )
+    if num_attention_heads is None:
+        num_attention_heads = hidden_size // HEAD_DIM
+        if num_attention_heads == 0 or hidden_size % HEAD_DIM:
+            raise CheckpointConversionError(
+                f"the width {hidden_size} is not a multiple of {HEAD_DIM}, so the number of attention heads cannot be "
+                "inferred; pass --num_attention_heads (num_attention_heads=...)."
+            )
+    elif (
+        isinstance(num_attention_heads, bool)
+        or not isinstance(num_attention_heads, int)
+        or num_attention_heads < 1
+        or hidden_size % num_attention_heads
+    ):
+        raise CheckpointConversionError(
+            f"num_attention_heads={num_attention_heads!r} does not divide the width {hidden_size}; give a divisor "
+            f"of {hidden_size} (timm's ViT/DeiT use width / {HEAD_DIM})."
+        )
+    _required(state_dict, ("blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight"))
+    patch_size = projection.shape[-1]
+    return {
+        "hidden_size": hidden_size,
+        "num_hidden_layers": len(depth_indices),
+        "num_attention_heads": num_attention_heads,
+        "intermediate_size": state_dict["blocks.0.mlp.fc1.weight"].shape[0],
+        "hidden_act": "gelu",
+        "layer_norm_eps": TIMM_LAYER_NORM_EPS,
+        "image_size": grid * patch_size,
+        "patch_size": patch_size,
+        "num_channels": projection.shape[1],
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state_dict,
+        "num_labels": state_dict["head.weight"].shape[0],
+        "distilled": distilled,
+    }
+
+
+def timm_to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], distilled: bool) -> dict[str, torch.Tensor]:
+    """Renames a timm-layout ViT/DeiT state dict to the keys of transformers' `ViTForImageClassification` (or, when
+    `distilled`, `DeiTForImageClassificationWithTeacher`), splitting each fused qkv projection into q, k and v (its
+    rows are q, then k, then v).
+
+    Raises a `CheckpointConversionError` listing every key it cannot map (layer scale, `fc_norm`, register tokens,
+    relative position tables, ...): no weight is dropped.
+    """
+    base = "deit" if distilled else "vit"
+    top_level = {
+        "cls_token": f"{base}.embeddings.cls_token",
+        "pos_embed": f"{base}.embeddings.position_embeddings",
+        "patch_embed.proj.weight": f"{base}.embeddings.patch_embeddings.projection.weight",
+        "patch_embed.proj.bias": f"{base}.embeddings.patch_embeddings.projection.bias",
+        "norm.weight": f"{base}.layernorm.weight",
+        "norm.bias": f"{base}.layernorm.bias",
+        "head.weight": "cls_classifier.weight" if distilled else "classifier.weight",
+        "head.bias": "cls_classifier.bias" if distilled else "classifier.bias",
+    }
+    if distilled:
+        top_level.update(
+            {
+                "dist_token": "deit.embeddings.distillation_token",
+                "head_dist.weight": "distillation_classifier.weight",
+                "head_dist.bias": "distillation_classifier.bias",
+            }
+        )
+    converted, unmapped = {}, []
+    for key, tensor in state_dict.items():
+        if key in top_level:
+            converted[top_level[key]] = tensor
+            continue
+        match = _BLOCK_KEY.match(key)
+        name, _, kind = (match.group(2) if match else "").rpartition(".")
+        if match is None or kind not in ("weight", "bias"):
+            unmapped.append(key)
+        elif name == "attn.qkv":
+            if tensor.shape[0] % 3:
+                raise CheckpointConversionError(f"{key} has {tensor.shape[0]} rows; a fused qkv has 3 x width.")
+            # .clone(): the three parts must not share storage, or safetensors refuses to save them.
+            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0), strict=True):
+                converted[f"{base}.layers.{match.group(1)}.attention.{part}.{kind}"] = chunk.clone()
+        elif name in _BLOCK_RENAMES:
+            converted[f"{base}.layers.{match.group(1)}.{_BLOCK_RENAMES[name]}.{kind}"] = tensor
+        else:
+            unmapped.append(key)
+    if unmapped:
+        raise CheckpointConversionError(
+            f"the checkpoint has {len(unmapped)} weight(s) with no place in transformers' ViT/DeiT: "
+            f"{', '.join(unmapped)}. Models with layer scale (ls1/ls2), fc_norm, register tokens, relative position "
+            "tables or other timm extras cannot be converted without changing what they compute; nothing was written."
+        )
+    return converted
+
+
+def reference_image_processor(input_size: int):
+    """The reference's evaluation transform as a transformers image processor: resize the shorter side to
+    `int(input_size / 0.875)` (bicubic), center crop `input_size`, normalize with the ImageNet mean and std.
+
+    The PIL `DeiTImageProcessorPil` (no torchvision needed); it saves as `DeiTImageProcessor`, which
+    `AutoImageProcessor` loads back with either backend.
+    """
+    from transformers import DeiTImageProcessorPil
+    from transformers.image_utils import PILImageResampling
+
+    return DeiTImageProcessorPil(
+        do_resize=True,
+        size={"shortest_edge": int(input_size / CROP_SHARE)},
+        resample=PILImageResampling.BICUBIC,
+        do_center_crop=True,
+        crop_size={"height": input_size, "width": input_size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# I/O
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Reads a checkpoint file without running any code from it.
+
+    `.safetensors` files are read with safetensors; anything else with `torch.load(weights_only=True)`, which accepts
+    tensors, plain containers and, here, `argparse.Namespace` (the reference's `args`) and nothing else. A pickle that
+    needs any other object is refused before that object is created.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist or is not a file; give a .pth, .bin or .safetensors checkpoint."
+        )
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise CheckpointConversionError(f"cannot read {path} as a safetensors file: {error}") from None
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL\s+(\S+)", str(error))
+        if found is None:
+            # Not an object the safe unpickler refused, but bytes it cannot parse: not a torch.save file.
+            detail = str(error).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+            raise CheckpointConversionError(
+                f"cannot read {path} as a PyTorch checkpoint ({' '.join(detail.split())}); it is damaged or not a "
+                "file written by torch.save."
+            ) from None
+        raise CheckpointConversionError(
+            f"refusing to read {path}: it holds Python objects other than tensors, containers and argparse.Namespace "
+            f"(it needs {found.group(1)}), and unpickling them could run code from the file. If you trust the file, "
+            "load it yourself and save only its weights, e.g. torch.save(checkpoint['model'], 'weights.pth')."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointConversionError(
+            f"cannot read {path} as a PyTorch checkpoint: {' '.join(str(error).split())}"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointConversionError(
+            f"{path} holds a {type(checkpoint).__name__}, not a state dict or a training checkpoint (a dict)."
+        )
+    return checkpoint
+
+
+def _is_state_dict(value) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def split_checkpoint(checkpoint: Mapping, use_ema: bool = False) -> tuple[dict, argparse.Namespace | None, str]:
+    """The state dict to convert, the training arguments (or None) and a description of what was taken.
+
+    A training checkpoint holds the state dict under `"model"` (and the EMA weights under `"model_ema"`); a bare
+    state dict is taken as it is.
+    """
+    if "model" in checkpoint and not isinstance(checkpoint["model"], torch.Tensor):
+        key = "model_ema" if use_ema else "model"
+        if use_ema and checkpoint.get("model_ema") is None:
+            raise CheckpointConversionError(
+                "--use_ema (use_ema=True) asks for the EMA weights, but the checkpoint has no 'model_ema' entry "
+                f"(it has: {', '.join(map(str, checkpoint))}). Leave out --use_ema to convert 'model'."
+            )
+        state_dict = checkpoint[key]
+        if not _is_state_dict(state_dict):
+            raise CheckpointConversionError(f"the checkpoint's {key!r} entry is not a state dict of tensors.")
+        args = checkpoint.get("args")
+        if args is not None and not isinstance(args, argparse.Namespace):
+            raise CheckpointConversionError(
+                f"the checkpoint's 'args' is a {type(args).__name__}, not the argparse.Namespace the reference saves."
+            )
+        kind = "training checkpoint" if args is not None else "checkpoint"
+        epoch = checkpoint.get("epoch")
+        description = f"{key!r} of a {kind}" + (f" (epoch {epoch})" if isinstance(epoch, int) else "")
+        return dict(state_dict), args, description
+    if use_ema:
+        raise CheckpointConversionError(
+            "--use_ema (use_ema=True) asks for the EMA weights, but the file is a bare state dict with no "
+            "'model_ema' entry. Leave out --use_ema."
+        )
+    if not _is_state_dict(checkpoint):
+        raise CheckpointConversionError(
+            "the file is neither a state dict of tensors nor a checkpoint holding one under 'model' "
+            f"(its entries: {', '.join(map(str, list(checkpoint)[:10]))})."
+        )
+    return dict(checkpoint), None, "state dict"
+
+
+def _read_id2label(id2label, num_labels: int) -> dict[int, str]:
+    """Label names from a JSON file or a mapping/list: `{"0": "cat", ...}` or `["cat", ...]`."""
+    source = id2label
+    if isinstance(id2label, (str, os.PathLike)):
+        try:
+            with open(id2label, encoding="utf-8") as file:
+                id2label = json.load(file)
+        except OSError as error:
+            raise CheckpointConversionError(f"cannot read the id2label file {source}: {error.strerror}") from None
+        except json.JSONDecodeError as error:
+            raise CheckpointConversionError(f"the id2label file {source} is not valid JSON ({error})") from None
+    if isinstance(id2label, list):
+        id2label = dict(enumerate(id2label))
+    try:
+        labels = {int(index): str(name) for index, name in dict(id2label).items()}
+    except (TypeError, ValueError):
+        labels = None
+    if labels is None or sorted(labels) != list(range(len(labels))):
+        raise CheckpointConversionError(
+            f"the id2label {source if isinstance(source, (str, os.PathLike)) else 'mapping'} must map the class "
+            'indices 0 to N-1 to names, as {"0": "tench", "1": "goldfish", ...} or a list of names.'
+        )
+    if len(labels) != num_labels:
+        raise CheckpointConversionError(
+            f"the id2label {source if isinstance(source, (str, os.PathLike)) else 'mapping'} has {len(labels)} "
+            f"names, but the checkpoint's head has {num_labels} classes; give one name per class."
+        )
+    return labels
+
+
+def _check_output_dir(output_dir, overwrite: bool) -> None:
+    if output_dir is None:
+        return
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CheckpointConversionError(f"the output folder {output_dir} is a file; give a folder name.")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise CheckpointConversionError(
+            f"the output folder {output_dir} is not empty; give a new folder, or pass --overwrite "
+            "(overwrite=True) to write into it."
+        )
+
+
+_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+EViT ({{ architecture }}) converted from `{{ source }}` ({{ source_kind }}, timm layout) by `evit-hf convert`.
+EViT reorganizes tokens in a few layers: it keeps the patch tokens the class token attends to most and fuses the
+others into one token, so later layers work on fewer tokens. It adds no parameters to the ViT/DeiT it is built on;
+the weights are the checkpoint's, unchanged.
+
+| setting | value | from |
+|---|---|---|
+| keep rate | {{ keep_rate }} | {{ keep_rate_from }} |
+| reduction layers (0-based) | {{ reduction_layers }} | {{ reduction_layers_from }} |
+| inattentive tokens | {{ "fused" if fuse else "dropped" }} | {{ fuse_from }} |
+| input size | {{ image_size }} px | weights |
+| width / depth / heads | {{ hidden_size }} / {{ depth }} / {{ heads }} | weights / weights / {{ heads_from }} |
+| classes | {{ num_labels }} | {{ labels_from }} |
+
+Image processor: the reference's evaluation transform (shorter side resized to {{ resize }} px, bicubic; center crop
+{{ image_size }} px; ImageNet mean and std). Not evaluated after conversion.
+
+## Use
+
+```python
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+model = AutoModelForImageClassification.from_pretrained("{{ repo_id }}", trust_remote_code=True)
+processor = AutoImageProcessor.from_pretrained("{{ repo_id }}")
+outputs = model(**processor(images=image, return_tensors="pt"))
+outputs = model(**processor(images=image, return_tensors="pt"), keep_rate=0.5)  # faster, per call
+```
+
+## Citation
+
+```bibtex
+@inproceedings{liang2022evit,
+  title     = {Not All Patches are What You Need: Expediting Vision Transformers via Token Reorganizations},
+  author    = {Liang, Youwei and Ge, Chongjian and Tong, Zhan and Song, Yibing and Wang, Jue and Xie, Pengtao},
+  booktitle = {International Conference on Learning Representations},
+  year      = {2022}
+}
+```
+"""
+
+
+def convert_timm_checkpoint(
+    checkpoint,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    keep_rate: float | None = None,
+    reduction_layers: Sequence[int] | None = None,
+    fuse_inattentive_tokens: bool | None = None,
+    use_ema: bool = False,
+    num_attention_heads: int | None = None,
+    id2label=None,
+    overwrite: bool = False,
+):
+    """Converts a timm-layout ViT/DeiT checkpoint (the EViT reference's training checkpoints, timm and DeiT releases)
+    into an EViT model, and writes it as a complete folder when `output_dir` is given.
+
+    Args:
+        checkpoint (`str`, `os.PathLike` or `dict`):
+            A `.pth`/`.bin` file (read with `torch.load(weights_only=True)`, allowing `argparse.Namespace` only), a
+            `.safetensors` file, or such a checkpoint already in memory: a reference training checkpoint (`model`,
+            `model_ema`, `args`, ...), a dict with the state dict under `model`, or a bare state dict.
+        output_dir (`str` or `os.PathLike`, *optional*):
+            Folder to write: `model.safetensors`, `config.json` with `auto_map` and the model code, the image
+            processor and a model card (`README.md`). Created only once the conversion has succeeded.
+        keep_rate (`float`, *optional*):
+            Overrides the checkpoint's `args.base_keep_rate` (default without args: 0.7).
+        reduction_layers (`list[int]`, *optional*):
+            0-based reduction layers; overrides `args.drop_loc` (default without args: the paper's for the depth).
+        fuse_inattentive_tokens (`bool`, *optional*):
+            Overrides `args.fuse_token` (default without args: `True`).
+        use_ema (`bool`, *optional*, defaults to `False`):
+            Convert the checkpoint's `model_ema` instead of `model`.
+        num_attention_heads (`int`, *optional*):
+            Heads per layer; defaults to width / 64.
+        id2label (`str`, `os.PathLike`, `dict` or `list`, *optional*):
+            Class names (a JSON file or the names themselves). Defaults to the ImageNet-1k names for a 1000-way head
+            and to `LABEL_i` otherwise (with a warning).
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Write into an `output_dir` that is not empty.
+
+    Returns:
+        [`EViTForImageClassification`], or [`EViTDeiTForImageClassificationWithTeacher`] for distilled checkpoints,
+        in eval mode.
+
+    Raises:
+        `CheckpointConversionError` (a `ValueError`) for a checkpoint or setting it cannot convert faithfully (keys
+        it cannot map, unsafe pickles, ...), `FileNotFoundError` for a missing file. Nothing is written then.
+    """
+    from .configuration_evit import EViTConfig, EViTDeiTConfig, check_keep_rate, default_reduction_layers
+    from .modeling_evit import EViTDeiTForImageClassificationWithTeacher, EViTForImageClassification
+
+    _check_output_dir(output_dir, overwrite)
+    source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "a checkpoint in memory"
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = read_checkpoint(checkpoint)
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointConversionError(f"checkpoint must be a path or a dict, got {type(checkpoint).__name__}.")
+    state_dict, args, source_kind = split_checkpoint(checkpoint, use_ema=use_ema)
+    from_args = settings_from_args(args) if args is not None else {}
+
+    architecture = timm_architecture(state_dict, num_attention_heads=num_attention_heads)
+    distilled = architecture.pop("distilled")
+    hf_state_dict = timm_to_hf_state_dict(state_dict, distilled=distilled)
+    depth, num_labels, image_size = (architecture[k] for k in ("num_hidden_layers", "num_labels", "image_size"))
+    if from_args.get("num_labels", num_labels) != num_labels:
+        raise CheckpointConversionError(
+            f"the checkpoint's args.nb_classes is {from_args['num_labels']}, but its head has {num_labels} classes; "
+            "the checkpoint is inconsistent."
+        )
+    if from_args.get("input_size", image_size) != image_size:
+        raise CheckpointConversionError(
+            f"the checkpoint's args.input_size is {from_args['input_size']}, but its position embeddings are for "
+            f"{image_size} px images ({image_size // architecture['patch_size']} x "
+            f"{image_size // architecture['patch_size']} patches); the checkpoint is inconsistent."
+        )
+
+    def choose(name, override, default):
+        if override is not None:
+            return override, "override"
+        if name in from_args:
+            return from_args[name], "checkpoint args"
+        return default, "default"
+
+    keep_rate, keep_rate_from = choose("keep_rate", keep_rate, 0.7)
+    reduction_layers, layers_from = choose("reduction_layers", reduction_layers, default_reduction_layers(depth))
+    fuse, fuse_from = choose("fuse_inattentive_tokens", fuse_inattentive_tokens, True)
+    if isinstance(fuse, int) and not isinstance(fuse, bool) and fuse in (0, 1):
+        fuse = bool(fuse)  # an args value saved as 0/1
+    try:
+        check_keep_rate(keep_rate)
+    except ValueError as error:
+        raise CheckpointConversionError(f"{error} (from the {keep_rate_from})") from None
+
+    label_warning = None
+    if id2label is not None:
+        labels, labels_from = _read_id2label(id2label, num_labels), "id2label"
+    elif num_labels == 1000:
+        labels, labels_from = dict(enumerate(imagenet1k_labels())), "ImageNet-1k names"
+    else:
+        labels, labels_from = {index: f"LABEL_{index}" for index in range(num_labels)}, "LABEL_i"
+        label_warning = (
+            f"the checkpoint's head has {num_labels} classes and no id2label was given; the classes are named "
+            "LABEL_0, LABEL_1, ... Pass --id2label FILE.json (id2label=...) to name them."
+        )
+
+    config_class, model_class = (
+        (EViTDeiTConfig, EViTDeiTForImageClassificationWithTeacher)
+        if distilled
+        else (EViTConfig, EViTForImageClassification)
+    )
+    try:
+        config = config_class(
+            **{**architecture, "num_labels": num_labels},
+            id2label=labels,
+            label2id={name: index for index, name in labels.items()},
+            keep_rate=keep_rate,
+            reduction_layers=reduction_layers,
+            fuse_inattentive_tokens=fuse,
+            architectures=[model_class.__name__],
+        )
+    except ValueError as error:
+        raise CheckpointConversionError(
+            f"{' '.join(str(error).split())} (reduction layers from the {layers_from}, fusion from the {fuse_from})"
+        ) from None
+    model = model_class(config)
+    try:
+        model.load_state_dict(hf_state_dict, strict=True)
+    except RuntimeError as error:
+        raise CheckpointConversionError(
+            f"the checkpoint's weights do not fit a {depth}-layer ViT/DeiT of width {architecture['hidden_size']}: "
+            f"{' '.join(str(error).split())}"
+        ) from None
+    model.eval()
+    if label_warning is not None:  # only for a conversion that goes through
+        warnings.warn(label_warning, UserWarning, stacklevel=2)
+
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        model.save_pretrained(output_dir)
+        reference_image_processor(image_size).save_pretrained(output_dir)
+        _model_card(
+            model,
+            repo_id=output_dir.resolve().name,
+            source=Path(source).name if source != "a checkpoint in memory" else source,
+            source_kind=source_kind,
+            origins={
+                "keep_rate_from": keep_rate_from,
+                "reduction_layers_from": layers_from,
+                "fuse_from": fuse_from,
+                "heads_from": "given" if num_attention_heads is not None else f"width / {HEAD_DIM}",
+                "labels_from": labels_from,
+            },
+        ).save(output_dir / "README.md")
+    return model
+
+
+def _model_card(model, repo_id: str, source: str, source_kind: str, origins: dict):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = model.config
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=["evit", "image-classification", "vision", "token-reorganization", "timm-conversion"],
+        model_name=repo_id,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_str=_CARD_TEMPLATE,
+        model_name=repo_id,
+        repo_id=repo_id,
+        architecture=type(model).__name__,
+        source=source,
+        source_kind=source_kind,
+        keep_rate=config.keep_rate,
+        reduction_layers=", ".join(str(layer) for layer in config.reduction_layers),
+        fuse=config.fuse_inattentive_tokens,
+        image_size=config.image_size,
+        resize=int(config.image_size / CROP_SHARE),
+        hidden_size=config.hidden_size,
+        depth=config.num_hidden_layers,
+        heads=config.num_attention_heads,
+        num_labels=config.num_labels,
+        **origins,
+    )
+
+
+__all__ = [
+    "CheckpointConversionError",
+    "convert_timm_checkpoint",
+    "imagenet1k_labels",
+    "parse_drop_loc",
+    "read_checkpoint",
+    "reference_image_processor",
+    "settings_from_args",
+    "split_checkpoint",
+    "timm_architecture",
+    "timm_to_hf_state_dict",
+]

@@ -1,0 +1,497 @@
+"""`evit-hf convert` / `evit_hf.convert_timm_checkpoint`: timm-layout checkpoints (the reference's training
+checkpoints, timm and DeiT releases) become evit_hf folders whose logits are the method run on the same weights by
+the literal implementation in spec_reference.py."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from importlib import resources
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+import evit_hf
+from evit_hf.cli import main
+from evit_hf.conversion import CheckpointConversionError, imagenet1k_labels
+
+from .spec_reference import reference_timm_logits
+
+
+WIDTH, DEPTH, HEADS, MLP, PATCH, GRID = 32, 4, 2, 64, 4, 8
+IMAGE_SIZE = PATCH * GRID
+# The paper's layers for depth 4: round(4/4), round(4/2), round(3*4/4).
+DEFAULT_LAYERS = [1, 2, 3]
+
+
+def timm_state_dict(seed=0, width=WIDTH, classes=5, distilled=False, grid=GRID, extra=()):
+    """A random timm-layout ViT/DeiT state dict. The residual stream is small (as at timm's initialization), so that
+    LayerNorm's epsilon matters, and the qkv weights are large, so that attention is peaked and scores do not tie."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std):
+        return torch.randn(*shape, generator=generator) * std
+
+    prefix = 2 if distilled else 1
+    width_scale = (WIDTH / width) ** 0.5  # the same attention sharpness and logit scale at every width
+    sd = {
+        "cls_token": randn(1, 1, width, std=0.01),
+        "pos_embed": randn(1, prefix + grid * grid, width, std=0.01),
+        "patch_embed.proj.weight": randn(width, 3, PATCH, PATCH, std=0.003),
+        "patch_embed.proj.bias": randn(width, std=0.003),
+    }
+    if distilled:
+        sd["dist_token"] = randn(1, 1, width, std=0.01)
+    for index in range(DEPTH):
+        block = f"blocks.{index}"
+        sd.update(
+            {
+                f"{block}.norm1.weight": 1 + randn(width, std=0.1),
+                f"{block}.norm1.bias": randn(width, std=0.1),
+                f"{block}.attn.qkv.weight": randn(3 * width, width, std=0.4 * width_scale),
+                f"{block}.attn.qkv.bias": randn(3 * width, std=0.1),
+                f"{block}.attn.proj.weight": randn(width, width, std=0.02),
+                f"{block}.attn.proj.bias": randn(width, std=0.002),
+                f"{block}.norm2.weight": 1 + randn(width, std=0.1),
+                f"{block}.norm2.bias": randn(width, std=0.1),
+                f"{block}.mlp.fc1.weight": randn(MLP, width, std=0.2 * width_scale),
+                f"{block}.mlp.fc1.bias": randn(MLP, std=0.1),
+                f"{block}.mlp.fc2.weight": randn(width, MLP, std=0.02),
+                f"{block}.mlp.fc2.bias": randn(width, std=0.002),
+            }
+        )
+    sd.update({"norm.weight": 1 + randn(width, std=0.1), "norm.bias": randn(width, std=0.1)})
+    sd.update({"head.weight": randn(classes, width, std=0.5 * width_scale), "head.bias": randn(classes, std=0.1)})
+    if distilled:
+        sd.update(
+            {
+                "head_dist.weight": randn(classes, width, std=0.5 * width_scale),
+                "head_dist.bias": randn(classes, std=0.1),
+            }
+        )
+    for key in extra:
+        sd[key] = randn(width, std=0.1)
+    return sd
+
+
+def reference_args(**overrides):
+    """The reference's main.py arguments that conversion reads, among others it does not."""
+    values = dict(
+        base_keep_rate=0.6,
+        drop_loc="(0, 2)",
+        fuse_token=True,
+        input_size=IMAGE_SIZE,
+        nb_classes=1000,
+        model="deit_small_patch16_shrink_base",
+        lr=2e-5,
+    )
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def training_checkpoint(args=None, with_ema=True):
+    model = timm_state_dict(seed=0, classes=1000)
+    checkpoint = {
+        "model": model,
+        "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 2e-5, "params": [0]}]},
+        "lr_scheduler": {"t_initial": 30},
+        "epoch": 29,
+        "scaler": {"scale": 65536.0},
+        "args": args or reference_args(),
+    }
+    if with_ema:
+        checkpoint["model_ema"] = timm_state_dict(seed=1, classes=1000)
+    return checkpoint
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def checkpoint_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("checkpoints") / "checkpoint.pth"
+    torch.save(training_checkpoint(), path)
+    return path
+
+
+def relative_difference(actual, expected) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def assert_matches_reference(model, state_dict, pixels, keep_rate, layers, fuse, heads=HEADS):
+    with torch.no_grad():
+        logits = model(pixels).logits
+        expected = reference_timm_logits(state_dict, pixels, heads, keep_rate, layers, fuse)
+    difference = relative_difference(logits, expected)
+    assert difference <= 1e-5, f"relative logit difference {difference:.2e}"
+    return difference
+
+
+def convert(argv):
+    """Runs `evit-hf convert` in-process; returns the model it built."""
+    from evit_hf.cli import convert as convert_command
+
+    return convert_command([str(value) for value in argv])
+
+
+def test_reference_training_checkpoint(checkpoint_file, tmp_path, pixels):
+    folder = tmp_path / "converted"
+    convert([checkpoint_file, folder, "--num_attention_heads", HEADS])
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    assert type(model) is evit_hf.EViTForImageClassification
+    config = model.config
+    assert (config.keep_rate, config.reduction_layers, config.fuse_inattentive_tokens) == (0.6, [0, 2], True)
+    assert (config.layer_norm_eps, config.hidden_act, config.num_attention_heads) == (1e-6, "gelu", HEADS)
+    assert (config.image_size, config.patch_size, config.intermediate_size) == (IMAGE_SIZE, PATCH, MLP)
+    assert config.id2label[0] == "tench, Tinca tinca" and config.id2label[999].startswith("toilet tissue")
+    assert_matches_reference(model, training_checkpoint()["model"], pixels, 0.6, [0, 2], True)
+
+    files = set(os.listdir(folder))
+    assert {"model.safetensors", "config.json", "modeling_evit.py", "preprocessor_config.json", "README.md"} <= files
+    assert not any(name.endswith((".bin", ".pth")) for name in files)
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForImageClassification"] == (
+        "modeling_evit.EViTForImageClassification"
+    )
+    card = (folder / "README.md").read_text()
+    assert "converted from `checkpoint.pth` ('model' of a training checkpoint (epoch 29)" in card
+    assert "| keep rate | 0.6 | checkpoint args |" in card and "| reduction layers (0-based) | 0, 2 |" in card
+
+
+def test_distilled_safetensors(tmp_path, pixels):
+    # Width 128: the heads come from width / 64 = 2.
+    state_dict = timm_state_dict(seed=3, width=128, distilled=True)
+    save_file(state_dict, tmp_path / "deit_distilled.safetensors")
+    names = [f"class {index}" for index in range(5)]
+    (tmp_path / "labels.json").write_text(json.dumps({str(index): name for index, name in enumerate(names)}))
+    folder = tmp_path / "converted"
+    convert([tmp_path / "deit_distilled.safetensors", folder, "--id2label", tmp_path / "labels.json"])
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    assert type(model) is evit_hf.EViTDeiTForImageClassificationWithTeacher
+    assert type(model.config) is evit_hf.EViTDeiTConfig
+    config = model.config
+    assert (config.keep_rate, config.reduction_layers, config.fuse_inattentive_tokens) == (0.7, DEFAULT_LAYERS, True)
+    assert config.num_attention_heads == 2 and [config.id2label[i] for i in range(5)] == names
+    assert_matches_reference(model, state_dict, pixels, 0.7, DEFAULT_LAYERS, True, heads=2)
+    with torch.no_grad():
+        kept = model(pixels).kept_token_indices
+    assert all((indices >= 0).all() for indices in kept[:1])  # both prefix tokens stayed out of the candidates
+
+
+def test_overrides_beat_the_checkpoint_args(checkpoint_file, tmp_path, pixels):
+    folder = tmp_path / "converted"
+    argv = [checkpoint_file, folder, "--num_attention_heads", HEADS, "--keep_rate", 0.5]
+    model = convert([*argv, "--reduction_layers", 3, 1, "--no_fuse"])
+    config = model.config
+    assert (config.keep_rate, config.reduction_layers, config.fuse_inattentive_tokens) == (0.5, [1, 3], False)
+    state_dict = training_checkpoint()["model"]
+    assert_matches_reference(model, state_dict, pixels, 0.5, [1, 3], False)
+    # The overrides change the logits: the args' settings would not pass for them.
+    with torch.no_grad():
+        args_logits = reference_timm_logits(state_dict, pixels, HEADS, 0.6, [0, 2], True)
+        assert relative_difference(model(pixels).logits, args_logits) > 1e-3
+    card = (folder / "README.md").read_text()
+    assert "| keep rate | 0.5 | override |" in card and "| inattentive tokens | dropped | override |" in card
+
+
+def test_use_ema_converts_the_ema_weights(checkpoint_file, pixels):
+    model = evit_hf.convert_timm_checkpoint(checkpoint_file, num_attention_heads=HEADS, use_ema=True)
+    checkpoint = training_checkpoint()
+    assert_matches_reference(model, checkpoint["model_ema"], pixels, 0.6, [0, 2], True)
+    with torch.no_grad():
+        not_ema = reference_timm_logits(checkpoint["model"], pixels, HEADS, 0.6, [0, 2], True)
+        assert relative_difference(model(pixels).logits, not_ema) > 1e-3
+
+
+def test_state_dict_under_model_without_args_gets_the_defaults(pixels):
+    state_dict = timm_state_dict(seed=4)
+    with pytest.warns(UserWarning, match="LABEL_0, LABEL_1"):
+        model = evit_hf.convert_timm_checkpoint({"model": state_dict}, num_attention_heads=HEADS)
+    config = model.config
+    assert (config.keep_rate, config.reduction_layers, config.fuse_inattentive_tokens) == (0.7, DEFAULT_LAYERS, True)
+    assert [config.id2label[i] for i in range(5)] == [f"LABEL_{i}" for i in range(5)]
+    assert_matches_reference(model, state_dict, pixels, 0.7, DEFAULT_LAYERS, True)
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(sys.argv[1])
+    assert "evit_hf" not in sys.modules, "evit_hf was imported"
+    with torch.no_grad():
+        logits = model(torch.load(sys.argv[2])).logits
+    torch.save({"logits": logits, "class": type(model).__name__, "crop": processor.crop_size["height"]}, sys.argv[3])
+    """
+)
+
+
+def test_folder_loads_as_remote_code_without_evit_hf(checkpoint_file, tmp_path, pixels):
+    folder = tmp_path / "converted"
+    model = evit_hf.convert_timm_checkpoint(checkpoint_file, folder, num_attention_heads=HEADS)
+    torch.save(pixels, tmp_path / "pixels.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env.pop("PYTHONPATH", None)
+    subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(folder), str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+    )
+    result = torch.load(tmp_path / "out.pt")
+    assert (result["class"], result["crop"]) == ("EViTForImageClassification", IMAGE_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(result["logits"], model(pixels).logits, rtol=0, atol=0)
+
+
+def evaluation_transform(image: Image.Image, input_size: int, crop_offset) -> torch.Tensor:
+    """The reference's evaluation transform by hand: shorter side to int(input_size / 0.875) with PIL bicubic (the
+    longer side scaled and truncated), a center crop at `crop_offset(margin)`, ImageNet mean and std."""
+    width, height = image.size
+    short = int(input_size / 0.875)
+    if width <= height:
+        size = (short, int(short * height / width))
+    else:
+        size = (int(short * width / height), short)
+    resized = image.resize(size, Image.BICUBIC)
+    left, top = crop_offset(size[0] - input_size), crop_offset(size[1] - input_size)
+    crop = np.asarray(resized.crop((left, top, left + input_size, top + input_size)), dtype=np.float32) / 255
+    crop = (crop - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    return torch.from_numpy(crop).permute(2, 0, 1)
+
+
+def reference_crop_offset(margin: int) -> int:
+    # The reference's center crop rounds half the margin to the nearest integer (half to even).
+    return int(round(margin / 2))
+
+
+def floor_crop_offset(margin: int) -> int:
+    return margin // 2
+
+
+@pytest.fixture(scope="module")
+def photo():
+    from sklearn.datasets import load_sample_image
+
+    return Image.fromarray(load_sample_image("china.jpg"))  # 640 x 427, a real photograph
+
+
+@pytest.fixture(scope="module")
+def processor_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("processor")
+    evit_hf.conversion.reference_image_processor(224).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("size", [(300, 420), (427, 427), (640, 256)], ids=["portrait", "square", "landscape"])
+def test_image_processor_is_the_reference_transform(photo, processor_folder, size):
+    processor = AutoImageProcessor.from_pretrained(processor_folder)
+    image = photo.resize(size, Image.BICUBIC) if size != photo.size else photo
+    pixel_values = processor(images=image, return_tensors="pt").pixel_values[0]
+    expected = evaluation_transform(image, 224, reference_crop_offset)
+    assert pixel_values.shape == (3, 224, 224)
+    torch.testing.assert_close(pixel_values, expected, rtol=0, atol=1e-5)
+
+
+def test_image_processor_crops_one_pixel_earlier_where_half_the_margin_rounds_up(photo, processor_folder):
+    # 640 x 427 resizes to 383 x 256: the reference crops at round(159 / 2) = 80, transformers at 159 // 2 = 79.
+    # A known one-pixel difference of transformers' center crop, here so that a change in either shows.
+    processor = AutoImageProcessor.from_pretrained(processor_folder)
+    pixel_values = processor(images=photo, return_tensors="pt").pixel_values[0]
+    torch.testing.assert_close(pixel_values, evaluation_transform(photo, 224, floor_crop_offset), rtol=0, atol=1e-5)
+    assert not torch.allclose(pixel_values, evaluation_transform(photo, 224, reference_crop_offset), atol=1e-2)
+
+
+def test_imagenet_labels_ship_with_the_package():
+    path = resources.files("evit_hf").joinpath("data_files", "imagenet1k_labels.txt")
+    assert path.is_file()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 1000 and lines == imagenet1k_labels()
+    assert lines[0] == "tench, Tinca tinca"
+    assert lines[1] == "goldfish, Carassius auratus"
+    assert lines[999] == "toilet tissue, toilet paper, bathroom tissue"
+    assert all(line.strip() == line and line for line in lines)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Refusals: one argparse line, exit status 2, nothing written.
+# ------------------------------------------------------------------------------------------------------------------
+
+CALLS = []
+
+
+def record_call(*args):
+    """A function a malicious pickle would call on load; the test proves it never ran."""
+    CALLS.append(args)
+    return args
+
+
+class CreatesAFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+class CallsAFunction:
+    def __reduce__(self):
+        return (record_call, ("unpickled",))
+
+
+def refusal(capsys, argv, output) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", *map(str, argv)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err
+    assert lines[0].startswith("evit-hf convert: error: ")
+    assert not output.exists(), "a refused conversion wrote its output folder"
+    return lines[0]
+
+
+def test_refuses_pickles_that_would_run_code(tmp_path, capsys):
+    marker = tmp_path / "created_by_unpickling"
+    torch.save({"model": timm_state_dict(), "args": CreatesAFile(marker)}, tmp_path / "creates.pth")
+    torch.save({"model": timm_state_dict(), "extra": CallsAFunction()}, tmp_path / "calls.pth")
+    # Without the safe load, unpickling these does run their code (so the test below can fail):
+    assert torch.load(tmp_path / "calls.pth", weights_only=False)["extra"] == ("unpickled",) and CALLS
+    CALLS.clear()
+    output = tmp_path / "out"
+    line = refusal(capsys, [tmp_path / "creates.pth", output], output)
+    assert "refusing to read" in line and "system" in line and "could run code" in line
+    line = refusal(capsys, [tmp_path / "calls.pth", output], output)
+    assert "record_call" in line
+    assert not marker.exists() and not CALLS
+
+
+def unmapped(extra_keys):
+    return timm_state_dict(extra=extra_keys)
+
+
+REFUSALS = {
+    "layer-scale-fc-norm-registers-relative-positions": (
+        lambda tmp: {
+            "model": unmapped(
+                ["blocks.0.ls1.gamma", "fc_norm.weight", "reg_token", "blocks.1.attn.relative_position_bias_table"]
+            )
+        },
+        [],
+        "4 weight(s) with no place in transformers' ViT/DeiT: blocks.0.ls1.gamma, fc_norm.weight, reg_token, "
+        "blocks.1.attn.relative_position_bias_table",
+    ),
+    "non-square-grid": (
+        lambda tmp: {**timm_state_dict(), "pos_embed": torch.zeros(1, 1 + 8 * 6, WIDTH)},
+        [],
+        "pos_embed has 49 positions, which is not 1 prefix token(s) plus a square grid",
+    ),
+    "missing-weights": (
+        lambda tmp: {k: v for k, v in timm_state_dict().items() if k != "norm.weight"},
+        [],
+        "lacks weights a timm VisionTransformer has: norm.weight",
+    ),
+    "missing-block-weight": (
+        lambda tmp: {k: v for k, v in timm_state_dict().items() if k != "blocks.2.norm2.bias"},
+        [],
+        'Missing key(s) in state_dict: "vit.layers.2.layernorm_after.bias"',
+    ),
+    "ema-without-model-ema": (
+        lambda tmp: training_checkpoint(with_ema=False),
+        ["--use_ema"],
+        "--use_ema (use_ema=True) asks for the EMA weights, but the checkpoint has no 'model_ema' entry",
+    ),
+    "ema-of-bare-state-dict": (lambda tmp: timm_state_dict(), ["--use_ema"], "bare state dict with no 'model_ema'"),
+    "id2label-count": (
+        lambda tmp: timm_state_dict(),
+        ["--id2label", "@labels3.json"],
+        "has 3 names, but the checkpoint's head has 5 classes",
+    ),
+    "id2label-not-json": (lambda tmp: timm_state_dict(), ["--id2label", "@bad.json"], "is not valid JSON"),
+    "id2label-missing": (lambda tmp: timm_state_dict(), ["--id2label", "@nothing.json"], "does not exist"),
+    "bad-drop-loc": (
+        lambda tmp: training_checkpoint(reference_args(drop_loc="layers three and six")),
+        [],
+        "args.drop_loc is 'layers three and six'; expected 0-based layer indices such as '(3, 6, 9)'",
+    ),
+    "drop-loc-past-depth": (
+        lambda tmp: training_checkpoint(reference_args(drop_loc="(3, 6, 9)")),
+        [],
+        "got 6 in [3, 6, 9]",
+    ),
+    "reduction-layer-past-depth": (lambda tmp: timm_state_dict(), ["--reduction_layers", "1", "7"], "got 7 in [1, 7]"),
+    "reduction-layer-not-an-index": (lambda tmp: timm_state_dict(), ["--reduction_layers", "x"], "0-based layer"),
+    "keep-rate": (lambda tmp: timm_state_dict(), ["--keep_rate", "0"], "argument --keep_rate: a keep rate is"),
+    "heads-do-not-divide": (
+        lambda tmp: timm_state_dict(),
+        ["--num_attention_heads", "3"],
+        "num_attention_heads=3 does not divide the width 32",
+    ),
+    "heads-not-inferable": (
+        lambda tmp: timm_state_dict(),
+        None,
+        "the width 32 is not a multiple of 64, so the number of attention heads cannot be inferred; pass "
+        "--num_attention_heads",
+    ),
+    "nb-classes-mismatch": (
+        lambda tmp: {**training_checkpoint(reference_args(nb_classes=10))},
+        [],
+        "args.nb_classes is 10, but its head has 1000 classes",
+    ),
+    "input-size-mismatch": (
+        lambda tmp: training_checkpoint(reference_args(input_size=224)),
+        [],
+        "args.input_size is 224, but its position embeddings are for 32 px images (8 x 8 patches)",
+    ),
+    "not-a-checkpoint": (lambda tmp: [torch.zeros(2)], [], "holds a list, not a state dict or a training checkpoint"),
+    "no-state-dict": (lambda tmp: {"epoch": 3, "note": "x"}, [], "neither a state dict of tensors nor a checkpoint"),
+    "missing-file": (None, [], "checkpoint.pth does not exist or is not a file"),
+    "not-a-pickle": ("garbage", [], "cannot read"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refusals(case, tmp_path, capsys):
+    make, extra, message = REFUSALS[case]
+    checkpoint = tmp_path / "checkpoint.pth"
+    if callable(make):
+        torch.save(make(tmp_path), checkpoint)
+    elif make == "garbage":
+        checkpoint.write_bytes(b"not a checkpoint at all")
+    (tmp_path / "labels3.json").write_text(json.dumps(["a", "b", "c"]))
+    (tmp_path / "bad.json").write_text("{not json")
+    output = tmp_path / "out"
+    argv = [checkpoint, output] + (["--num_attention_heads", str(HEADS)] if extra is not None else [])
+    argv += [str(tmp_path / value[1:]) if value.startswith("@") else value for value in extra or []]
+    line = refusal(capsys, argv, output)
+    assert message in line, line
+
+
+def test_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    torch.save(timm_state_dict(), tmp_path / "checkpoint.pth")
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("someone's file")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(tmp_path / "checkpoint.pth"), str(output), "--num_attention_heads", str(HEADS)])
+    assert exit_info.value.code == 2
+    assert "is not empty; give a new folder, or pass --overwrite" in capsys.readouterr().err
+    assert os.listdir(output) == ["keep.txt"]
+    with pytest.warns(UserWarning, match="no id2label was given"):
+        main(["convert", str(tmp_path / "checkpoint.pth"), str(output), "--num_attention_heads", "2", "--overwrite"])
+    assert {"keep.txt", "model.safetensors", "config.json"} <= set(os.listdir(output))
+
+
+def test_api_refusals_raise_value_errors(tmp_path):
+    with pytest.raises(CheckpointConversionError, match="fc_norm.weight"):
+        evit_hf.convert_timm_checkpoint(unmapped(["fc_norm.weight"]), tmp_path / "out", num_attention_heads=HEADS)
+    assert not (tmp_path / "out").exists()
+    assert issubclass(CheckpointConversionError, ValueError)
