@@ -260,9 +260,9 @@ def main(argv=None) -> None:
         parser.print_help()
         raise SystemExit(0)
     if not argv:
-        parser.error("give a command: visualize or benchmark or convert (evit-hf COMMAND --help for its options)")
+        parser.error("give a command: visualize, benchmark or convert (evit-hf COMMAND --help for its options)")
     if argv[0] not in COMMANDS:
-        parser.error(f"unknown command {argv[0]!r}; the commands are visualize and benchmark and convert")
+        parser.error(f"unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)}")
     COMMANDS[argv[0]](argv[1:])
 
 

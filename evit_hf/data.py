@@ -122,7 +122,10 @@ def scan_image_folder(folder: str, skip_unreadable: bool = False, num_threads: i
 
 
 def processor_size(image_processor) -> tuple[int, int]:
-    """(height, width) the image processor resizes to."""
+    """(height, width) of the images the image processor returns: its crop where it center-crops (resize the shorter
+    side to 256, crop 224: the model sees 224), else its resize."""
+    if getattr(image_processor, "do_center_crop", False) and getattr(image_processor, "crop_size", None):
+        return image_processor.crop_size["height"], image_processor.crop_size["width"]
     size = image_processor.size
     if "height" in size:
         return size["height"], size["width"]

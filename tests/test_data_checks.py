@@ -167,3 +167,23 @@ def test_evaluation_accepts_unnamed_labels_of_the_right_count(tmp_path):
          "--max_eval_samples", "16"]
     )  # fmt: skip
     assert json.loads((tmp_path / "out" / "keep_rates.json").read_text())["rows"] == rows
+
+
+def test_training_crops_are_taken_at_the_size_the_model_sees():
+    # A processor that resizes the shorter side to 40 and center-crops 32 (the reference's evaluation transform): the
+    # random crop must come out at 32 from the whole image, not at 40 and then lose its border to a center crop.
+    from transformers import DeiTImageProcessor
+
+    from evit_hf.data import image_transforms
+
+    processor = DeiTImageProcessor(
+        size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}, do_center_crop=True, do_normalize=False,
+        do_rescale=False,
+    )  # fmt: skip
+    image = Image.new("RGB", (64, 64), (0, 0, 0))
+    image.paste((255, 0, 0), (0, 0, 4, 64))  # a red band along the left edge
+    train_transform, eval_transform = image_transforms(processor, "image", crop_scale=(1.0, 1.0), random_flip=False)
+    pixels = train_transform({"image": [image]})["pixel_values"][0]  # [3, 32, 32]
+    assert tuple(pixels.shape) == (3, 32, 32)
+    assert pixels[0, :, 0].min() > 200  # the band is still there
+    assert tuple(eval_transform({"image": [image]})["pixel_values"][0].shape) == (3, 32, 32)
