@@ -1,4 +1,5 @@
-"""EViT configurations: a ViT or DeiT configuration plus the token-reorganization settings.
+"""EViT configurations: a ViT, DeiT, CLIP (vision tower) or DINOv2 configuration plus the token-reorganization
+settings.
 
 This file is copied next to the weights by `save_pretrained`, so it only uses relative imports.
 """
@@ -8,7 +9,15 @@ import numbers
 from collections.abc import Sequence
 
 from huggingface_hub.dataclasses import strict
-from transformers import DeiTConfig, ViTConfig
+from transformers import (
+    CLIPConfig,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    DeiTConfig,
+    Dinov2Config,
+    Dinov2WithRegistersConfig,
+    ViTConfig,
+)
 
 
 def default_reduction_layers(num_hidden_layers: int) -> list[int]:
@@ -63,13 +72,55 @@ def check_fuse_inattentive_tokens(fuse_inattentive_tokens: bool) -> bool:
     return fuse_inattentive_tokens
 
 
-class _EViTSettingsMixin:
-    """What the ViT and DeiT flavours of the EViT configuration share: validation and loading of plain checkpoints."""
+# Which EViT configuration reads the checkpoints of each plain `model_type`, for the error that refuses another one.
+_EVIT_CONFIG_FOR_MODEL_TYPE = {
+    "vit": "EViTConfig (EViTModel, EViTForImageClassification; also non-distilled DeiT)",
+    "deit": "EViTDeiTConfig (EViTDeiTModel, EViTDeiTForImageClassification(WithTeacher); distilled DeiT)",
+    "clip": "EViTCLIPConfig (EViTCLIPModel)",
+    "clip_vision_model": "EViTCLIPVisionConfig (EViTCLIPVisionModel, EViTCLIPVisionModelWithProjection)",
+    "dinov2": "EViTDinov2Config (EViTDinov2Model, EViTDinov2ForImageClassification)",
+    "dinov2_with_registers": (
+        "EViTDinov2WithRegistersConfig (EViTDinov2WithRegistersModel, EViTDinov2WithRegistersForImageClassification)"
+    ),
+}
+
+
+class _SourceModelTypesMixin:
+    """Loading of plain checkpoints: a configuration of one of `source_model_types` becomes this EViT configuration
+    (same fields, EViT settings from keyword arguments or defaults); any other `model_type` is refused."""
 
     # The plain checkpoints this configuration reads (their config.json names one of these `model_type`s).
     source_model_types: tuple[str, ...] = ()
     # Trainer gathers every output but these during evaluation: the kept tokens are not predictions.
     keys_to_ignore_at_inference = ["kept_token_indices"]
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if cls.base_config_key and isinstance(config_dict.get(cls.base_config_key), dict):
+            # A sub-configuration read from a composite checkpoint (CLIP's vision tower from a CLIP folder), as
+            # `from_pretrained` does after this; its `model_type` is the sub-configuration's.
+            config_dict = config_dict[cls.base_config_key]
+        model_type = config_dict.get("model_type")
+        if model_type is not None and model_type != cls.model_type:
+            if model_type not in cls.source_model_types:
+                supported = ", ".join(repr(name) for name in (cls.model_type, *cls.source_model_types))
+                where = _EVIT_CONFIG_FOR_MODEL_TYPE.get(model_type, "no EViT configuration")
+                raise ValueError(
+                    f"{cls.__name__} reads checkpoints of model_type {supported}, but "
+                    f"{pretrained_model_name_or_path} is {model_type!r}: such checkpoints load with {where}. "
+                    "Distilled DeiT checkpoints (model_type 'deit') load with "
+                    "EViTDeiTForImageClassificationWithTeacher; ViT and non-distilled DeiT checkpoints (model_type "
+                    "'vit') with EViTForImageClassification."
+                )
+            # A plain checkpoint becomes an EViT one: same weights, EViT settings from kwargs or defaults.
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
+
+class _EViTSettingsMixin(_SourceModelTypesMixin):
+    """What every EViT configuration that holds the settings shares: their validation, and loading of plain
+    checkpoints."""
 
     def __setattr__(self, name, value):
         # The one place the EViT settings are checked: the constructor sets every field through here, and so do
@@ -90,6 +141,10 @@ class _EViTSettingsMixin:
                     f"{error} To set num_hidden_layers={value}, first set reduction_layers to layers below {value}, "
                     "or pass both to the constructor or to from_pretrained."
                 ) from None
+        elif name == "model_type":
+            # `model_type` is the class's. A composite checkpoint's sub-dictionary names the plain one
+            # ("clip_vision_model"), and the constructor would store it on the object, where it would shadow ours.
+            return
         super().__setattr__(name, value)
 
     @classmethod
@@ -101,23 +156,6 @@ class _EViTSettingsMixin:
             key: kwargs.pop(key) for key in ("num_hidden_layers", "reduction_layers") if key in kwargs
         }
         return super().from_dict({**config_dict, **constructor_settings}, **kwargs)
-
-    @classmethod
-    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
-        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        model_type = config_dict.get("model_type")
-        if model_type is not None and model_type != cls.model_type:
-            if model_type not in cls.source_model_types:
-                supported = ", ".join(repr(name) for name in (cls.model_type, *cls.source_model_types))
-                raise ValueError(
-                    f"{cls.__name__} reads checkpoints of model_type {supported}, but "
-                    f"{pretrained_model_name_or_path} is {model_type!r}. Distilled DeiT checkpoints (model_type "
-                    "'deit') load with EViTDeiTForImageClassificationWithTeacher; ViT and non-distilled DeiT "
-                    "checkpoints (model_type 'vit') with EViTForImageClassification."
-                )
-            # A plain ViT/DeiT checkpoint becomes an EViT one: same weights, EViT settings from kwargs or defaults.
-            config_dict = {**config_dict, "model_type": cls.model_type}
-        return config_dict, kwargs
 
 
 def _settings_checked_first(config_class):
@@ -196,4 +234,115 @@ class EViTDeiTConfig(_EViTSettingsMixin, DeiTConfig):
     fuse_inattentive_tokens: bool = True
 
 
-__all__ = ["EViTConfig", "EViTDeiTConfig", "check_keep_rate", "default_reduction_layers"]
+@_settings_checked_first
+@strict
+class EViTCLIPVisionConfig(_EViTSettingsMixin, CLIPVisionConfig):
+    r"""
+    Configuration of the vision tower of an EViT CLIP model ([`EViTCLIPVisionModel`],
+    [`EViTCLIPVisionModelWithProjection`], and the vision half of [`EViTCLIPModel`]). It holds every
+    [`CLIPVisionConfig`] field, plus `keep_rate`, `reduction_layers` and `fuse_inattentive_tokens` as in
+    [`EViTConfig`]. The class token is the only prefix token. Loading from a whole CLIP checkpoint reads its
+    `vision_config`.
+    """
+
+    model_type = "evit_clip_vision_model"
+    source_model_types = ("clip_vision_model",)
+
+    keep_rate: float | int = 0.7
+    reduction_layers: list[int] | tuple[int, ...] | None = None
+    fuse_inattentive_tokens: bool = True
+
+
+def _vision_setting(name: str) -> property:
+    """A setting of `EViTCLIPConfig` that lives in its vision configuration, where it is checked."""
+
+    def get(self):
+        return getattr(self.vision_config, name)
+
+    def set(self, value):
+        setattr(self.vision_config, name, value)
+
+    return property(get, set, doc=f"`vision_config.{name}`: the vision tower's setting (the text tower has none).")
+
+
+@strict
+class EViTCLIPConfig(_SourceModelTypesMixin, CLIPConfig):
+    r"""
+    Configuration of an EViT CLIP model ([`EViTCLIPModel`]): a [`CLIPConfig`] whose `vision_config` is an
+    [`EViTCLIPVisionConfig`]. Only the vision tower reorganizes tokens; the text tower is CLIP's.
+
+    `keep_rate`, `reduction_layers` and `fuse_inattentive_tokens` are stored (and checked) in `vision_config`; this
+    configuration reads and assigns them there, so that `EViTCLIPConfig(keep_rate=0.5)`,
+    `EViTCLIPModel.from_pretrained(folder, keep_rate=0.5)` and `config.keep_rate = 0.5` all set the vision tower's.
+
+    Example:
+
+    ```python
+    >>> from evit_hf import EViTCLIPConfig, EViTCLIPModel
+
+    >>> config = EViTCLIPConfig(keep_rate=0.7)  # CLIP ViT-B/32 shape, reduction layers [3, 6, 9]
+    >>> model = EViTCLIPModel(config)
+    ```"""
+
+    model_type = "evit_clip"
+    source_model_types = ("clip",)
+    sub_configs_defaults = {"text_config": CLIPTextConfig, "vision_config": EViTCLIPVisionConfig}
+
+    keep_rate = _vision_setting("keep_rate")
+    reduction_layers = _vision_setting("reduction_layers")
+    fuse_inattentive_tokens = _vision_setting("fuse_inattentive_tokens")
+
+    def __post_init__(self, **kwargs):
+        # A plain CLIP vision configuration object would be kept as it is: the vision tower needs the EViT one.
+        if isinstance(self.vision_config, CLIPVisionConfig) and not isinstance(
+            self.vision_config, EViTCLIPVisionConfig
+        ):
+            self.vision_config = self.vision_config.to_dict()
+        super().__post_init__(**kwargs)
+
+
+@_settings_checked_first
+@strict
+class EViTDinov2Config(_EViTSettingsMixin, Dinov2Config):
+    r"""
+    Configuration of an EViT DINOv2 model ([`EViTDinov2Model`], [`EViTDinov2ForImageClassification`]). It holds every
+    [`Dinov2Config`] field, plus `keep_rate`, `reduction_layers` and `fuse_inattentive_tokens` as in [`EViTConfig`].
+    The class token is the only prefix token.
+    """
+
+    model_type = "evit_dinov2"
+    source_model_types = ("dinov2",)
+
+    keep_rate: float | int = 0.7
+    reduction_layers: list[int] | tuple[int, ...] | None = None
+    fuse_inattentive_tokens: bool = True
+
+
+@_settings_checked_first
+@strict
+class EViTDinov2WithRegistersConfig(_EViTSettingsMixin, Dinov2WithRegistersConfig):
+    r"""
+    Configuration of an EViT DINOv2 model with registers ([`EViTDinov2WithRegistersModel`],
+    [`EViTDinov2WithRegistersForImageClassification`]). It holds every [`Dinov2WithRegistersConfig`] field, plus
+    `keep_rate`, `reduction_layers` and `fuse_inattentive_tokens` as in [`EViTConfig`]. The class token and the
+    `num_register_tokens` register tokens are prefix tokens: always kept, never scored.
+    """
+
+    model_type = "evit_dinov2_with_registers"
+    source_model_types = ("dinov2_with_registers",)
+
+    keep_rate: float | int = 0.7
+    reduction_layers: list[int] | tuple[int, ...] | None = None
+    fuse_inattentive_tokens: bool = True
+
+
+__all__ = [
+    "EViTCLIPConfig",
+    "EViTCLIPVisionConfig",
+    "EViTConfig",
+    "EViTDeiTConfig",
+    "EViTDinov2Config",
+    "EViTDinov2WithRegistersConfig",
+    "check_keep_rate",
+    "default_reduction_layers",
+]
