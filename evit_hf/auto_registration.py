@@ -1,38 +1,72 @@
 """Registers the EViT classes with transformers' Auto classes: the one place that does it, run on `import evit_hf`."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForZeroShotImageClassification,
+)
 
-from .configuration_evit import EViTConfig, EViTDeiTConfig
+from .configuration_evit import (
+    EViTCLIPConfig,
+    EViTCLIPVisionConfig,
+    EViTConfig,
+    EViTDeiTConfig,
+    EViTDinov2Config,
+    EViTDinov2WithRegistersConfig,
+)
 from .modeling_evit import (
+    EViTCLIPModel,
+    EViTCLIPVisionModel,
+    EViTCLIPVisionModelWithProjection,
     EViTDeiTForImageClassification,
     EViTDeiTForImageClassificationWithTeacher,
     EViTDeiTModel,
+    EViTDinov2ForImageClassification,
+    EViTDinov2Model,
+    EViTDinov2WithRegistersForImageClassification,
+    EViTDinov2WithRegistersModel,
     EViTForImageClassification,
     EViTModel,
 )
 
 
 def register_evit_auto_classes() -> None:
-    """Makes `AutoConfig`, `AutoModel` and `AutoModelForImageClassification` know the "evit" and "evit_deit" types,
-    and makes `save_pretrained` write an `auto_map` and copy the code, so that a process without evit_hf loads saved
-    folders with `trust_remote_code=True`."""
-    AutoConfig.register(EViTConfig.model_type, EViTConfig, exist_ok=True)
-    AutoConfig.register(EViTDeiTConfig.model_type, EViTDeiTConfig, exist_ok=True)
-    AutoModel.register(EViTConfig, EViTModel, exist_ok=True)
-    AutoModel.register(EViTDeiTConfig, EViTDeiTModel, exist_ok=True)
-    AutoModelForImageClassification.register(EViTConfig, EViTForImageClassification, exist_ok=True)
-    # Like stock DeiT: `config.architectures` picks between the two heads, the first is the default.
-    AutoModelForImageClassification.register(
-        EViTDeiTConfig, (EViTDeiTForImageClassification, EViTDeiTForImageClassificationWithTeacher), exist_ok=True
-    )
-
-    EViTConfig.register_for_auto_class()
-    EViTDeiTConfig.register_for_auto_class()
-    EViTModel.register_for_auto_class("AutoModel")
-    EViTDeiTModel.register_for_auto_class("AutoModel")
-    for model_class in (
-        EViTForImageClassification,
-        EViTDeiTForImageClassification,
-        EViTDeiTForImageClassificationWithTeacher,
+    """Makes `AutoConfig`, `AutoModel`, `AutoModelForImageClassification` (and, for CLIP,
+    `AutoModelForZeroShotImageClassification`) know the EViT model types, and makes `save_pretrained` write an
+    `auto_map` and copy the code, so that a process without evit_hf loads saved folders with
+    `trust_remote_code=True`."""
+    for config_class in (
+        EViTConfig,
+        EViTDeiTConfig,
+        EViTCLIPConfig,
+        EViTCLIPVisionConfig,
+        EViTDinov2Config,
+        EViTDinov2WithRegistersConfig,
     ):
-        model_class.register_for_auto_class("AutoModelForImageClassification")
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        config_class.register_for_auto_class()
+
+    # Where one configuration has two models, `config.architectures` picks (as for stock DeiT); the first is the
+    # default.
+    base_models = {
+        EViTConfig: EViTModel,
+        EViTDeiTConfig: EViTDeiTModel,
+        EViTCLIPConfig: EViTCLIPModel,
+        EViTCLIPVisionConfig: (EViTCLIPVisionModel, EViTCLIPVisionModelWithProjection),
+        EViTDinov2Config: EViTDinov2Model,
+        EViTDinov2WithRegistersConfig: EViTDinov2WithRegistersModel,
+    }
+    classifiers = {
+        EViTConfig: EViTForImageClassification,
+        EViTDeiTConfig: (EViTDeiTForImageClassification, EViTDeiTForImageClassificationWithTeacher),
+        EViTDinov2Config: EViTDinov2ForImageClassification,
+        EViTDinov2WithRegistersConfig: EViTDinov2WithRegistersForImageClassification,
+    }
+    for auto_class, models in ((AutoModel, base_models), (AutoModelForImageClassification, classifiers)):
+        for config_class, model_classes in models.items():
+            auto_class.register(config_class, model_classes, exist_ok=True)
+            for model_class in model_classes if isinstance(model_classes, tuple) else (model_classes,):
+                model_class.register_for_auto_class(auto_class.__name__)
+    # Like stock CLIP, the zero-shot pipeline's Auto class; the saved `auto_map` names AutoModel.
+    AutoModelForZeroShotImageClassification.register(EViTCLIPConfig, EViTCLIPModel, exist_ok=True)
