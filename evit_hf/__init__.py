@@ -1,7 +1,15 @@
 """EViT (token reorganization for Vision Transformers, ICLR 2022) for Hugging Face transformers."""
 
 from .auto_registration import register_evit_auto_classes
-from .configuration_evit import EViTConfig, EViTDeiTConfig, default_reduction_layers
+from .configuration_evit import (
+    EViTCLIPConfig,
+    EViTCLIPVisionConfig,
+    EViTConfig,
+    EViTDeiTConfig,
+    EViTDinov2Config,
+    EViTDinov2WithRegistersConfig,
+    default_reduction_layers,
+)
 from .conversion import convert_timm_checkpoint
 from .data import digits_dataset
 from .evaluation import evaluate_keep_rates, results_markdown
@@ -10,10 +18,19 @@ from .macs import count_macs
 from .metrics import Accuracy, TopKAccuracy, classification_metrics
 from .model_card import create_model_card
 from .modeling_evit import (
+    EViTCLIPModel,
+    EViTCLIPOutput,
+    EViTCLIPVisionModel,
+    EViTCLIPVisionModelOutput,
+    EViTCLIPVisionModelWithProjection,
     EViTDeiTForImageClassification,
     EViTDeiTForImageClassificationWithTeacher,
     EViTDeiTForImageClassificationWithTeacherOutput,
     EViTDeiTModel,
+    EViTDinov2ForImageClassification,
+    EViTDinov2Model,
+    EViTDinov2WithRegistersForImageClassification,
+    EViTDinov2WithRegistersModel,
     EViTForImageClassification,
     EViTImageClassifierOutput,
     EViTModel,
@@ -30,12 +47,25 @@ register_evit_auto_classes()
 
 __all__ = [
     "Accuracy",
+    "EViTCLIPConfig",
+    "EViTCLIPModel",
+    "EViTCLIPOutput",
+    "EViTCLIPVisionConfig",
+    "EViTCLIPVisionModel",
+    "EViTCLIPVisionModelOutput",
+    "EViTCLIPVisionModelWithProjection",
     "EViTConfig",
     "EViTDeiTConfig",
     "EViTDeiTForImageClassification",
     "EViTDeiTForImageClassificationWithTeacher",
     "EViTDeiTForImageClassificationWithTeacherOutput",
     "EViTDeiTModel",
+    "EViTDinov2Config",
+    "EViTDinov2ForImageClassification",
+    "EViTDinov2Model",
+    "EViTDinov2WithRegistersConfig",
+    "EViTDinov2WithRegistersForImageClassification",
+    "EViTDinov2WithRegistersModel",
     "EViTForImageClassification",
     "EViTImageClassifierOutput",
     "EViTModel",
