@@ -1,13 +1,83 @@
-"""Accuracy and speed of one model at several keep rates: the shape of the paper's Table 1."""
+"""Accuracy and speed of one model at several keep rates: the shape of the paper's Table 1.
 
+The data is read once: each batch is decoded and transformed once (in data-loader workers) and run through the model
+at every keep rate, so a table of six keep rates costs about one pass over the data where decoding dominates.
+"""
+
+import contextlib
+import logging
+import os
 import time
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .macs import count_macs
-from .metrics import Accuracy, TopKAccuracy
+
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_num_workers() -> int:
+    """Data-loader workers per process: the CPUs this process may use, shared among the processes of the machine
+    (`LOCAL_WORLD_SIZE`, set by torchrun and accelerate launch), at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """The autocast dtype for `dtype` (a `torch.dtype`, its name, or None for float32) on `device`.
+
+    float16 is refused on CPU: CPU kernels for it are slow or missing, and CPU runs in half precision use bfloat16."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, not {dtype!r}.")
+        dtype = DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {list(DTYPES.values())}, not {dtype}.")
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        raise ValueError("float16 is for CUDA devices; on CPU evaluate in bfloat16 (--dtype bfloat16) or float32.")
+    return dtype
+
+
+def _shard_for_this_process(dataset, rank: int, world_size: int):
+    """This process's part of `dataset` as `(dataset, sampler)`: for a map-style dataset, a contiguous block of indices
+    as the sampler (the blocks differ in size by at most one; no sample is repeated to even them out); for a
+    `datasets.IterableDataset`, its shards (or every `world_size`-th example) for this process, and no sampler."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+
+        if not isinstance(dataset, datasets.IterableDataset):
+            raise ValueError(
+                f"Cannot split a {type(dataset).__name__} among processes: pass a map-style dataset or a "
+                "datasets.IterableDataset (load_dataset(..., streaming=True)), or evaluate in one process."
+            )
+        if dataset.num_shards >= world_size:
+            # Whole shards per process (some get one more): each process reads and transforms only its own data.
+            return split_dataset_by_node(dataset, rank, world_size, strategy="shards"), None
+        logger.warning(
+            f"The dataset has {dataset.num_shards} shard(s) for {world_size} processes: each process reads every "
+            f"example and keeps one in {world_size}, transforming examples it then skips. Pass a dataset with more "
+            "shards (datasets.IterableDataset.reshard() splits Parquet files by row group)."
+        )
+        return split_dataset_by_node(dataset, rank, world_size, strategy="examples"), None
+    size = len(dataset)
+    start, stop = rank * size // world_size, (rank + 1) * size // world_size
+    return dataset, range(start, stop)
+
+
+def _hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """How many labels are among the `k` highest logits; ties go to the lower class, as in `evit_hf.TopKAccuracy`
+    (and `argmax` for k = 1). logits: (batch, classes), labels: (batch,)."""
+    if k == 1:
+        return (logits.argmax(dim=1) == labels).sum()
+    top_k = torch.argsort(logits, dim=1, descending=True, stable=True)[:, :k]  # (batch, k)
+    return (top_k == labels[:, None]).any(dim=1).sum()
 
 
 def evaluate_keep_rates(
@@ -17,40 +87,134 @@ def evaluate_keep_rates(
     batch_size: int = 64,
     collate_fn=None,
     progress: bool = True,
+    num_workers: int = 0,
+    dtype: torch.dtype | str | None = None,
+    distributed: bool = False,
 ) -> list[dict]:
-    """Runs `model` over `dataset` (items with "pixel_values" and "labels" after `collate_fn`) once per keep rate.
+    """Runs `model` over `dataset` once, each batch at every keep rate, and returns one row per keep rate.
 
-    Returns one row per keep rate: `keep_rate`, `accuracy`, `top5_accuracy` (more than 5 classes), `images_per_s`
-    (the forward passes only) and `macs` (one image, from the configuration).
+    Each image is decoded and transformed once, however many keep rates there are. Top-1 follows `argmax` and top-5
+    `evit_hf.TopKAccuracy` (ties go to the lower class).
+
+    Args:
+        model ([`EViTForImageClassification`] or [`EViTDeiTForImageClassification`]):
+            The model, on the device to evaluate on; it is put in eval mode, its `config.keep_rate` is left alone.
+        dataset (`torch.utils.data.Dataset` or `IterableDataset`):
+            Items with "pixel_values" and "labels" after `collate_fn`: a map-style dataset (a list, a
+            `datasets.Dataset` with `set_transform`) or an iterable one (`load_dataset(..., streaming=True)` with the
+            transform in `.map`; a `datasets.IterableDataset` gives its shards to the data-loader workers).
+        keep_rates (`Sequence[float]`): the keep rates, one row each, in this order.
+        batch_size (`int`, *optional*, defaults to 64): images per forward pass.
+        collate_fn (`Callable`, *optional*): makes a batch of items; defaults to `evit_hf.data.collate_images`.
+        progress (`bool`, *optional*, defaults to `True`): a progress bar with images/s (on the main process only).
+        num_workers (`int`, *optional*, defaults to 0):
+            Data-loader worker processes that decode and transform (0: the calling process does). Items and
+            `collate_fn` must be picklable where workers are spawned rather than forked (macOS, Windows).
+        dtype (`torch.dtype` or `str`, *optional*):
+            float32 (default), bfloat16 or float16 (CUDA only). Half precisions run under `torch.autocast`: weights
+            stay float32, matrix products run in half precision, and the operations autocast keeps in float32
+            (softmax, layer norm; EViT scores tokens in float32) stay there, on CPU as on CUDA.
+        distributed (`bool`, *optional*, defaults to `False`):
+            Every process of the initialized `torch.distributed` group calls this with the same arguments; each runs
+            its part of the data (no sample is repeated to even out the parts) and every process gets the rows of the
+            whole dataset. Leave it off when one process evaluates alone while a group is up.
+
+    Returns:
+        `list[dict]`: per keep rate, `keep_rate`, `accuracy`, `top5_accuracy` (more than 5 classes), `images_per_s`
+        (the forward passes only, CUDA synchronized around them; across processes, all images over the slowest
+        process's time), `macs` (one image, from the configuration) and `samples` (the images evaluated).
     """
     from .data import collate_images
 
+    keep_rates = list(keep_rates)
+    if not keep_rates:
+        raise ValueError("keep_rates is empty: pass at least one keep rate.")
     collate_fn = collate_fn or collate_images
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
     model.eval()
     device = next(model.parameters()).device
+    dtype = resolve_dtype(dtype, device)
+    rank, world_size = 0, 1
+    if distributed:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError(
+                "distributed=True needs an initialized torch.distributed process group "
+                "(torch.distributed.init_process_group under torchrun or accelerate launch)."
+            )
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    sampler = None
+    if distributed and world_size > 1:
+        dataset, sampler = _shard_for_this_process(dataset, rank, world_size)
+    is_iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    total = None if is_iterable else len(sampler if sampler is not None else dataset)
+
     num_labels = model.config.num_labels
-    accuracy, top5 = Accuracy(), TopKAccuracy(k=5) if num_labels > 5 else None
-    image_size = tuple(dataset[0]["pixel_values"].shape[-2:])  # one transformed example, for the MAC count
-    rows = []
-    for keep_rate in keep_rates:
-        logits, labels, seconds = [], [], 0.0
-        iterator = tqdm(loader, desc=f"keep rate {keep_rate}", leave=False, disable=not progress)
-        with torch.inference_mode():
-            for batch in iterator:
-                pixel_values = batch["pixel_values"].to(device)
+    top_ks = [1, 5] if num_labels > 5 else [1]
+    # Counts on the CPU (int64, exact): per keep rate, the top-1 and top-5 hits.
+    hits = torch.zeros(len(keep_rates), len(top_ks), dtype=torch.int64)
+    seconds = [0.0] * len(keep_rates)
+    samples = 0
+    image_size = (0, 0)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def precision():
+        return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+    bar = tqdm(total=total, unit="img", desc="evaluating", disable=not progress or rank != 0)
+    start_time = time.perf_counter()
+    with torch.inference_mode():
+        for batch in loader:
+            pixel_values = batch["pixel_values"].to(device, non_blocking=True)  # (batch, channels, height, width)
+            labels = batch["labels"].to(device, non_blocking=True)  # (batch,)
+            image_size = tuple(pixel_values.shape[-2:])
+            batch_hits = []
+            for index, keep_rate in enumerate(keep_rates):
+                synchronize()  # the copy and the previous pass are not this pass's time
                 start = time.perf_counter()
-                output = model(pixel_values, keep_rate=keep_rate)
-                seconds += time.perf_counter() - start
-                logits.append(output.logits.float().cpu())
-                labels.append(batch["labels"])
-        logits, labels = torch.cat(logits).numpy(), torch.cat(labels).numpy()
-        row = {"keep_rate": keep_rate}
-        row.update(accuracy.compute(predictions=np.argmax(logits, axis=1), references=labels))
-        if top5 is not None:
-            row.update(top5.compute(predictions=logits, references=labels))
-        row["images_per_s"] = len(labels) / seconds
+                with precision():
+                    logits = model(pixel_values, keep_rate=keep_rate).logits  # (batch, num_labels)
+                synchronize()
+                seconds[index] += time.perf_counter() - start
+                logits = logits.float()
+                batch_hits.append(torch.stack([_hits(logits, labels, k) for k in top_ks]))
+            hits += torch.stack(batch_hits).cpu()
+            samples += len(labels)
+            bar.update(len(labels))
+            bar.set_postfix({"images/s": f"{samples / (time.perf_counter() - start_time):.1f}"})
+    bar.close()
+
+    samples = torch.tensor([samples], dtype=torch.int64)
+    timing = torch.tensor([*seconds, *image_size], dtype=torch.float64)
+    if distributed and world_size > 1:
+        # Sums of counts, the slowest process's forward time, and the image size (a process without data has none).
+        on = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        counts = torch.cat([hits.flatten(), samples]).to(on)
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
+        timing = timing.to(on)
+        torch.distributed.all_reduce(timing, op=torch.distributed.ReduceOp.MAX)
+        counts, timing = counts.cpu(), timing.cpu()
+        hits, samples = counts[:-1].view_as(hits), counts[-1:]
+    samples = int(samples.item())
+    if samples == 0:
+        raise ValueError("The dataset is empty: there is nothing to evaluate.")
+    seconds, image_size = timing[: len(keep_rates)].tolist(), tuple(int(side) for side in timing[len(keep_rates) :])
+
+    rows = []
+    for index, keep_rate in enumerate(keep_rates):
+        row = {"keep_rate": keep_rate, "accuracy": hits[index, 0].item() / samples}
+        if len(top_ks) > 1:
+            row["top5_accuracy"] = hits[index, 1].item() / samples
+        row["images_per_s"] = samples / seconds[index]
         row["macs"] = count_macs(model.config, image_size=image_size, keep_rate=keep_rate)
+        row["samples"] = samples
         rows.append(row)
     return rows
 

@@ -7,18 +7,28 @@
 Works on a ViT/DeiT used off the shelf (turned into EViT, no fine-tuning) and on a fine-tuned EViT checkpoint. With no
 dataset argument it evaluates on the validation split of scikit-learn's bundled digits. Writes keep_rates.json and
 keep_rates.md to --output_dir and prints the markdown table.
+
+Each image is decoded and transformed once, in --num_workers data-loader workers, and every batch runs at all keep
+rates. --streaming reads a Hub split as it downloads (ImageNet-1k validation without the training set), --dtype
+bfloat16 or float16 runs under autocast. Several processes split the data among them:
+
+    torchrun --nproc_per_node 8 examples/evaluate_keep_rates.py --model_name_or_path ... --streaming ...
 """
 
+import functools
 import json
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from datasets import load_dataset
 from transformers import HfArgumentParser
 
 import evit_hf
 from evit_hf.data import collate_images, image_transforms
+from evit_hf.evaluation import default_num_workers, resolve_dtype
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +52,55 @@ class EvaluationArguments:
     split: str = field(default="validation", metadata={"help": "Dataset split to evaluate on."})
     batch_size: int = field(default=64, metadata={"help": "Images per forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed of the train/validation split where one is made."})
-    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda."})
+    device: str = field(
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        metadata={"help": "cpu or cuda (each process of a multi-process run takes the GPU of its local rank)."},
+    )
+    num_workers: int = field(
+        default=default_num_workers(),
+        metadata={"help": "Data-loader workers that decode and transform (default: the CPUs per process, at most 8)."},
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32",
+        metadata={"help": "Precision of the forward passes: bfloat16 and float16 (CUDA only) run under autocast."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the --split of the Hub dataset --dataset_name instead of downloading the whole dataset."
+        },
+    )
+
+
+def load_streaming_split(data_args: DataTrainingArguments, model_args: ModelArguments, split: str):
+    """The --split of the Hub dataset --dataset_name as a `datasets.IterableDataset`, read as it downloads, and its
+    label names (from the dataset's features)."""
+    if data_args.dataset_name is None:
+        raise ValueError(
+            "--streaming reads a Hub dataset: pass --dataset_name (image folders and the bundled digits are read "
+            "without it)."
+        )
+    stream = load_dataset(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        split=split,
+        streaming=True,
+        cache_dir=model_args.cache_dir,
+        token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if stream.features is None:
+        raise ValueError(
+            f"The stream of {data_args.dataset_name} declares no features, so its label names are unknown: evaluate "
+            "it without --streaming."
+        )
+    for role, column in (("image", data_args.image_column_name), ("label", data_args.label_column_name)):
+        if column not in stream.features:
+            raise ValueError(
+                f"The dataset has no {role} column {column!r}; its columns are {list(stream.features)}. "
+                f"Pass --{role}_column_name with one of them."
+            )
+    return stream, label_names({split: stream}, data_args.label_column_name)
 
 
 def main(args=None) -> list[dict]:
@@ -53,11 +111,22 @@ def main(args=None) -> list[dict]:
     else:
         model_args, data_args, eval_args = parser.parse_args_into_dataclasses(args=args)
 
+    # torchrun and accelerate launch set WORLD_SIZE; each process evaluates its part of the data.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(eval_args.device)
+    if world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    resolve_dtype(eval_args.dtype, device)  # refuses float16 on CPU before anything loads
+
     evit_class, checkpoint_config = evit_class_for(model_args.model_name_or_path, model_args)
-    dataset = load_data(data_args, model_args, eval_args.seed)
-    if eval_args.split not in dataset:
-        raise ValueError(f"The dataset has no split {eval_args.split!r}; it has {list(dataset)}. Pass --split.")
-    labels = label_names(dataset, data_args.label_column_name)
+    if eval_args.streaming:
+        split, labels = load_streaming_split(data_args, model_args, eval_args.split)
+    else:
+        dataset = load_data(data_args, model_args, eval_args.seed)
+        if eval_args.split not in dataset:
+            raise ValueError(f"The dataset has no split {eval_args.split!r}; it has {list(dataset)}. Pass --split.")
+        labels = label_names(dataset, data_args.label_column_name)
+        split = dataset[eval_args.split]
     mismatch = head_label_mismatch(checkpoint_config, labels)
     if mismatch is not None:
         # Same count, other names: the accuracy would compare unrelated classes.
@@ -65,34 +134,70 @@ def main(args=None) -> list[dict]:
             f"{model_args.model_name_or_path} {mismatch}: evaluate a model fine-tuned on this dataset "
             "(examples/run_image_classification.py), or a dataset with the model's labels in its order."
         )
+
+    started_group = False
+    if world_size > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        started_group = True
+    is_main_process = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
     settings = {"fuse_inattentive_tokens": model_args.fuse_inattentive_tokens}
     if model_args.reduction_layers is not None:
         settings["reduction_layers"] = model_args.reduction_layers
     model = evit_class.from_pretrained(
         model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token, **settings
     )
-    model.to(eval_args.device)
+    model.to(device)
     image_processor = load_image_processor(model_args, model.config)
     _, eval_transform = image_transforms(image_processor, data_args.image_column_name)
-    split = dataset[eval_args.split]
-    if data_args.max_eval_samples is not None:
-        split = split.select(range(min(data_args.max_eval_samples, len(split))))
-    split.set_transform(eval_transform)
+    if eval_args.streaming:
+        readers = world_size * max(1, eval_args.num_workers)
+        if split.num_shards < readers:
+            # Processes and workers each read whole shards: Parquet files split into row groups give more of them.
+            split = split.reshard()
+        if data_args.max_eval_samples is not None:
+            # Split among the shards that the readers get: which examples depends on the processes and workers.
+            split = split.take(data_args.max_eval_samples)
+        # In the data-loader workers, a few images at a time; the decoded images are not passed on.
+        split = split.map(eval_transform, batched=True, batch_size=16, remove_columns=[data_args.image_column_name])
+    else:
+        if data_args.max_eval_samples is not None:
+            split = split.select(range(min(data_args.max_eval_samples, len(split))))
+        split.set_transform(eval_transform)
 
     rows = evit_hf.evaluate_keep_rates(
         model,
         split,
         eval_args.keep_rates,
         eval_args.batch_size,
-        collate_fn=lambda examples: collate_images(examples, data_args.label_column_name),
+        # A partial, unlike a lambda, pickles: workers that are spawned (macOS) get it too.
+        collate_fn=functools.partial(collate_images, label_column=data_args.label_column_name),
+        num_workers=eval_args.num_workers,
+        dtype=eval_args.dtype,
+        distributed=world_size > 1,
     )
-    os.makedirs(eval_args.output_dir, exist_ok=True)
-    markdown = evit_hf.results_markdown(rows)
-    with open(os.path.join(eval_args.output_dir, "keep_rates.json"), "w") as handle:
-        json.dump({"model": model_args.model_name_or_path, "device": eval_args.device, "rows": rows}, handle, indent=2)
-    with open(os.path.join(eval_args.output_dir, "keep_rates.md"), "w") as handle:
-        handle.write(markdown + "\n")
-    print(markdown)
+    if is_main_process:
+        os.makedirs(eval_args.output_dir, exist_ok=True)
+        markdown = evit_hf.results_markdown(rows)
+        summary = {
+            "model": model_args.model_name_or_path,
+            "device": str(device),
+            "processes": world_size,
+            "dtype": eval_args.dtype,
+            "rows": rows,
+        }
+        with open(os.path.join(eval_args.output_dir, "keep_rates.json"), "w") as handle:
+            json.dump(summary, handle, indent=2)
+        with open(os.path.join(eval_args.output_dir, "keep_rates.md"), "w") as handle:
+            handle.write(markdown + "\n")
+        print(markdown)
+    if started_group:
+        # Every process waits for the main one to write its files, then leaves the group (gloo can abort at exit
+        # with the group still up).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return rows
 
 

@@ -1,8 +1,10 @@
+import datasets
 import numpy as np
 import pytest
 import torch
 
 from evit_hf import count_macs, evaluate_keep_rates
+from evit_hf.evaluation import _shard_for_this_process
 
 from .model_builders import TINY, stock_and_evit
 
@@ -51,3 +53,90 @@ def test_each_row_is_the_model_at_its_keep_rate(evaluated, index):
     assert row["accuracy"] == pytest.approx(float(np.mean(logits.argmax(axis=1) == labels)))
     assert row["top5_accuracy"] == pytest.approx(top5_share(logits, labels))
     assert row["macs"] == count_macs(evit.config, image_size=TINY["image_size"], keep_rate=keep_rate)
+
+
+def comparable(rows):
+    """The rows without their speed, which differs from run to run."""
+    return [{key: value for key, value in row.items() if key != "images_per_s"} for row in rows]
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    """Items of a list, counting how often each is fetched, in shared memory so that data-loader workers count too."""
+
+    def __init__(self, items):
+        self.items = items
+        self.fetched = torch.zeros(len(items), dtype=torch.int64).share_memory_()
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        self.fetched[index] += 1  # one worker fetches a given index: no lost updates
+        return self.items[index]
+
+
+def as_items(pixel_values, labels):
+    return [{"pixel_values": p, "label": int(label)} for p, label in zip(pixel_values, labels, strict=True)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2], ids=["main-process", "2-workers"])
+def test_one_pass_fetches_each_image_once_for_all_keep_rates(evaluated, num_workers):
+    evit, pixel_values, labels, rows = evaluated
+    dataset = CountingDataset(as_items(pixel_values, labels))
+    counted = evaluate_keep_rates(
+        evit, dataset, keep_rates=KEEP_RATES, batch_size=8, progress=False, num_workers=num_workers
+    )
+    assert dataset.fetched.tolist() == [1] * len(dataset)  # three keep rates, one fetch per image
+    assert comparable(counted) == comparable(rows)
+    assert all(row["samples"] == len(dataset) for row in counted)
+
+
+def test_bfloat16_runs_under_autocast(evaluated):
+    evit, pixel_values, labels, _ = evaluated
+    seen = []
+    hook = evit.classifier.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    try:
+        rows = evaluate_keep_rates(
+            evit, as_items(pixel_values, labels), keep_rates=KEEP_RATES, batch_size=8, progress=False, dtype="bfloat16"
+        )
+    finally:
+        hook.remove()
+    assert set(seen) == {torch.bfloat16}  # the head's matrix product ran in bfloat16
+    for keep_rate, row in zip(KEEP_RATES, rows, strict=True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = evit(pixel_values, keep_rate=keep_rate).logits.float().numpy()
+        assert row["accuracy"] == pytest.approx(float(np.mean(logits.argmax(axis=1) == labels)))
+        assert row["top5_accuracy"] == pytest.approx(top5_share(logits, labels))
+    assert next(evit.parameters()).dtype == torch.float32  # autocast leaves the weights alone
+
+
+def test_float16_on_cpu_is_refused(evaluated):
+    evit, pixel_values, labels, _ = evaluated
+    with pytest.raises(ValueError, match="float16 is for CUDA.*bfloat16"):
+        evaluate_keep_rates(evit, as_items(pixel_values, labels), keep_rates=(1.0,), progress=False, dtype="float16")
+
+
+@pytest.mark.parametrize("num_shards, num_workers", [(1, 0), (2, 2)], ids=["1-shard", "2-shards-2-workers"])
+def test_a_stream_gives_the_rows_of_the_map_style_dataset(evaluated, num_shards, num_workers):
+    evit, pixel_values, labels, rows = evaluated
+    table = datasets.Dataset.from_dict({"pixel_values": pixel_values, "label": labels})
+    stream = table.to_iterable_dataset(num_shards=num_shards).with_format("torch")
+    streamed = evaluate_keep_rates(
+        evit, stream, keep_rates=KEEP_RATES, batch_size=8, progress=False, num_workers=num_workers
+    )
+    assert comparable(streamed) == comparable(rows)
+    assert streamed[0]["samples"] == len(labels)  # the workers read disjoint shards
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("kind", ["map-style", "stream-3-shards", "stream-1-shard"])
+def test_processes_split_the_data_into_disjoint_parts_that_cover_it(kind, world_size):
+    size = 11  # not a multiple of the process count: the parts differ in size
+    table = datasets.Dataset.from_dict({"index": list(range(size))})
+    dataset = table if kind == "map-style" else table.to_iterable_dataset(num_shards=int(kind.split("-")[1]))
+    parts = []
+    for rank in range(world_size):
+        part, sampler = _shard_for_this_process(dataset, rank, world_size)
+        parts.append([part[i]["index"] for i in sampler] if sampler is not None else [e["index"] for e in part])
+    assert sorted(index for part in parts for index in part) == list(range(size))  # each sample exactly once
+    assert max(map(len, parts)) - min(map(len, parts)) <= (1 if kind != "stream-3-shards" else 4)

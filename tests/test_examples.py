@@ -238,6 +238,27 @@ def test_evaluate_keep_rates_table(which, small_vit, fine_tuned, tmp_path):
     assert (tmp_path / "keep_rates.md").read_text().startswith("| keep rate | accuracy | top-5 | images/s | MACs |")
 
 
+def test_evaluate_keep_rates_streaming_gives_the_rows_of_the_downloaded_split(small_vit, tmp_path):
+    # A dataset folder with a validation split, read as the Hub's datasets are (load_dataset of a path).
+    for label in DIGIT_LABELS:
+        for i in range(2):
+            folder = tmp_path / "data" / "validation" / label
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.effect_noise((40, 36), 20 + 10 * i + int(label)).convert("RGB").save(folder / f"{i}.png")
+    common = ["--model_name_or_path", small_vit, "--dataset_name", str(tmp_path / "data"),
+              "--keep_rates", "1.0", "0.5", "--batch_size", "8", "--num_workers", "1"]  # fmt: skip
+    downloaded = evaluate_keep_rates.main([*common, "--output_dir", str(tmp_path / "downloaded")])
+    streamed = evaluate_keep_rates.main([*common, "--output_dir", str(tmp_path / "streamed"), "--streaming"])
+    assert [row["samples"] for row in streamed] == [20, 20]
+    for row, expected in zip(streamed, downloaded, strict=True):
+        assert row.pop("images_per_s") > 0 and expected.pop("images_per_s") > 0
+        assert row == expected
+    with pytest.raises(ValueError, match="--streaming reads a Hub dataset: pass --dataset_name"):
+        evaluate_keep_rates.main(["--model_name_or_path", small_vit, "--output_dir", str(tmp_path), "--streaming"])
+    with pytest.raises(ValueError, match="float16 is for CUDA"):
+        evaluate_keep_rates.main([*common, "--output_dir", str(tmp_path), "--dtype", "float16", "--device", "cpu"])
+
+
 def test_visualize_kept_tokens_and_cli(fine_tuned, tmp_path):
     output_dir, _ = fine_tuned
     model = evit_hf.EViTForImageClassification.from_pretrained(output_dir)
