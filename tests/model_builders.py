@@ -1,11 +1,22 @@
-"""Tiny ViT/DeiT shapes and builders shared by the tests."""
+"""Tiny ViT/DeiT, CLIP and DINOv2 shapes and builders shared by the tests."""
 
 import torch
 from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
     DeiTConfig,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
     DeiTModel,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
+    Dinov2WithRegistersModel,
     ViTConfig,
     ViTForImageClassification,
     ViTModel,
@@ -74,3 +85,116 @@ def stock_and_evit(family: str, seed: int = 0, attn_implementation: str = "sdpa"
 def main_output(output):
     """Logits of a classifier, last hidden state of a base model."""
     return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+# CLIP and DINOv2 with the tiny tower above (64 patches, 4 layers, reduction layers 1, 2, 3, 2 heads).
+TINY_TOWER = {key: TINY[key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size")}
+TINY_TOWER["patch_size"] = TINY["patch_size"]
+# CLIP initializes the attention projections with std ~ dim^-0.5 (2 L)^-0.5: a larger factor makes random attention
+# peaked, so that class-attention scores are far from ties.
+TINY_CLIP_VISION = dict(TINY_TOWER, intermediate_size=64, projection_dim=16, initializer_factor=4.0)
+TINY_CLIP_TEXT = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    vocab_size=100,
+    max_position_embeddings=16,
+    projection_dim=16,
+    bos_token_id=98,
+    eos_token_id=99,
+    pad_token_id=1,
+)
+# DINOv2's MLP is mlp_ratio (4) x hidden. A layer scale other than 1 makes a forgotten `layer_scale1` visible.
+TINY_DINOV2 = dict(TINY_TOWER, initializer_range=0.2, layerscale_value=0.5, num_labels=5)
+TINY_DINOV2_REGISTERS = dict(TINY_DINOV2, num_register_tokens=3)
+
+# family: (stock class, EViT class, stock config class, EViT config class, configuration keyword arguments, prefix)
+ENCODER_FAMILIES = {
+    "clip-vision": (
+        CLIPVisionModel,
+        evit_hf.EViTCLIPVisionModel,
+        CLIPVisionConfig,
+        evit_hf.EViTCLIPVisionConfig,
+        TINY_CLIP_VISION,
+        1,
+    ),
+    "clip-vision-projection": (
+        CLIPVisionModelWithProjection,
+        evit_hf.EViTCLIPVisionModelWithProjection,
+        CLIPVisionConfig,
+        evit_hf.EViTCLIPVisionConfig,
+        TINY_CLIP_VISION,
+        1,
+    ),
+    "clip": (
+        CLIPModel,
+        evit_hf.EViTCLIPModel,
+        CLIPConfig,
+        evit_hf.EViTCLIPConfig,
+        dict(vision_config=TINY_CLIP_VISION, text_config=TINY_CLIP_TEXT, projection_dim=16),
+        1,
+    ),
+    "dinov2-base": (Dinov2Model, evit_hf.EViTDinov2Model, Dinov2Config, evit_hf.EViTDinov2Config, TINY_DINOV2, 1),
+    "dinov2-classifier": (
+        Dinov2ForImageClassification,
+        evit_hf.EViTDinov2ForImageClassification,
+        Dinov2Config,
+        evit_hf.EViTDinov2Config,
+        TINY_DINOV2,
+        1,
+    ),
+    "dinov2-registers-base": (
+        Dinov2WithRegistersModel,
+        evit_hf.EViTDinov2WithRegistersModel,
+        Dinov2WithRegistersConfig,
+        evit_hf.EViTDinov2WithRegistersConfig,
+        TINY_DINOV2_REGISTERS,
+        4,
+    ),
+    "dinov2-registers-classifier": (
+        Dinov2WithRegistersForImageClassification,
+        evit_hf.EViTDinov2WithRegistersForImageClassification,
+        Dinov2WithRegistersConfig,
+        evit_hf.EViTDinov2WithRegistersConfig,
+        TINY_DINOV2_REGISTERS,
+        4,
+    ),
+}
+
+
+def encoder_stock_model(family: str, seed: int = 0, attn_implementation: str = "sdpa"):
+    """A random stock CLIP/DINOv2 model of `family` in eval mode. Registers start at zero: they get random values, so
+    that they are tokens of their own."""
+    stock_class, _, config_class, _, settings, _ = ENCODER_FAMILIES[family]
+    torch.manual_seed(seed)
+    model = stock_class(config_class(**settings, attn_implementation=attn_implementation)).eval()
+    if family.startswith("dinov2-registers"):
+        with torch.no_grad():
+            model.base_model.embeddings.register_tokens.normal_()
+    return model
+
+
+def encoder_stock_and_evit(family: str, seed: int = 0, attn_implementation: str = "sdpa", **evit_settings):
+    """A random stock CLIP/DINOv2 model and an EViT model of the same family with the same weights, in eval mode."""
+    _, evit_class, _, evit_config_class, settings, _ = ENCODER_FAMILIES[family]
+    stock = encoder_stock_model(family, seed, attn_implementation)
+    evit_config = evit_config_class(**settings, **evit_settings, attn_implementation=attn_implementation)
+    evit = evit_class(evit_config).eval()
+    evit.load_state_dict(stock.state_dict())
+    return stock, evit
+
+
+def text_inputs(batch_size: int = 2):
+    """Token ids for the tiny CLIP text tower, each sequence ending with its end-of-text token (the pooled one)."""
+    input_ids = torch.randint(2, 98, (batch_size, 7), generator=torch.Generator().manual_seed(5))
+    input_ids[:, -1] = TINY_CLIP_TEXT["eos_token_id"]
+    return input_ids
+
+
+def encoder_main_output(output):
+    """What each family's model is used for: logits, image embeddings, or the final hidden states."""
+    for name in ("logits", "logits_per_image", "image_embeds"):
+        if getattr(output, name, None) is not None:
+            return getattr(output, name)
+    return output.last_hidden_state

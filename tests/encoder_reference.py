@@ -1,0 +1,124 @@
+"""A literal, slow implementation of EViT for CLIP vision towers and DINOv2, as ../shared/EVIT_SPEC.md states it
+("Other encoders"), to test the fast one against.
+
+One image at a time, full attention matrices, Python sorting; it reads the weights of a stock transformers model.
+Prefix tokens (the class token, and DINOv2's registers) are kept in place and never scored; they are keys of the
+class-token softmax like every token.
+"""
+
+import math
+
+import torch
+
+
+def _attention(x, q_proj, k_proj, v_proj, out_proj, heads):
+    """Multi-head attention of one image's tokens `x` [tokens, dim]: (output [tokens, dim], probs [heads, N, N])."""
+    head_dim = q_proj.out_features // heads
+    q, k, v = (proj(x).view(-1, heads, head_dim).transpose(0, 1) for proj in (q_proj, k_proj, v_proj))
+    probs = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(head_dim), dim=-1)  # [heads, tokens, tokens]
+    return out_proj((probs @ v).transpose(0, 1).reshape(x.shape[0], -1)), probs
+
+
+def _reorganize(x, probs, prefix, keep_rate, fuse, positions):
+    """EViT's rule on one image: returns (new tokens, kept patch indices, positions of the new candidates)."""
+    n = x.shape[0] - prefix
+    k_keep = max(1, min(n, math.ceil(keep_rate * n)))
+    if k_keep == n:
+        return x, list(positions), positions
+    scores = probs[:, 0, prefix:].mean(0).tolist()  # head mean of the class row, over the non-prefix keys
+    order = sorted(range(n), key=lambda j: -scores[j])
+    keep, rest = order[:k_keep], order[k_keep:]
+    tokens = [x[i] for i in range(prefix)] + [x[prefix + j] for j in keep]
+    kept = [positions[j] for j in keep]
+    positions = list(kept)
+    if fuse:
+        tokens.append(sum(scores[j] * x[prefix + j] for j in rest))
+        positions.append(-1)
+    return torch.stack(tokens), kept, positions
+
+
+def reference_clip_vision(vision_model, pixel_values, keep_rate, reduction_layers, fuse):
+    """CLIP's vision tower (a `CLIPVisionModel`). Returns (final tokens per image, pooled output [batch, dim], kept
+    patch indices per image and reduction layer)."""
+    embeddings = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))  # pre_layrnorm as in CLIP
+    finals, pooled, kept_per_image = [], [], []
+    for x in embeddings:  # [tokens, dim]
+        positions = list(range(x.shape[0] - 1))
+        kept_per_layer = []
+        for index, layer in enumerate(vision_model.encoder.layers):
+            attention = layer.self_attn
+            out, probs = _attention(
+                layer.layer_norm1(x),
+                attention.q_proj,
+                attention.k_proj,
+                attention.v_proj,
+                attention.out_proj,
+                attention.num_heads,
+            )
+            x = x + out
+            if index in reduction_layers:
+                x, kept, positions = _reorganize(x, probs, 1, keep_rate, fuse, positions)
+                kept_per_layer.append(kept)
+            x = x + layer.mlp(layer.layer_norm2(x))
+        finals.append(x)  # no final norm on the sequence
+        pooled.append(vision_model.post_layernorm(x[0]))
+        kept_per_image.append(kept_per_layer)
+    return finals, torch.stack(pooled), kept_per_image
+
+
+def reference_dinov2(base_model, pixel_values, keep_rate, reduction_layers, fuse):
+    """A `Dinov2Model` or `Dinov2WithRegistersModel`. Returns (final tokens per image after the final norm, kept patch
+    indices per image and reduction layer, number of prefix tokens)."""
+    prefix = 1 + getattr(base_model.config, "num_register_tokens", 0)
+    embeddings = base_model.embeddings(pixel_values)  # class token, registers, patches
+    finals, kept_per_image = [], []
+    for x in embeddings:
+        positions = list(range(x.shape[0] - prefix))
+        kept_per_layer = []
+        for index, layer in enumerate(base_model.encoder.layer):
+            attention = layer.attention
+            out, probs = _attention(
+                layer.norm1(x),
+                attention.q_proj,
+                attention.k_proj,
+                attention.v_proj,
+                attention.o_proj,
+                attention.num_attention_heads,
+            )
+            x = x + out * layer.layer_scale1.lambda1
+            if index in reduction_layers:
+                x, kept, positions = _reorganize(x, probs, prefix, keep_rate, fuse, positions)
+                kept_per_layer.append(kept)
+            x = x + layer.mlp(layer.norm2(x)) * layer.layer_scale2.lambda1
+        finals.append(base_model.layernorm(x))
+        kept_per_image.append(kept_per_layer)
+    return finals, kept_per_image, prefix
+
+
+def reference_outputs(family, stock, pixel_values, keep_rate, reduction_layers, fuse, input_ids=None):
+    """The spec's outputs of `stock` (a stock model of `family`), by output field name, and the kept patch indices per
+    image and reduction layer.
+
+    CLIP vision tower: the final tokens and `post_layernorm` of the class token; with projection: the image
+    embeddings; CLIP: the image embeddings and the logits per image; DINOv2 base models: the final tokens after the
+    final norm and the class token among them; DINOv2 classifiers: the logits of `[class token, mean of the other
+    non-prefix tokens]`.
+    """
+    if family.startswith("clip"):
+        vision_model = stock.vision_model if hasattr(stock, "vision_model") else stock
+        finals, pooled, kept = reference_clip_vision(vision_model, pixel_values, keep_rate, reduction_layers, fuse)
+        if family == "clip-vision":
+            return {"last_hidden_state": torch.stack(finals), "pooler_output": pooled}, kept
+        image_embeds = stock.visual_projection(pooled)
+        if family == "clip-vision-projection":
+            return {"image_embeds": image_embeds}, kept
+        text_embeds = stock.get_text_features(input_ids=input_ids).pooler_output
+        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+        text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+        logits_per_image = stock.logit_scale.exp() * image_embeds @ text_embeds.T
+        return {"image_embeds": image_embeds, "logits_per_image": logits_per_image}, kept
+    finals, kept, prefix = reference_dinov2(stock.base_model, pixel_values, keep_rate, reduction_layers, fuse)
+    if hasattr(stock, "classifier"):
+        features = [torch.cat([x[0], x[prefix:].mean(0)]) for x in finals]
+        return {"logits": stock.classifier(torch.stack(features))}, kept
+    return {"last_hidden_state": torch.stack(finals), "pooler_output": torch.stack([x[0] for x in finals])}, kept
