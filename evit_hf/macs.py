@@ -10,17 +10,49 @@ def _pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, Iterable) else (value, value)
 
 
+def _architectures(config) -> str:
+    return "".join(getattr(config, "architectures", None) or [])
+
+
+def _head_macs(config, vision_config, dim: int) -> int:
+    """The linear heads on the final tokens, by family and (where a family has several) by `config.architectures`."""
+    model_type = vision_config.model_type
+    if vision_config is not config:  # CLIP: the image embeddings' projection
+        return dim * config.projection_dim
+    if "clip" in model_type:  # a vision tower alone: its projection only in the model with projection
+        return dim * config.projection_dim if "WithProjection" in _architectures(config) else 0
+    if "dinov2" in model_type:  # the classifier reads [class token, mean of the other tokens]: 2 * dim inputs
+        return 2 * dim * max(config.num_labels, 0) if "ForImageClassification" in _architectures(config) else 0
+    heads = 2 if "WithTeacher" in _architectures(config) else 1
+    return heads * dim * max(config.num_labels, 0)
+
+
+def _mlp_macs_per_token(config) -> int:
+    if "dinov2" not in config.model_type:
+        return 2 * config.hidden_size * config.intermediate_size
+    hidden_features = int(config.hidden_size * config.mlp_ratio)
+    if getattr(config, "use_swiglu_ffn", False):  # gate, up and down projections, two thirds of the width
+        hidden_features = (int(hidden_features * 2 / 3) + 7) // 8 * 8
+        return 3 * config.hidden_size * hidden_features
+    return 2 * config.hidden_size * hidden_features
+
+
 def count_macs(config, image_size: int | tuple[int, int] | None = None, keep_rate: float | None = None) -> int:
-    """Multiply-accumulates of one image through the patch embedding, the layers and the classification head.
+    """Multiply-accumulates of one image through the patch embedding, the layers and the head.
 
     Counted: the patch-embedding convolution; per layer the query/key/value and output projections, the two attention
-    products (`tokens x tokens x dim` each) and the MLP; the reorganization's fusion (`candidates x dim`); the head
-    (two heads for a distilled DeiT with teacher). Layer norms, softmax, GELU and biases are not counted, as usual.
+    products (`tokens x tokens x dim` each) and the MLP; the reorganization's fusion (`candidates x dim`); the head:
+    the classifier of ViT/DeiT (two heads for a distilled DeiT with teacher) and of the DINOv2 classifiers (on the
+    class token and the mean of the others), the image projection of CLIP models. Layer norms, softmax, GELU, layer
+    scales, means and biases are not counted, as usual. For CLIP models only the vision tower is counted (the text
+    tower runs once per text, not per image).
 
     Args:
-        config ([`ViTConfig`], [`DeiTConfig`], [`EViTConfig`] or [`EViTDeiTConfig`]):
-            The model's configuration. A plain ViT/DeiT configuration counts as EViT with the paper's reduction layers
-            when `keep_rate` is given, as the stock model otherwise.
+        config ([`PreTrainedConfig`]):
+            The model's configuration: ViT, DeiT, CLIP (whole or vision tower), DINOv2 (with or without registers), or
+            the EViT configuration of one. A plain configuration counts as EViT with the paper's reduction layers when
+            `keep_rate` is given, as the stock model otherwise. `config.architectures` says which head a family's
+            model has (DeiT with teacher; CLIP vision tower with projection; DINOv2 classifier).
         image_size (`int` or `tuple[int, int]`, *optional*):
             Input size; defaults to `config.image_size`.
         keep_rate (`float`, *optional*):
@@ -29,19 +61,23 @@ def count_macs(config, image_size: int | tuple[int, int] | None = None, keep_rat
     Returns:
         `int`: the count (DeiT-S at 224 px: 4.60e9 at keep 1, 3.03e9 at keep 0.7).
     """
-    height, width = _pair(image_size if image_size is not None else config.image_size)
-    patch_height, patch_width = _pair(config.patch_size)
+    # CLIP: the vision tower, where the EViT settings live too.
+    vision_config = getattr(config, "vision_config", None) or config
+    height, width = _pair(image_size if image_size is not None else vision_config.image_size)
+    patch_height, patch_width = _pair(vision_config.patch_size)
     num_patches = (height // patch_height) * (width // patch_width)
-    dim, mlp_dim, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    num_prefix_tokens = 2 if config.model_type in ("deit", "evit_deit") else 1
+    dim, layers = vision_config.hidden_size, vision_config.num_hidden_layers
+    num_prefix_tokens = 2 if vision_config.model_type in ("deit", "evit_deit") else 1
+    num_prefix_tokens += getattr(vision_config, "num_register_tokens", 0)  # DINOv2 with registers
     if keep_rate is None:
-        keep_rate = getattr(config, "keep_rate", 1.0)
-    reduction_layers = getattr(config, "reduction_layers", None) or default_reduction_layers(layers)
-    if not hasattr(config, "reduction_layers") and keep_rate == 1.0:
+        keep_rate = getattr(vision_config, "keep_rate", 1.0)
+    reduction_layers = getattr(vision_config, "reduction_layers", None) or default_reduction_layers(layers)
+    if not hasattr(vision_config, "reduction_layers") and keep_rate == 1.0:
         reduction_layers = []
-    fuse = getattr(config, "fuse_inattentive_tokens", True)
+    fuse = getattr(vision_config, "fuse_inattentive_tokens", True)
+    mlp_macs_per_token = _mlp_macs_per_token(vision_config)
 
-    macs = num_patches * config.num_channels * patch_height * patch_width * dim  # patch embedding
+    macs = num_patches * vision_config.num_channels * patch_height * patch_width * dim  # patch embedding
     tokens = num_prefix_tokens + num_patches
     for index in range(layers):
         macs += 4 * tokens * dim * dim + 2 * tokens * tokens * dim  # projections, attention products
@@ -51,9 +87,8 @@ def count_macs(config, image_size: int | tuple[int, int] | None = None, keep_rat
             if kept < candidates:
                 macs += candidates * dim if fuse else 0  # the fused token
                 tokens = num_prefix_tokens + kept + int(fuse)
-        macs += 2 * tokens * dim * mlp_dim  # MLP
-    heads = 2 if "WithTeacher" in "".join(getattr(config, "architectures", None) or []) else 1
-    return macs + heads * dim * max(config.num_labels, 0)
+        macs += tokens * mlp_macs_per_token  # MLP
+    return macs + _head_macs(config, vision_config, dim)
 
 
 __all__ = ["count_macs"]

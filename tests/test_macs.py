@@ -6,7 +6,7 @@ from transformers import DeiTConfig, ViTConfig
 import evit_hf
 from evit_hf import EViTConfig, EViTDeiTConfig, count_macs
 
-from .model_builders import DEIT_SMALL, TINY
+from .model_builders import DEIT_SMALL, ENCODER_FAMILIES, TINY
 
 
 DEIT_S = {**DEIT_SMALL, "num_labels": 1000}
@@ -176,3 +176,58 @@ def test_deit_small_macs_exactly(
     assert count_macs(config, keep_rate=keep_rate) == expected
     if giga_macs is not None and prefix == 1:  # the spec's figures are for one prefix token and one head
         assert round(expected / 1e9, 2) == giga_macs
+
+
+# CLIP and DINOv2: the tiny tower (64 patches, 4 layers, reduction layers 1, 2, 3), each family's head by architecture.
+ENCODER_MACS = {
+    # family: (architecture, head MACs: CLIP projection 32 x 16; DINOv2 classifier 2 x 32 inputs x 5 labels)
+    "clip-vision": ("EViTCLIPVisionModel", 0),
+    "clip-vision-projection": ("EViTCLIPVisionModelWithProjection", 32 * 16),
+    "clip": ("EViTCLIPModel", 32 * 16),
+    "dinov2-base": ("EViTDinov2Model", 0),
+    "dinov2-classifier": ("EViTDinov2ForImageClassification", 2 * 32 * 5),
+    "dinov2-registers-classifier": ("EViTDinov2WithRegistersForImageClassification", 2 * 32 * 5),
+}
+
+
+def encoder_model(family, fuse, **config_overrides):
+    _, evit_class, _, config_class, settings, _ = ENCODER_FAMILIES[family]
+    config = config_class(
+        **settings,
+        **config_overrides,
+        fuse_inattentive_tokens=fuse,
+        architectures=[ENCODER_MACS[family][0]],
+        attn_implementation="eager",
+    )
+    return evit_class(config).eval()
+
+
+@pytest.mark.parametrize("family", ENCODER_MACS)
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "dropped"])
+@pytest.mark.parametrize("keep_rate", [1.0, 0.5, 0.25])
+def test_encoder_macs_are_what_the_model_computes(family, fuse, keep_rate):
+    # The multiply-adds torch counts in one eager forward pass of the image side of the model itself.
+    model = encoder_model(family, fuse)
+    image = torch.zeros(1, 3, TINY["image_size"], TINY["image_size"])
+    forward = model.get_image_features if family == "clip" else model
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        forward(image, keep_rate=keep_rate)
+    assert counter.get_total_flops() % 2 == 0
+    assert count_macs(model.config, keep_rate=keep_rate) == counter.get_total_flops() // 2
+
+
+def test_dinov2_swiglu_macs_are_what_the_model_computes():
+    model = encoder_model("dinov2-classifier", True, use_swiglu_ffn=True)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, TINY["image_size"], TINY["image_size"]), keep_rate=0.5)
+    assert count_macs(model.config, keep_rate=0.5) == counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("family, prefix", [("dinov2-classifier", 1), ("dinov2-registers-classifier", 4)])
+def test_dinov2_macs_by_hand(family, prefix):
+    # 64 candidates keep 32 (+1 fused) -> 33 keep 17 (+1) -> 18 keep 9 (+1); the prefix tokens are never candidates.
+    config = encoder_model(family, True).config
+    attention_tokens = [prefix + n for n in (64, 64, 33, 18)]
+    mlp_tokens = [prefix + n for n in (64, 33, 18, 10)]
+    expected = macs_by_hand(attention_tokens, mlp_tokens, [64, 33, 18], 2, 32, 128, 64 * 3 * 4 * 4 * 32, 5)
+    assert count_macs(config, keep_rate=0.5) == expected
