@@ -21,12 +21,24 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, ViTConfig, ViTForImageClassification
+from transformers import (
+    AutoConfig,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from .cli import one_line, writable_folder_problem
-from .configuration_evit import EViTConfig
+from .configuration_evit import EViTCLIPVisionConfig, EViTConfig, EViTDinov2Config
 from .macs import count_macs
-from .modeling_evit import EViTForImageClassification
+from .modeling_evit import (
+    EViTCLIPVisionModelWithProjection,
+    EViTDinov2ForImageClassification,
+    EViTForImageClassification,
+)
 from .token_reorganization import class_token_attention, reorganize_tokens, track_token_positions
 
 
@@ -36,7 +48,28 @@ SHAPES = {
     "deit-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
     "deit-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "vit-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    # openai/clip-vit-base-patch16's vision tower and projection (197 tokens at 224 px).
+    "clip-vit-b16": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, projection_dim=512,
+        patch_size=16, layer_norm_eps=1e-5,
+    ),
+    # facebook/dinov2-small with an ImageNet classifier, at 224 px: 16 x 16 patches of 14 px (257 tokens).
+    "dinov2-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14),
+}  # fmt: skip
+# The classes each family benchmarks: (stock config, stock model, EViT config, EViT model).
+FAMILY_CLASSES = {
+    "vit": (ViTConfig, ViTForImageClassification, EViTConfig, EViTForImageClassification),
+    "clip": (CLIPVisionConfig, CLIPVisionModelWithProjection, EViTCLIPVisionConfig, EViTCLIPVisionModelWithProjection),
+    "dinov2": (Dinov2Config, Dinov2ForImageClassification, EViTDinov2Config, EViTDinov2ForImageClassification),
 }
+SHAPE_FAMILIES = {"clip-vit-b16": "clip", "dinov2-small": "dinov2"}
+
+
+def model_family(model: str) -> str:
+    """The family of a named shape: "vit", "clip" or "dinov2" (checkpoint folders are ViT models)."""
+    return SHAPE_FAMILIES.get(model, "vit")
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -102,6 +135,12 @@ class BenchmarkSettings:
             raise InvalidBenchmarkSetting(
                 "rounds", f"the number of timed rounds is a whole number >= 1, got {self.rounds}"
             )
+        if "train" in self.modes and model_family(self.model) == "clip":
+            raise InvalidBenchmarkSetting(
+                "modes",
+                f"train needs a classification loss; {self.model} is a CLIP vision tower with projection and has "
+                "none: use inference",
+            )
         for device in self.devices:
             problem = device_problem(device)
             if problem:
@@ -123,7 +162,7 @@ def _is_whole(value) -> bool:
 def model_patch_size(model: str) -> int:
     """The patch size of a named shape or of a ViT checkpoint folder; `InvalidBenchmarkSetting` for anything else."""
     if model in SHAPES:
-        return 16
+        return SHAPES[model].get("patch_size", 16)
     if not os.path.isdir(model):
         raise InvalidBenchmarkSetting(
             "model", f"must be one of {', '.join(SHAPES)} or a checkpoint folder; {model!r} is neither"
@@ -201,7 +240,7 @@ def attn_implementation_problem(attn_implementation: str) -> str | None:
 def model_config_settings(model: str, image_size: int) -> dict:
     """Keyword arguments of a ViT configuration of the named shape, or of a checkpoint folder, at `image_size`."""
     if model in SHAPES:
-        return dict(SHAPES[model], image_size=image_size, patch_size=16, num_labels=1000, layer_norm_eps=1e-6)
+        return dict(dict(patch_size=16, num_labels=1000, layer_norm_eps=1e-6), **SHAPES[model], image_size=image_size)
     config = AutoConfig.from_pretrained(model)
     if config.model_type not in ("vit", "evit"):
         raise ValueError(f"The benchmark builds ViT-family models; {model} is {config.model_type!r}.")
@@ -217,11 +256,13 @@ def build_models(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
 ):
-    """A stock `ViTForImageClassification` and an EViT classifier of the same shape and weights, in eval mode."""
+    """A stock model and its EViT model of the same shape and weights, in eval mode: `ViTForImageClassification`,
+    `CLIPVisionModelWithProjection` or `Dinov2ForImageClassification` by the shape's family."""
     settings = model_config_settings(model, image_size)
+    stock_config_class, stock_class, evit_config_class, evit_class = FAMILY_CLASSES[model_family(model)]
     torch.manual_seed(seed)
-    stock = ViTForImageClassification(ViTConfig(**settings, attn_implementation=attn_implementation))
-    evit = EViTForImageClassification(EViTConfig(**settings, attn_implementation=attn_implementation))
+    stock = stock_class(stock_config_class(**settings, attn_implementation=attn_implementation))
+    evit = evit_class(evit_config_class(**settings, attn_implementation=attn_implementation))
     evit.load_state_dict(stock.state_dict())
     return stock.to(device, dtype).eval(), evit.to(device, dtype).eval()
 
@@ -367,7 +408,7 @@ def _run_group(settings: BenchmarkSettings, group: dict, bar) -> list[dict]:
                 timings[index].append(time.perf_counter() - start)
         bar.update(1)
 
-    config = EViTConfig(**model_config_settings(settings.model, image_size))
+    config = macs_config(settings.model, image_size)
     stock_macs = count_macs(config, image_size=image_size, keep_rate=1.0)
     stock_median = statistics.median(timings[0])
     peaks = [None] * len(variants)
@@ -403,6 +444,12 @@ def _run_group(settings: BenchmarkSettings, group: dict, bar) -> list[dict]:
     return rows
 
 
+def macs_config(model: str, image_size: int):
+    """The EViT configuration of the benchmarked model, naming its architecture (its head, for `count_macs`)."""
+    _, _, evit_config_class, evit_class = FAMILY_CLASSES[model_family(model)]
+    return evit_config_class(**model_config_settings(model, image_size), architectures=[evit_class.__name__])
+
+
 def resolution_comparison(
     model: str = "deit-small",
     keep_rate: float = 0.7,
@@ -430,11 +477,11 @@ def resolution_comparison(
                 if round_index >= warmup:
                     timings[key].append(time.perf_counter() - start)
     reference = statistics.median(timings[("stock", reference_image_size)])
-    reference_macs = count_macs(stock.config, image_size=reference_image_size)
+    reference_macs = count_macs(macs_config(model, reference_image_size), keep_rate=1.0)
     rows = []
     for (variant, size), seconds in timings.items():
         net, _, rate = runners[(variant, size)]
-        macs = count_macs(net.config, image_size=size, keep_rate=rate or 1.0)
+        macs = count_macs(macs_config(model, size), keep_rate=rate or 1.0)
         rows.append(
             dict(
                 variant=variant,
@@ -633,6 +680,9 @@ def main(argv=None) -> dict:
         )
         if args.resolutions:
             check_image_sizes(args.resolutions, model_patch_size(args.model), args.model, field_name="resolutions")
+        for option, asked in (("overhead", args.overhead), ("backend_difference", args.backend_difference)):
+            if asked and model_family(args.model) != "vit":
+                raise InvalidBenchmarkSetting(option, f"measures ViT shapes only; {args.model} is not one")
     except InvalidBenchmarkSetting as error:
         parser.error(f"argument {error.option}: {error.problem}")
     if args.output_dir is not None:

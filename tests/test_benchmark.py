@@ -5,7 +5,16 @@ import pytest
 import torch
 from transformers import ViTConfig
 
-from evit_hf.benchmark import BenchmarkSettings, InvalidBenchmarkSetting, reorganization_overhead, run_benchmark
+from evit_hf import count_macs
+from evit_hf.benchmark import (
+    BenchmarkSettings,
+    InvalidBenchmarkSetting,
+    build_models,
+    macs_config,
+    model_patch_size,
+    reorganization_overhead,
+    run_benchmark,
+)
 from evit_hf.benchmark import main as benchmark_main
 
 from .model_builders import stock_and_evit
@@ -88,3 +97,30 @@ def test_cuda_bf16_forward_matches_fp32(pixel_values):
         reference = evit(pixel_values).logits
         half = evit.to("cuda", torch.bfloat16)(pixel_values.to("cuda", torch.bfloat16)).logits
     torch.testing.assert_close(half.float().cpu(), reference, atol=0.15, rtol=0.05)
+
+
+@pytest.mark.parametrize("model, image_size, tokens", [("clip-vit-b16", 64, 17), ("dinov2-small", 56, 17)])
+def test_benchmark_knows_clip_and_dinov2_shapes(model, image_size, tokens):
+    settings = BenchmarkSettings(
+        model=model, keep_rates=[0.5], batch_sizes=[1], image_sizes=[image_size], rounds=1, warmup=0,
+        measure_memory=False,
+    )  # fmt: skip
+    stock, evit = build_models(model, image_size)
+    assert type(evit).__name__ == "EViT" + type(stock).__name__
+    assert stock.config.patch_size == model_patch_size(model)
+    with torch.no_grad():
+        assert (
+            evit(torch.zeros(1, 3, image_size, image_size), output_hidden_states=True).hidden_states[0].shape[1]
+            == tokens
+        )
+    rows = run_benchmark(settings, progress=False)["rows"]
+    config = macs_config(model, image_size)
+    assert rows[1]["macs_ratio"] == count_macs(config, keep_rate=1.0) / count_macs(config, keep_rate=0.5) > 1
+
+
+def test_benchmark_refuses_what_a_family_cannot_run(capsys):
+    with pytest.raises(InvalidBenchmarkSetting, match="train needs a classification loss; clip-vit-b16"):
+        BenchmarkSettings(model="clip-vit-b16", modes=["train"])
+    with pytest.raises(SystemExit):
+        benchmark_main(["--model", "dinov2-small", "--overhead"])
+    assert "argument --overhead: measures ViT shapes only; dinov2-small" in capsys.readouterr().err
