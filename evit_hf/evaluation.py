@@ -111,9 +111,10 @@ def evaluate_keep_rates(
             Data-loader worker processes that decode and transform (0: the calling process does). Items and
             `collate_fn` must be picklable where workers are spawned rather than forked (macOS, Windows).
         dtype (`torch.dtype` or `str`, *optional*):
-            float32 (default), bfloat16 or float16 (CUDA only). Half precisions run under `torch.autocast`: weights
-            stay float32, matrix products run in half precision, and the operations autocast keeps in float32
-            (softmax, layer norm; EViT scores tokens in float32) stay there, on CPU as on CUDA.
+            float32 (default), bfloat16 or float16 (CUDA only). Half precisions run under `torch.autocast`, on CPU
+            as on CUDA, rather than casting the model: the weights stay float32, the matrix products run in half
+            precision, and the residual stream stays float32 (a float32 input plus a half-precision branch is
+            float32). CUDA autocast also keeps softmax and layer norm in float32; EViT scores tokens in float32.
         distributed (`bool`, *optional*, defaults to `False`):
             Every process of the initialized `torch.distributed` group calls this with the same arguments; each runs
             its part of the data (no sample is repeated to even out the parts) and every process gets the rows of the
