@@ -8,6 +8,7 @@ layers and attention modules change class; layers that reorganize nothing run th
 This file is copied next to the weights by `save_pretrained`, so it only uses relative imports.
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -113,14 +114,32 @@ class _CheckpointKeyNamesMixin:
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         own_keys = self.state_dict().keys()
         if not own_keys >= state_dict.keys():
-            transforms = get_model_conversion_mapping(self)
-            renamings = [transform for transform in transforms if isinstance(transform, WeightRenaming)]
-            converters = [transform for transform in transforms if isinstance(transform, WeightConverter)]
-            state_dict = {
-                key if key in own_keys else rename_source_key(key, renamings, converters)[0]: tensor
-                for key, tensor in state_dict.items()
-            }
+            state_dict = self._in_current_key_names(state_dict, own_keys)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _in_current_key_names(self, state_dict, own_keys) -> dict:
+        """The state dict through transformers' conversion mapping for this model, as `from_pretrained` applies it:
+        renamings change a key, converters also change tensors (DINOv2's SwiGLU `weights_in` is split in two)."""
+        transforms = get_model_conversion_mapping(self)
+        renamings = [transform for transform in transforms if isinstance(transform, WeightRenaming)]
+        converters = [transform for transform in transforms if isinstance(transform, WeightConverter)]
+        by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
+        converted, pending = {}, {}
+        for key, tensor in state_dict.items():
+            if key in own_keys:
+                converted[key] = tensor
+                continue
+            new_key, pattern = rename_source_key(key, renamings, converters)
+            if pattern is None:
+                converted[new_key] = tensor
+            else:  # every source of one target goes to one converter instance
+                pending.setdefault(new_key, copy.deepcopy(by_pattern[pattern])).add_tensor(
+                    new_key, key, pattern, tensor
+                )
+        for target, converter in pending.items():
+            for name, tensor in converter.convert(target, model=self, config=self.config).items():
+                converted[name] = tensor[0] if isinstance(tensor, list) else tensor
+        return converted
 
 
 KEPT_TOKEN_INDICES_DOC = """

@@ -371,3 +371,21 @@ def test_remote_code_loads_every_family_without_evit_hf(tmp_path, pixel_values):
         assert all(
             torch.equal(a, b) for a, b in zip(results[family]["kept"], expected.kept_token_indices, strict=True)
         )
+
+
+def test_swiglu_checkpoints_load_with_a_plain_load_state_dict(tmp_path):
+    # DINOv2-giant's SwiGLU MLP is saved as one `weights_in` tensor that the current layout splits in two: the
+    # resume path (`load_state_dict`) must split it as `from_pretrained` does, not report it missing.
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    config = Dinov2Config(**{**TINY_DINOV2, "use_swiglu_ffn": True, "num_labels": 3})
+    torch.manual_seed(0)
+    evit = evit_hf.apply_evit(Dinov2ForImageClassification(config), keep_rate=0.5)
+    evit.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert any("mlp.weights_in" in key for key in saved)  # the old, fused layout
+    torch.manual_seed(1)
+    fresh = evit_hf.apply_evit(Dinov2ForImageClassification(config), keep_rate=0.5)
+    fresh.load_state_dict(saved)
+    for name, tensor in evit.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name
