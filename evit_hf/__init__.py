@@ -13,6 +13,7 @@ from .configuration_evit import (
 from .conversion import convert_timm_checkpoint
 from .data import digits_dataset
 from .evaluation import evaluate_keep_rates, results_markdown
+from .image_processing_evit import EViTImageProcessor
 from .keep_rate_schedule import KeepRateScheduler, scheduled_keep_rate
 from .macs import count_macs
 from .metrics import Accuracy, TopKAccuracy, classification_metrics
@@ -68,6 +69,7 @@ __all__ = [
     "EViTDinov2WithRegistersModel",
     "EViTForImageClassification",
     "EViTImageClassifierOutput",
+    "EViTImageProcessor",
     "EViTModel",
     "EViTModelOutput",
     "KeepRateScheduler",

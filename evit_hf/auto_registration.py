@@ -2,6 +2,7 @@
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForZeroShotImageClassification,
@@ -15,6 +16,7 @@ from .configuration_evit import (
     EViTDinov2Config,
     EViTDinov2WithRegistersConfig,
 )
+from .image_processing_evit import EViTImageProcessor
 from .modeling_evit import (
     EViTCLIPModel,
     EViTCLIPVisionModel,
@@ -70,3 +72,9 @@ def register_evit_auto_classes() -> None:
                 model_class.register_for_auto_class(auto_class.__name__)
     # Like stock CLIP, the zero-shot pipeline's Auto class; the saved `auto_map` names AutoModel.
     AutoModelForZeroShotImageClassification.register(EViTCLIPConfig, EViTCLIPModel, exist_ok=True)
+
+    # Converted reference checkpoints save EViTImageProcessor (the reference's crop); their preprocessor_config.json
+    # names it, and gets an `auto_map` and the code for processes without evit_hf.
+    for config_class in (EViTConfig, EViTDeiTConfig):
+        AutoImageProcessor.register(config_class, image_processor_classes={"pil": EViTImageProcessor}, exist_ok=True)
+    EViTImageProcessor.register_for_auto_class("AutoImageProcessor")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .image_processing_evit import EViTImageProcessor
+
 
 # The reference's evaluation transform: resize the shorter side to int(input_size / crop share), center crop.
 CROP_SHARE = 0.875
@@ -242,13 +244,13 @@ def reference_image_processor(input_size: int):
     """The reference's evaluation transform as a transformers image processor: resize the shorter side to
     `int(input_size / 0.875)` (bicubic), center crop `input_size`, normalize with the ImageNet mean and std.
 
-    The PIL `DeiTImageProcessorPil` (no torchvision needed); it saves as `DeiTImageProcessor`, which
-    `AutoImageProcessor` loads back with either backend.
+    [`EViTImageProcessor`]: DeiT's PIL image processor (no torchvision needed) with the reference's placement of the
+    center crop, to the pixel. `save_pretrained` writes its code next to the configuration, so that
+    `AutoImageProcessor` loads it with evit_hf imported, or with `trust_remote_code=True`.
     """
-    from transformers import DeiTImageProcessorPil
     from transformers.image_utils import PILImageResampling
 
-    return DeiTImageProcessorPil(
+    return EViTImageProcessor(
         do_resize=True,
         size={"shortest_edge": int(input_size / CROP_SHARE)},
         resample=PILImageResampling.BICUBIC,
@@ -431,7 +433,7 @@ Image processor: the reference's evaluation transform (shorter side resized to {
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 model = AutoModelForImageClassification.from_pretrained("{{ repo_id }}", trust_remote_code=True)
-processor = AutoImageProcessor.from_pretrained("{{ repo_id }}")
+processor = AutoImageProcessor.from_pretrained("{{ repo_id }}", trust_remote_code=True)
 outputs = model(**processor(images=image, return_tensors="pt"))
 outputs = model(**processor(images=image, return_tensors="pt"), keep_rate=0.5)  # faster, per call
 ```

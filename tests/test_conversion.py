@@ -154,7 +154,8 @@ def test_reference_training_checkpoint(checkpoint_file, tmp_path, pixels):
     assert_matches_reference(model, training_checkpoint()["model"], pixels, 0.6, [0, 2], True)
 
     files = set(os.listdir(folder))
-    assert {"model.safetensors", "config.json", "modeling_evit.py", "preprocessor_config.json", "README.md"} <= files
+    expected = {"model.safetensors", "config.json", "modeling_evit.py", "preprocessor_config.json", "README.md"}
+    assert expected | {"image_processing_evit.py"} <= files
     assert not any(name.endswith((".bin", ".pth")) for name in files)
     assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForImageClassification"] == (
         "modeling_evit.EViTForImageClassification"
@@ -224,11 +225,11 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
     import sys, torch
     from transformers import AutoImageProcessor, AutoModelForImageClassification
     model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    processor = AutoImageProcessor.from_pretrained(sys.argv[1])
+    processor = AutoImageProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
     assert "evit_hf" not in sys.modules, "evit_hf was imported"
     with torch.no_grad():
         logits = model(torch.load(sys.argv[2])).logits
-    torch.save({"logits": logits, "class": type(model).__name__, "crop": processor.crop_size["height"]}, sys.argv[3])
+    torch.save({"logits": logits, "class": type(model).__name__, "processor": type(processor).__name__}, sys.argv[3])
     """
 )
 
@@ -246,7 +247,7 @@ def test_folder_loads_as_remote_code_without_evit_hf(checkpoint_file, tmp_path, 
         check=True,
     )
     result = torch.load(tmp_path / "out.pt")
-    assert (result["class"], result["crop"]) == ("EViTForImageClassification", IMAGE_SIZE)
+    assert (result["class"], result["processor"]) == ("EViTForImageClassification", "EViTImageProcessor")
     with torch.no_grad():
         torch.testing.assert_close(result["logits"], model(pixels).logits, rtol=0, atol=0)
 
@@ -300,13 +301,15 @@ def test_image_processor_is_the_reference_transform(photo, processor_folder, siz
     torch.testing.assert_close(pixel_values, expected, rtol=0, atol=1e-5)
 
 
-def test_image_processor_crops_one_pixel_earlier_where_half_the_margin_rounds_up(photo, processor_folder):
-    # 640 x 427 resizes to 383 x 256: the reference crops at round(159 / 2) = 80, transformers at 159 // 2 = 79.
-    # A known one-pixel difference of transformers' center crop, here so that a change in either shows.
+def test_image_processor_crops_where_the_reference_crops(photo, processor_folder):
+    # 640 x 427 resizes to 383 x 256: the reference crops at round(159 / 2) = 80, where transformers' own center crop
+    # (159 // 2 = 79) would start one pixel earlier.
     processor = AutoImageProcessor.from_pretrained(processor_folder)
+    assert type(processor) is evit_hf.EViTImageProcessor
     pixel_values = processor(images=photo, return_tensors="pt").pixel_values[0]
-    torch.testing.assert_close(pixel_values, evaluation_transform(photo, 224, floor_crop_offset), rtol=0, atol=1e-5)
-    assert not torch.allclose(pixel_values, evaluation_transform(photo, 224, reference_crop_offset), atol=1e-2)
+    expected = evaluation_transform(photo, 224, reference_crop_offset)
+    torch.testing.assert_close(pixel_values, expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(pixel_values, evaluation_transform(photo, 224, floor_crop_offset), atol=1e-2)
 
 
 def test_imagenet_labels_ship_with_the_package():
