@@ -524,29 +524,8 @@ def _classification_heads(config) -> nn.Module:
     return nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
 
 
-class EViTForImageClassification(_CheckpointKeyNamesMixin, ViTForImageClassification):
-    """ViT (or non-distilled DeiT) image classifier with EViT token reorganization; keys are
-    [`ViTForImageClassification`]'s.
-
-    Example:
-
-    ```python
-    >>> from evit_hf import EViTForImageClassification
-
-    >>> model = EViTForImageClassification.from_pretrained("facebook/deit-small-patch16-224", keep_rate=0.7)
-    >>> outputs = model(pixel_values)  # outputs.logits, outputs.kept_token_indices
-    >>> outputs = model(pixel_values, keep_rate=0.5)  # same weights, fewer tokens
-    ```
-    """
-
-    config_class = EViTConfig
-
-    def __init__(self, config: EViTConfig):
-        ViTPreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.vit = EViTModel(config, add_pooling_layer=False)
-        self.classifier = _classification_heads(config)
-        self.post_init()
+class _ClassTokenClassifierMixin:
+    """The forward of the ViT and DeiT classifiers: a linear head on the class token."""
 
     @can_return_tuple
     def forward(
@@ -558,7 +537,7 @@ class EViTForImageClassification(_CheckpointKeyNamesMixin, ViTForImageClassifica
         keep_rate: float | None = None,
         **kwargs,
     ) -> EViTImageClassifierOutput:
-        outputs = self.vit(
+        outputs = self.base_model(
             pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
             attention_mask=attention_mask,
@@ -584,7 +563,32 @@ class EViTForImageClassification(_CheckpointKeyNamesMixin, ViTForImageClassifica
     )
 
 
-class EViTDeiTForImageClassification(_CheckpointKeyNamesMixin, DeiTForImageClassification):
+class EViTForImageClassification(_ClassTokenClassifierMixin, _CheckpointKeyNamesMixin, ViTForImageClassification):
+    """ViT (or non-distilled DeiT) image classifier with EViT token reorganization; keys are
+    [`ViTForImageClassification`]'s.
+
+    Example:
+
+    ```python
+    >>> from evit_hf import EViTForImageClassification
+
+    >>> model = EViTForImageClassification.from_pretrained("facebook/deit-small-patch16-224", keep_rate=0.7)
+    >>> outputs = model(pixel_values)  # outputs.logits, outputs.kept_token_indices
+    >>> outputs = model(pixel_values, keep_rate=0.5)  # same weights, fewer tokens
+    ```
+    """
+
+    config_class = EViTConfig
+
+    def __init__(self, config: EViTConfig):
+        ViTPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.vit = EViTModel(config, add_pooling_layer=False)
+        self.classifier = _classification_heads(config)
+        self.post_init()
+
+
+class EViTDeiTForImageClassification(_ClassTokenClassifierMixin, _CheckpointKeyNamesMixin, DeiTForImageClassification):
     """DeiT image classifier (class head only) with EViT token reorganization; keys are
     [`DeiTForImageClassification`]'s."""
 
@@ -596,35 +600,6 @@ class EViTDeiTForImageClassification(_CheckpointKeyNamesMixin, DeiTForImageClass
         self.deit = EViTDeiTModel(config, add_pooling_layer=False)
         self.classifier = _classification_heads(config)
         self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool | None = None,
-        attention_mask: torch.Tensor | None = None,
-        keep_rate: float | None = None,
-        **kwargs,
-    ) -> EViTImageClassifierOutput:
-        outputs = self.deit(
-            pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            attention_mask=attention_mask,
-            keep_rate=keep_rate,
-            **kwargs,
-        )
-        logits = self.classifier(outputs.last_hidden_state[:, 0, :])
-        loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
-        return EViTImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            kept_token_indices=outputs.kept_token_indices,
-        )
-
-    forward.__doc__ = EViTForImageClassification.forward.__doc__
 
 
 class EViTDeiTForImageClassificationWithTeacher(_CheckpointKeyNamesMixin, DeiTForImageClassificationWithTeacher):
