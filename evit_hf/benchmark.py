@@ -55,6 +55,7 @@ SHAPES = {
     ),
     # facebook/dinov2-small with an ImageNet classifier, at 224 px: 16 x 16 patches of 14 px (257 tokens).
     "dinov2-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14),
+    "dinov2-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, patch_size=14),
 }  # fmt: skip
 # The classes each family benchmarks: (stock config, stock model, EViT config, EViT model).
 FAMILY_CLASSES = {
@@ -62,7 +63,7 @@ FAMILY_CLASSES = {
     "clip": (CLIPVisionConfig, CLIPVisionModelWithProjection, EViTCLIPVisionConfig, EViTCLIPVisionModelWithProjection),
     "dinov2": (Dinov2Config, Dinov2ForImageClassification, EViTDinov2Config, EViTDinov2ForImageClassification),
 }
-SHAPE_FAMILIES = {"clip-vit-b16": "clip", "dinov2-small": "dinov2"}
+SHAPE_FAMILIES = {"clip-vit-b16": "clip", "dinov2-small": "dinov2", "dinov2-base": "dinov2"}
 
 
 def model_family(model: str) -> str:
