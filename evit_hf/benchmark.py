@@ -394,7 +394,8 @@ def _run_group(settings: BenchmarkSettings, group: dict, bar) -> list[dict]:
         stock, evit = torch.compile(stock), torch.compile(evit)
     generator = torch.Generator().manual_seed(settings.seed)
     pixel_values = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device, dtype)
-    labels = torch.randint(0, 1000, (batch_size,), generator=generator).to(device)
+    # Labels within the head (a checkpoint folder may have any number of classes): the loss of a training step.
+    labels = torch.randint(0, stock.config.num_labels, (batch_size,), generator=generator).to(device)
 
     variants = [("stock", None, stock)] + [("evit", keep_rate, evit) for keep_rate in settings.keep_rates]
     steps = [_step_function(model, pixel_values, labels, mode, keep_rate) for _, keep_rate, model in variants]

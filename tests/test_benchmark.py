@@ -62,6 +62,16 @@ def test_compiled_benchmark_runs(tmp_path):
     assert all(row["images_per_s"] > 0 for row in rows) and rows[1]["macs_ratio"] > 1
 
 
+def test_training_step_of_a_checkpoint_folder_draws_labels_of_its_head(tmp_path):
+    ViTConfig(**TWO_LAYERS, num_labels=3).save_pretrained(tmp_path)
+    settings = BenchmarkSettings(
+        model=str(tmp_path), keep_rates=[0.5], batch_sizes=[8], image_sizes=[16], modes=["train"], rounds=1, warmup=1,
+        measure_memory=False,
+    )  # fmt: skip
+    rows = run_benchmark(settings, progress=False)["rows"]
+    assert [row["variant"] for row in rows] == ["stock", "evit"] and all(row["images_per_s"] > 0 for row in rows)
+
+
 def test_reorganization_overhead_is_a_share():
     overhead = reorganization_overhead("deit-tiny", keep_rate=0.7, batch_size=2, image_size=64, rounds=2)
     assert 0 < overhead["share"] < 1
