@@ -89,7 +89,7 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentPar
     parser.add_argument("--compile-batch-size", type=whole_number(0), default=64,
                         help="batch of the compiled groups (0: none)")  # fmt: skip
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
-    parser.add_argument("--compile-seconds-per-graph", type=seconds_argument, default=25.0,
+    parser.add_argument("--compile-seconds-per-graph", type=seconds_argument, default=40.0,
                         help="estimated compile time of one graph: a compile group starts only if its graphs fit "
                         "in the time left")  # fmt: skip
     parser.add_argument("--warmup", type=whole_number(1), default=3)
@@ -359,15 +359,18 @@ def group_label(group: dict) -> str:
     return label + (" compiled" if group["compiled"] else "")
 
 
-def run_table(settings, groups, device, log=print) -> dict:
-    """Runs `groups` within `settings.time_budget`; returns rows, failures and the groups not run."""
+def run_table(settings, groups, device, log=print, save=lambda results: None) -> dict:
+    """Runs `groups` within `settings.time_budget`; returns rows, failures and the groups not run. `save` gets the
+    results so far after every group, so that a run stopped from outside keeps what it measured."""
     import torch
 
     deadline = time.monotonic() + settings.time_budget
     timer = Timer(device)
     rows, failures, not_run = [], [], []
+    results = {"rows": rows, "failures": failures, "not_run": not_run}
     models, models_name = None, None
-    for group in groups:
+    for index, group in enumerate(groups):
+        pending = {"pending": groups[index + 1 :]}  # saved with the rows: what a stop from outside would leave out
         left = deadline - time.monotonic()
         graphs = 1 + len(settings.keep_rates)
         needed = graphs * settings.compile_seconds_per_graph if group["compiled"] else 0.0
@@ -389,12 +392,14 @@ def run_table(settings, groups, device, log=print) -> dict:
             models_name = None  # rebuilt for the next group: a failure may leave them half-updated
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            save({**results, **pending})
             continue
         for row in group_rows:
             log(format_row(row))
         log(f"  ({time.monotonic() - started:.1f} s)")
         rows += group_rows
-    return {"rows": rows, "failures": failures, "not_run": not_run}
+        save({**results, **pending})
+    return results
 
 
 def format_row(row: dict) -> str:
@@ -422,9 +427,12 @@ def markdown(results: dict) -> str:
             else:
                 cells.append("" if value is None else str(value))
         lines.append("| " + " | ".join(cells) + " |")
-    for title, key, field in (("Failed", "failures", "error"), ("Not run", "not_run", "reason")):
-        if results[key]:
-            lines += ["", f"{title}:", ""] + [f"- {group_label(group)}: {group[field]}" for group in results[key]]
+    lists = {"Failed": "failures", "Not run": "not_run", "Not reached (the run was stopped)": "pending"}
+    for title, key in lists.items():
+        if results.get(key):
+            lines += ["", f"{title}:", ""]
+            for group in results[key]:
+                lines.append(f"- {group_label(group)}: {group.get('error', group.get('reason', 'not reached'))}")
     return "\n".join(lines) + "\n"
 
 
@@ -461,14 +469,17 @@ def main(argv=None) -> int:
                          args.train_batch_size, args.compile_batch_size)  # fmt: skip
     print(f"{len(groups)} groups ({len(models)} models: {', '.join(models)}; attention: {', '.join(attention)}) "
           f"within {args.time_budget:.0f} s")  # fmt: skip
-    results = {"environment": environment(device), "settings": vars(args)}
-    results.update(run_table(args, groups, device))
+    header = {"environment": environment(device), "settings": vars(args)}
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "gpu_benchmark.json"), "w") as handle:
-        json.dump(results, handle, indent=2)
-    table = markdown(results)
-    with open(os.path.join(args.output_dir, "gpu_benchmark.md"), "w") as handle:
-        handle.write(table)
+
+    def save(results):
+        with open(os.path.join(args.output_dir, "gpu_benchmark.json"), "w") as handle:
+            json.dump({**header, **results}, handle, indent=2)
+        with open(os.path.join(args.output_dir, "gpu_benchmark.md"), "w") as handle:
+            handle.write(markdown(results))
+
+    results = run_table(args, groups, device, save=save)
+    save(results)
     failed, skipped = len(results["failures"]), len(results["not_run"])
     print(f"{len(results['rows'])} rows, {failed} groups failed, {skipped} not run (time budget); "
           f"table in {os.path.join(args.output_dir, 'gpu_benchmark.md')}")  # fmt: skip

@@ -117,8 +117,10 @@ def test_autocast_forward_keeps_the_float32_tokens(device, dtype):
 def test_autocast_training_step(dtype):
     _, evit = stock_and_evit("vit-classifier", shape=SEPARATED)
     evit.to(CUDA).train()
+    # A batch of separated images only: every image keeps the float32 tokens, so the gradients can be compared.
     pixel_values = random_images(512).to(CUDA)
-    mask = separated_images(evit, pixel_values, 0.7)
+    pixel_values = pixel_values[separated_images(evit, pixel_values, 0.7)]
+    mask = torch.ones(len(pixel_values), dtype=torch.bool, device=CUDA)
     labels = torch.arange(len(pixel_values), device=CUDA) % evit.config.num_labels
     reference = copy.deepcopy(evit)
     expected = reference(pixel_values, labels=labels, keep_rate=0.7)
@@ -190,13 +192,12 @@ def test_sdpa_kernels_on_cuda_match_eager(backend, dtype):
     eager = copy.deepcopy(sdpa)
     eager.set_attn_implementation("eager")
     pixel_values = random_images(512).to(CUDA)
-    mask = separated_images(sdpa, pixel_values, 0.7)
+    # float32 kernels differ from eager attention by rounding only: a gap of 1e-3 is far beyond it.
+    mask = separated_images(sdpa, pixel_values, 0.7, margin=1e-3 if dtype == torch.float32 else MARGIN)
     with torch.no_grad(), sdpa_kernel([getattr(SDPBackend, backend)]):  # only this kernel: it runs or the test fails
         output = sdpa(pixel_values.to(dtype), keep_rate=0.7)
     with torch.no_grad():
         expected = eager(pixel_values.to(dtype), keep_rate=0.7)
-    if dtype == torch.float32:  # the same arithmetic up to rounding: every image keeps the same tokens
-        mask = torch.ones_like(mask)
     assert_same_kept_tokens(output, expected, mask)
     close_logits(output.logits[mask], expected.logits[mask], 1e-4 if dtype == torch.float32 else 0.03)
 
