@@ -142,8 +142,10 @@ def test_autocast_training_step(dtype):
     assert_same_kept_tokens(output, expected, mask)
     assert float(output.loss) == pytest.approx(float(expected.loss), rel=0.05)
     assert torch.nn.functional.cosine_similarity(gradients, expected_gradients, dim=0) > 0.99
-    trained = [not torch.equal(old, new) for old, new in zip(before, evit.parameters(), strict=True)]
-    assert trained == [parameter.grad is not None for parameter in evit.parameters()]
+    # The step was taken: every parameter with a gradient well above AdamW's epsilon moved.
+    for old, parameter in zip(before, evit.parameters(), strict=True):
+        if parameter.grad is not None and parameter.grad.abs().max() > 1e-6:
+            assert not torch.equal(old, parameter)
 
 
 def flat_gradients(model) -> torch.Tensor:
@@ -258,6 +260,18 @@ def test_compile_fullgraph_does_not_recompile_across_keep_rates(device, backend)
 # Evaluation: pinned memory, workers, CUDA timing.
 
 
+def count_calls(monkeypatch, owner, name) -> list:
+    """Replaces `owner.name` by a wrapper that records each call in the returned list, then calls it."""
+    calls, original = [], getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
 def small_dataset(count: int = 24, num_labels: int = 10):
     generator = torch.Generator().manual_seed(3)
     size = TINY["image_size"]
@@ -282,10 +296,8 @@ def test_evaluation_pins_memory_with_workers_and_times_cuda(monkeypatch):
             loaders.append(kwargs)
             super().__init__(*args, **kwargs)
 
-    synchronizations = []
-    synchronize = torch.cuda.synchronize
     monkeypatch.setattr(torch.utils.data, "DataLoader", RecordingDataLoader)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: synchronizations.append(1) or synchronize(*args))
+    synchronizations = count_calls(monkeypatch, torch.cuda, "synchronize")
     evit.to(CUDA)
     rows = evit_hf.evaluate_keep_rates(evit, dataset, keep_rates, batch_size=8, progress=False, num_workers=2)
     assert loaders[0]["pin_memory"] is True and loaders[0]["num_workers"] == 2
@@ -310,9 +322,7 @@ def checkpoint_folder(folder, **overrides) -> str:
 
 @gpu
 def test_benchmark_synchronizes_cuda_and_reads_its_peak_memory(tmp_path, monkeypatch):
-    synchronizations = []
-    synchronize = torch.cuda.synchronize
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: synchronizations.append(1) or synchronize(*args))
+    synchronizations = count_calls(monkeypatch, torch.cuda, "synchronize")
     settings = BenchmarkSettings(
         model=checkpoint_folder(tmp_path), keep_rates=[0.5], batch_sizes=[8], image_sizes=[16], devices=[CUDA],
         dtypes=["float32", "bfloat16", "float16"], modes=["inference", "train"], rounds=2, warmup=1,
