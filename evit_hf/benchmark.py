@@ -391,7 +391,9 @@ def _run_group(settings: BenchmarkSettings, group: dict, bar) -> list[dict]:
         stock.train()
         evit.train()
     if group["compiled"]:
-        stock, evit = torch.compile(stock), torch.compile(evit)
+        # One static graph per keep rate: by default a second keep rate would make dynamo trace it as a symbolic
+        # float, which breaks the graph at the keep-rate check.
+        stock, evit = torch.compile(stock, dynamic=False), torch.compile(evit, dynamic=False)
     generator = torch.Generator().manual_seed(settings.seed)
     pixel_values = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device, dtype)
     # Labels within the head (a checkpoint folder may have any number of classes): the loss of a training step.

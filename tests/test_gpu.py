@@ -351,6 +351,19 @@ def test_training_peak_memory_shrinks_with_the_keep_rate(tmp_path):
     assert rows[("inference", "stock")] < rows[("train", "stock")]
 
 
+@gpu
+def test_compiled_benchmark_builds_one_graph_per_keep_rate(tmp_path):
+    torch._dynamo.reset()
+    counters.clear()
+    settings = BenchmarkSettings(
+        model=checkpoint_folder(tmp_path), keep_rates=[0.7, 0.5], batch_sizes=[8], image_sizes=[16], devices=[CUDA],
+        dtypes=["bfloat16"], compiled=[True], rounds=2, warmup=1,
+    )  # fmt: skip
+    rows = run_benchmark(settings, progress=False)["rows"]
+    assert [row["keep_rate"] for row in rows] == [None, 0.7, 0.5] and all(row["images_per_s"] > 0 for row in rows)
+    assert counters["stats"]["unique_graphs"] == 1 + 2 and not counters["graph_break"]  # stock, then each keep rate
+
+
 # Gradient checkpointing.
 
 
