@@ -449,6 +449,23 @@ def test_example_evaluates_on_two_gpus_with_torchrun(tmp_path):
     assert saved["processes"] == 2 and [row["samples"] for row in saved["rows"]] == [37, 37]
 
 
+@gpu
+def test_example_fine_tunes_in_bf16_on_cuda(tmp_path):
+    pytest.importorskip("sklearn")  # the example's default data: scikit-learn's digits
+    from .test_examples import run_image_classification, save_small_vit, training_args
+
+    output_dir = tmp_path / "run"
+    arguments = training_args(save_small_vit(tmp_path / "vit"), output_dir, "--keep_rate", "0.7", "--bf16", "true",
+                              "--dataloader_num_workers", "2")  # fmt: skip
+    results = run_image_classification.main(arguments)
+    all_results = json.loads((output_dir / "all_results.json").read_text())
+    assert all_results["eval_accuracy"] == results["eval_accuracy"] and 0 <= results["eval_accuracy"] <= 1
+    assert torch.isfinite(torch.tensor(all_results["train_loss"]))
+    rows = json.loads((output_dir / "keep_rate_results.json").read_text())
+    assert [row["keep_rate"] for row in rows] == [1.0, 0.7, 0.5] and all(row["images_per_s"] > 0 for row in rows)
+    assert evit_hf.EViTForImageClassification.from_pretrained(output_dir).config.keep_rate == 0.7
+
+
 # The GPU benchmark table (scripts/gpu_benchmark.py) and scripts/gpu_check.sh.
 
 
