@@ -100,15 +100,17 @@ def reference_outputs(family, stock, pixel_values, keep_rate, reduction_layers, 
     image and reduction layer.
 
     CLIP vision tower: the final tokens and `post_layernorm` of the class token; with projection: the image
-    embeddings; CLIP: the image embeddings and the logits per image; DINOv2 base models: the final tokens after the
-    final norm and the class token among them; DINOv2 classifiers: the logits of `[class token, mean of the other
-    non-prefix tokens]`.
+    embeddings; CLIP classifier: the logits of the mean of the non-prefix tokens; CLIP: the image embeddings and the
+    logits per image; DINOv2 base models: the final tokens after the final norm and the class token among them; DINOv2
+    classifiers: the logits of `[class token, mean of the other non-prefix tokens]`.
     """
     if family.startswith("clip"):
         vision_model = stock.vision_model if hasattr(stock, "vision_model") else stock
         finals, pooled, kept = reference_clip_vision(vision_model, pixel_values, keep_rate, reduction_layers, fuse)
         if family == "clip-vision":
             return {"last_hidden_state": torch.stack(finals), "pooler_output": pooled}, kept
+        if family == "clip-classifier":  # the mean of the non-prefix tokens (kept and fused), no post_layernorm
+            return {"logits": stock.classifier(torch.stack([x[1:].mean(0) for x in finals]))}, kept
         image_embeds = stock.visual_projection(pooled)
         if family == "clip-vision-projection":
             return {"image_embeds": image_embeds}, kept

@@ -3,6 +3,7 @@
 import torch
 from transformers import (
     CLIPConfig,
+    CLIPForImageClassification,
     CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -135,6 +136,14 @@ ENCODER_FAMILIES = {
         dict(vision_config=TINY_CLIP_VISION, text_config=TINY_CLIP_TEXT, projection_dim=16),
         1,
     ),
+    "clip-classifier": (
+        CLIPForImageClassification,
+        evit_hf.EViTCLIPForImageClassification,
+        CLIPConfig,
+        evit_hf.EViTCLIPConfig,
+        dict(vision_config=TINY_CLIP_VISION, text_config=TINY_CLIP_TEXT, num_labels=5),
+        1,
+    ),
     "dinov2-base": (Dinov2Model, evit_hf.EViTDinov2Model, Dinov2Config, evit_hf.EViTDinov2Config, TINY_DINOV2, 1),
     "dinov2-classifier": (
         Dinov2ForImageClassification,
@@ -198,3 +207,25 @@ def encoder_main_output(output):
         if getattr(output, name, None) is not None:
             return getattr(output, name)
     return output.last_hidden_state
+
+
+# The builders above that test each family of evit_hf.FAMILIES (by its name).
+FAMILY_TESTERS = {
+    "vit": ("vit-base", "vit-classifier"),
+    "deit": ("deit-base", "deit-classifier", "deit-teacher"),
+    "clip": ("clip-vision", "clip-vision-projection", "clip", "clip-classifier"),
+    "dinov2": ("dinov2-base", "dinov2-classifier"),
+    "dinov2_with_registers": ("dinov2-registers-base", "dinov2-registers-classifier"),
+}
+
+
+def tiny_stock_model(builder: str, seed: int = 0):
+    """A random tiny stock model of one of the builders above, in eval mode."""
+    if builder in FAMILIES:
+        return stock_and_evit(builder, seed)[0]
+    return encoder_stock_model(builder, seed)
+
+
+def builder_classes(builder: str) -> tuple[type, type]:
+    """(stock class, EViT class) of a builder."""
+    return (FAMILIES.get(builder) or ENCODER_FAMILIES[builder])[:2]

@@ -217,7 +217,9 @@ def tiny_siglip_vision():
 )
 def test_apply_evit_refuses_models_it_cannot_reduce(build, reason):
     model = build()
-    with pytest.raises(TypeError, match=r"apply_evit supports CLIPModel, .*ViTModel .*" + reason):
+    with pytest.raises(
+        TypeError, match=r"apply_evit supports CLIPForImageClassification, CLIPModel, .*ViTModel .*" + reason
+    ):
         evit_hf.apply_evit(model)
     assert not any(type(m).__name__.startswith("EViT") for m in model.modules())  # nothing changed
 
@@ -227,8 +229,10 @@ def test_saved_folders_load_as_evit_and_into_the_stock_class(family, tmp_path, p
     stock, evit = encoder_stock_and_evit(family, keep_rate=0.5, reduction_layers=[1, 3])
     evit.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["auto_map"]["AutoConfig"] == f"configuration_evit.{type(evit.config).__name__}"
-    assert config["auto_map"][AUTO_CLASSES[family].__name__] == f"modeling_evit.{type(evit).__name__}"
+    for auto_class, saved_class in (("AutoConfig", type(evit.config)), (AUTO_CLASSES[family].__name__, type(evit))):
+        module = saved_class.__module__.rsplit(".", 1)[-1]  # the family's file, copied next to the weights
+        assert config["auto_map"][auto_class] == f"{module}.{saved_class.__name__}"
+        assert (tmp_path / f"{module}.py").is_file()
 
     loaded, info = AUTO_CLASSES[family].from_pretrained(tmp_path, output_loading_info=True)
     assert type(loaded) is type(evit)
