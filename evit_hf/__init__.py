@@ -6,6 +6,7 @@ from .configuration_evit_base import default_reduction_layers
 from .configuration_evit_clip import EViTCLIPConfig, EViTCLIPVisionConfig
 from .configuration_evit_deit import EViTDeiTConfig
 from .configuration_evit_dinov2 import EViTDinov2Config, EViTDinov2WithRegistersConfig
+from .configuration_evit_metaclip_2 import EViTMetaClip2Config, EViTMetaClip2VisionConfig
 from .conversion import convert_timm_checkpoint
 from .data import digits_dataset
 from .evaluation import evaluate_keep_rates, results_markdown
@@ -36,6 +37,12 @@ from .modeling_evit_dinov2 import (
     EViTDinov2Model,
     EViTDinov2WithRegistersForImageClassification,
     EViTDinov2WithRegistersModel,
+)
+from .modeling_evit_metaclip_2 import (
+    EViTMetaClip2ForImageClassification,
+    EViTMetaClip2Model,
+    EViTMetaClip2VisionModel,
+    EViTMetaClip2VisionModelWithProjection,
 )
 from .patch import apply_evit
 from .token_reorganization import num_kept_tokens
@@ -72,6 +79,12 @@ __all__ = [
     "EViTForImageClassification",
     "EViTImageClassifierOutput",
     "EViTImageProcessor",
+    "EViTMetaClip2Config",
+    "EViTMetaClip2ForImageClassification",
+    "EViTMetaClip2Model",
+    "EViTMetaClip2VisionConfig",
+    "EViTMetaClip2VisionModel",
+    "EViTMetaClip2VisionModelWithProjection",
     "EViTModel",
     "EViTModelOutput",
     "FAMILIES",

@@ -21,6 +21,10 @@ from transformers import (
     Dinov2Model,
     Dinov2WithRegistersForImageClassification,
     Dinov2WithRegistersModel,
+    MetaClip2ForImageClassification,
+    MetaClip2Model,
+    MetaClip2VisionModel,
+    MetaClip2VisionModelWithProjection,
     ViTForImageClassification,
     ViTModel,
 )
@@ -29,6 +33,7 @@ from .configuration_evit import EViTConfig
 from .configuration_evit_clip import EViTCLIPConfig, EViTCLIPVisionConfig
 from .configuration_evit_deit import EViTDeiTConfig
 from .configuration_evit_dinov2 import EViTDinov2Config, EViTDinov2WithRegistersConfig
+from .configuration_evit_metaclip_2 import EViTMetaClip2Config, EViTMetaClip2VisionConfig
 from .modeling_evit import EViTForImageClassification, EViTModel
 from .modeling_evit_base import stock_class
 from .modeling_evit_clip import (
@@ -47,6 +52,12 @@ from .modeling_evit_dinov2 import (
     EViTDinov2Model,
     EViTDinov2WithRegistersForImageClassification,
     EViTDinov2WithRegistersModel,
+)
+from .modeling_evit_metaclip_2 import (
+    EViTMetaClip2ForImageClassification,
+    EViTMetaClip2Model,
+    EViTMetaClip2VisionModel,
+    EViTMetaClip2VisionModelWithProjection,
 )
 
 
@@ -278,6 +289,30 @@ FAMILIES: tuple[EViTFamily, ...] = (
             }
         ),
         benchmark_models=(CLIPVisionModelWithProjection, EViTCLIPVisionModelWithProjection),
+    ),
+    EViTFamily(
+        name="metaclip_2",
+        display_name="MetaCLIP 2",
+        config_classes=(EViTMetaClip2VisionConfig, EViTMetaClip2Config),
+        models=MappingProxyType(
+            {
+                MetaClip2VisionModel: EViTMetaClip2VisionModel,
+                MetaClip2VisionModelWithProjection: EViTMetaClip2VisionModelWithProjection,
+                MetaClip2Model: EViTMetaClip2Model,
+                MetaClip2ForImageClassification: EViTMetaClip2ForImageClassification,
+            }
+        ),
+        auto_classes=MappingProxyType(
+            {
+                "AutoModel": (EViTMetaClip2Model, EViTMetaClip2VisionModel, EViTMetaClip2VisionModelWithProjection),
+                "AutoModelForImageClassification": (EViTMetaClip2ForImageClassification,),
+                "AutoModelForZeroShotImageClassification": (EViTMetaClip2Model,),
+            }
+        ),
+        pipelines=frozenset({IMAGE_CLASSIFICATION, ZERO_SHOT_IMAGE_CLASSIFICATION}),
+        num_prefix_tokens=_one_prefix_token,
+        mlp_macs_per_token=_plain_mlp_macs,
+        head_macs=_clip_head_macs,
     ),
     EViTFamily(
         name="dinov2",

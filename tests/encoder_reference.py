@@ -104,15 +104,15 @@ def reference_outputs(family, stock, pixel_values, keep_rate, reduction_layers, 
     logits per image; DINOv2 base models: the final tokens after the final norm and the class token among them; DINOv2
     classifiers: the logits of `[class token, mean of the other non-prefix tokens]`.
     """
-    if family.startswith("clip"):
+    if family.startswith(("clip", "metaclip-2")):  # MetaCLIP 2's vision tower is CLIP's
         vision_model = stock.vision_model if hasattr(stock, "vision_model") else stock
         finals, pooled, kept = reference_clip_vision(vision_model, pixel_values, keep_rate, reduction_layers, fuse)
-        if family == "clip-vision":
+        if family.endswith("-vision"):
             return {"last_hidden_state": torch.stack(finals), "pooler_output": pooled}, kept
-        if family == "clip-classifier":  # the mean of the non-prefix tokens (kept and fused), no post_layernorm
+        if family.endswith("-classifier"):  # the mean of the non-prefix tokens (kept and fused), no post_layernorm
             return {"logits": stock.classifier(torch.stack([x[1:].mean(0) for x in finals]))}, kept
         image_embeds = stock.visual_projection(pooled)
-        if family == "clip-vision-projection":
+        if family.endswith("-vision-projection"):
             return {"image_embeds": image_embeds}, kept
         text_embeds = stock.get_text_features(input_ids=input_ids).pooler_output
         image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)

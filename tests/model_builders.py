@@ -18,6 +18,12 @@ from transformers import (
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersForImageClassification,
     Dinov2WithRegistersModel,
+    MetaClip2Config,
+    MetaClip2ForImageClassification,
+    MetaClip2Model,
+    MetaClip2VisionConfig,
+    MetaClip2VisionModel,
+    MetaClip2VisionModelWithProjection,
     ViTConfig,
     ViTForImageClassification,
     ViTModel,
@@ -144,6 +150,39 @@ ENCODER_FAMILIES = {
         dict(vision_config=TINY_CLIP_VISION, text_config=TINY_CLIP_TEXT, num_labels=5),
         1,
     ),
+    # MetaCLIP 2's vision tower is CLIP's; its text tower reads the same tiny settings.
+    "metaclip-2-vision": (
+        MetaClip2VisionModel,
+        evit_hf.EViTMetaClip2VisionModel,
+        MetaClip2VisionConfig,
+        evit_hf.EViTMetaClip2VisionConfig,
+        TINY_CLIP_VISION,
+        1,
+    ),
+    "metaclip-2-vision-projection": (
+        MetaClip2VisionModelWithProjection,
+        evit_hf.EViTMetaClip2VisionModelWithProjection,
+        MetaClip2VisionConfig,
+        evit_hf.EViTMetaClip2VisionConfig,
+        TINY_CLIP_VISION,
+        1,
+    ),
+    "metaclip-2": (
+        MetaClip2Model,
+        evit_hf.EViTMetaClip2Model,
+        MetaClip2Config,
+        evit_hf.EViTMetaClip2Config,
+        dict(vision_config=TINY_CLIP_VISION, text_config=TINY_CLIP_TEXT, projection_dim=16),
+        1,
+    ),
+    "metaclip-2-classifier": (
+        MetaClip2ForImageClassification,
+        evit_hf.EViTMetaClip2ForImageClassification,
+        MetaClip2Config,
+        evit_hf.EViTMetaClip2Config,
+        dict(vision_config=TINY_CLIP_VISION, text_config=TINY_CLIP_TEXT, num_labels=5),
+        1,
+    ),
     "dinov2-base": (Dinov2Model, evit_hf.EViTDinov2Model, Dinov2Config, evit_hf.EViTDinov2Config, TINY_DINOV2, 1),
     "dinov2-classifier": (
         Dinov2ForImageClassification,
@@ -194,6 +233,11 @@ def encoder_stock_and_evit(family: str, seed: int = 0, attn_implementation: str 
     return stock, evit
 
 
+def has_text_tower(builder: str) -> bool:
+    """Whether a builder's model takes text too (CLIP and MetaCLIP 2 with both towers)."""
+    return builder in ("clip", "metaclip-2")
+
+
 def text_inputs(batch_size: int = 2):
     """Token ids for the tiny CLIP text tower, each sequence ending with its end-of-text token (the pooled one)."""
     input_ids = torch.randint(2, 98, (batch_size, 7), generator=torch.Generator().manual_seed(5))
@@ -214,6 +258,7 @@ FAMILY_TESTERS = {
     "vit": ("vit-base", "vit-classifier"),
     "deit": ("deit-base", "deit-classifier", "deit-teacher"),
     "clip": ("clip-vision", "clip-vision-projection", "clip", "clip-classifier"),
+    "metaclip_2": ("metaclip-2-vision", "metaclip-2-vision-projection", "metaclip-2", "metaclip-2-classifier"),
     "dinov2": ("dinov2-base", "dinov2-classifier"),
     "dinov2_with_registers": ("dinov2-registers-base", "dinov2-registers-classifier"),
 }

@@ -170,6 +170,12 @@ FAMILY_FILES = {
     "vit": {"configuration_evit.py", "modeling_evit.py"},
     "deit": {"configuration_evit_deit.py", "modeling_evit_deit.py", "configuration_evit.py", "modeling_evit.py"},
     "clip": {"configuration_evit_clip.py", "modeling_evit_clip.py"},
+    "metaclip_2": {
+        "configuration_evit_metaclip_2.py",
+        "modeling_evit_metaclip_2.py",
+        "configuration_evit_clip.py",
+        "modeling_evit_clip.py",
+    },
     "dinov2": {"configuration_evit_dinov2.py", "modeling_evit_dinov2.py"},
     "dinov2_with_registers": {"configuration_evit_dinov2.py", "modeling_evit_dinov2.py"},
 }

@@ -13,7 +13,6 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForImageClassification,
-    CLIPModel,
     CLIPTextModel,
     CLIPVisionConfig,
     LlamaConfig,
@@ -53,7 +52,7 @@ def settings_of(model):
 
 
 def run(model, pixel_values, **kwargs):
-    if isinstance(model, CLIPModel):  # both towers
+    if hasattr(model, "text_model"):  # both towers
         return model(input_ids=text_inputs(pixel_values.shape[0]), pixel_values=pixel_values, **kwargs)
     return model(pixel_values, **kwargs)
 
@@ -339,7 +338,7 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
     for family, folder, auto_name in families:
         auto_class = {"AutoModel": AutoModel, "AutoModelForImageClassification": AutoModelForImageClassification}
         model = auto_class[auto_name].from_pretrained(folder, trust_remote_code=True).eval()
-        inputs = {"pixel_values": pixel_values, **({"input_ids": input_ids} if family == "clip" else {})}
+        inputs = {"pixel_values": pixel_values, **({"input_ids": input_ids} if hasattr(model, "text_model") else {})}
         with torch.no_grad():
             output = model(**inputs)
         results[family] = {"class": type(model).__name__, "output": output.to_tuple()[:2],
