@@ -6,6 +6,7 @@ from .configuration_evit_base import default_reduction_layers
 from .configuration_evit_clip import EViTCLIPConfig, EViTCLIPVisionConfig
 from .configuration_evit_deit import EViTDeiTConfig
 from .configuration_evit_dinov2 import EViTDinov2Config, EViTDinov2WithRegistersConfig
+from .configuration_evit_dinov3_vit import EViTDINOv3ViTConfig
 from .configuration_evit_metaclip_2 import EViTMetaClip2Config, EViTMetaClip2VisionConfig
 from .conversion import convert_timm_checkpoint
 from .data import digits_dataset
@@ -38,6 +39,7 @@ from .modeling_evit_dinov2 import (
     EViTDinov2WithRegistersForImageClassification,
     EViTDinov2WithRegistersModel,
 )
+from .modeling_evit_dinov3_vit import EViTDINOv3ViTModel
 from .modeling_evit_metaclip_2 import (
     EViTMetaClip2ForImageClassification,
     EViTMetaClip2Model,
@@ -64,6 +66,8 @@ __all__ = [
     "EViTCLIPVisionModelOutput",
     "EViTCLIPVisionModelWithProjection",
     "EViTConfig",
+    "EViTDINOv3ViTConfig",
+    "EViTDINOv3ViTModel",
     "EViTDeiTConfig",
     "EViTDeiTForImageClassification",
     "EViTDeiTForImageClassificationWithTeacher",

@@ -21,6 +21,8 @@ from transformers import (
     Dinov2Model,
     Dinov2WithRegistersForImageClassification,
     Dinov2WithRegistersModel,
+    DINOv3ViTBackbone,
+    DINOv3ViTModel,
     MetaClip2ForImageClassification,
     MetaClip2Model,
     MetaClip2VisionModel,
@@ -33,6 +35,7 @@ from .configuration_evit import EViTConfig
 from .configuration_evit_clip import EViTCLIPConfig, EViTCLIPVisionConfig
 from .configuration_evit_deit import EViTDeiTConfig
 from .configuration_evit_dinov2 import EViTDinov2Config, EViTDinov2WithRegistersConfig
+from .configuration_evit_dinov3_vit import EViTDINOv3ViTConfig
 from .configuration_evit_metaclip_2 import EViTMetaClip2Config, EViTMetaClip2VisionConfig
 from .modeling_evit import EViTForImageClassification, EViTModel
 from .modeling_evit_base import stock_class
@@ -53,6 +56,7 @@ from .modeling_evit_dinov2 import (
     EViTDinov2WithRegistersForImageClassification,
     EViTDinov2WithRegistersModel,
 )
+from .modeling_evit_dinov3_vit import EViTDINOv3ViTModel
 from .modeling_evit_metaclip_2 import (
     EViTMetaClip2ForImageClassification,
     EViTMetaClip2Model,
@@ -108,6 +112,15 @@ def _dinov2_mlp_macs(config) -> int:
         hidden_features = (int(hidden_features * 2 / 3) + 7) // 8 * 8
         return 3 * config.hidden_size * hidden_features
     return 2 * config.hidden_size * hidden_features
+
+
+def _dinov3_mlp_macs(config) -> int:
+    """Up and down projections of `intermediate_size` features, and a gate projection in the gated MLP."""
+    return (3 if config.use_gated_mlp else 2) * config.hidden_size * config.intermediate_size
+
+
+def _no_head_macs(config, dim: int) -> int:
+    return 0
 
 
 def _one_prefix_token(config) -> int:
@@ -364,6 +377,42 @@ FAMILIES: tuple[EViTFamily, ...] = (
         num_prefix_tokens=_class_and_registers,
         mlp_macs_per_token=_dinov2_mlp_macs,
         head_macs=_dinov2_head_macs,
+    ),
+    EViTFamily(
+        name="dinov3_vit",
+        display_name="DINOv3 ViT",
+        config_classes=(EViTDINOv3ViTConfig,),
+        models=MappingProxyType({DINOv3ViTModel: EViTDINOv3ViTModel}),
+        auto_classes=MappingProxyType({"AutoModel": (EViTDINOv3ViTModel,)}),
+        pipelines=frozenset({IMAGE_FEATURE_EXTRACTION}),
+        num_prefix_tokens=_class_and_registers,
+        mlp_macs_per_token=_dinov3_mlp_macs,
+        head_macs=_no_head_macs,
+        benchmark_shapes=MappingProxyType(
+            {
+                # facebook/dinov3-vits16-pretrain-lvd1689m at 224 px: 14 x 14 patches of 16 px, 4 registers.
+                "dinov3-vits16": dict(
+                    hidden_size=384,
+                    num_hidden_layers=12,
+                    num_attention_heads=6,
+                    intermediate_size=1536,
+                    patch_size=16,
+                    num_register_tokens=4,
+                    layerscale_value=1e-5,
+                    layer_norm_eps=1e-5,
+                    num_labels=1000,
+                ),
+            }
+        ),
+        benchmark_models=(DINOv3ViTModel, EViTDINOv3ViTModel),
+        refused_models=MappingProxyType(
+            {
+                DINOv3ViTBackbone: (
+                    "it returns feature maps on the full patch grid, and a reorganized sequence has fewer tokens, in "
+                    "another order, and a fused one; use DINOv3ViTModel (pooled output, kept tokens) instead."
+                )
+            }
+        ),
     ),
 )
 

@@ -37,7 +37,11 @@ def register_stock_key_renaming(*evit_classes: type) -> None:
     saved alone `vision_model.embeddings...`); transformers renames them on load (and back on save) by looking up each
     sub-model's class name. Ours are new names, so they get the renaming of the class they extend."""
     for evit_class in evit_classes:
-        renaming = get_checkpoint_conversion_mapping(stock_class(evit_class).__name__)
+        stock = stock_class(evit_class)
+        # transformers looks a renaming up by class name first, then by the configuration's model type.
+        renaming = get_checkpoint_conversion_mapping(stock.__name__)
+        if renaming is None:
+            renaming = get_checkpoint_conversion_mapping(stock.config_class.model_type)
         if renaming is not None:
             register_checkpoint_conversion_mapping(evit_class.__name__, renaming, overwrite=True)
 
@@ -150,6 +154,7 @@ class _ClassAttentionMixin:
         query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [batch, heads, tokens, head]
         key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query_states, key_states, kwargs = self.position_queries_and_keys(query_states, key_states, kwargs)
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, self.eager_attention
@@ -176,6 +181,11 @@ class _ClassAttentionMixin:
             # SDPA / flash / flex return no weights: one query against all keys, O(tokens) per head.
             class_attention = class_token_attention(query_states, key_states, scaling)
         return attn_output, attn_weights, class_attention
+
+    def position_queries_and_keys(self, query_states, key_states, kwargs):
+        """Queries and keys as the attention compares them, and the keyword arguments left for the attention
+        function. Families with rotary position embeddings rotate them here; the others leave them as they are."""
+        return query_states, key_states, kwargs
 
 
 class _ReductionLayerMixin:
@@ -290,10 +300,13 @@ class _TokenReductionEncoderMixin(_EViTModuleMixin):
         attention_mask,
         masks_tokens: bool,
         keep_rate: float | None,
+        per_token_inputs=None,
         **kwargs,
     ) -> tuple[torch.Tensor, tuple[torch.LongTensor, ...]]:
         """Runs the layers. `attention_mask` is the backend's mask for the embedding tokens; `masks_tokens` says
-        whether the caller passed a mask (a backend may build one, flex's block mask, without any masking)."""
+        whether the caller passed a mask (a backend may build one, flex's block mask, without any masking).
+        `per_token_inputs(token_positions)`, if given, returns the layer keyword arguments that follow the tokens
+        (rotary position embeddings) after a reorganization, from each candidate's patch index (-1: fused)."""
         keep_rate = check_keep_rate(self.config.keep_rate if keep_rate is None else keep_rate)
         fuse = self.config.fuse_inattentive_tokens
         reduction_layers = self.config.reduction_layers
@@ -333,6 +346,8 @@ class _TokenReductionEncoderMixin(_EViTModuleMixin):
             )
             kept_positions, token_positions = track_token_positions(token_positions, kept_indices, fused=fuse)
             kept_token_indices.append(kept_positions)
+            if per_token_inputs is not None:
+                kwargs.update(per_token_inputs(token_positions))
         return hidden_states, tuple(kept_token_indices)
 
 

@@ -18,6 +18,8 @@ from transformers import (
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersForImageClassification,
     Dinov2WithRegistersModel,
+    DINOv3ViTConfig,
+    DINOv3ViTModel,
     MetaClip2Config,
     MetaClip2ForImageClassification,
     MetaClip2Model,
@@ -115,6 +117,9 @@ TINY_CLIP_TEXT = dict(
 # DINOv2's MLP is mlp_ratio (4) x hidden. A layer scale other than 1 makes a forgotten `layer_scale1` visible.
 TINY_DINOV2 = dict(TINY_TOWER, initializer_range=0.2, layerscale_value=0.5, num_labels=5)
 TINY_DINOV2_REGISTERS = dict(TINY_DINOV2, num_register_tokens=3)
+# DINOv3 ViT: rotary position embeddings, a plain MLP of intermediate_size, registers in front of the patches.
+TINY_DINOV3 = dict(TINY_TOWER, intermediate_size=64, initializer_range=0.2, layerscale_value=0.5)
+TINY_DINOV3_REGISTERS = dict(TINY_DINOV3, num_register_tokens=4)
 
 # family: (stock class, EViT class, stock config class, EViT config class, configuration keyword arguments, prefix)
 ENCODER_FAMILIES = {
@@ -182,6 +187,22 @@ ENCODER_FAMILIES = {
         evit_hf.EViTMetaClip2Config,
         dict(vision_config=TINY_CLIP_VISION, text_config=TINY_CLIP_TEXT, num_labels=5),
         1,
+    ),
+    "dinov3": (
+        DINOv3ViTModel,
+        evit_hf.EViTDINOv3ViTModel,
+        DINOv3ViTConfig,
+        evit_hf.EViTDINOv3ViTConfig,
+        TINY_DINOV3,
+        1,
+    ),
+    "dinov3-registers": (
+        DINOv3ViTModel,
+        evit_hf.EViTDINOv3ViTModel,
+        DINOv3ViTConfig,
+        evit_hf.EViTDINOv3ViTConfig,
+        TINY_DINOV3_REGISTERS,
+        5,
     ),
     "dinov2-base": (Dinov2Model, evit_hf.EViTDinov2Model, Dinov2Config, evit_hf.EViTDinov2Config, TINY_DINOV2, 1),
     "dinov2-classifier": (
@@ -261,6 +282,7 @@ FAMILY_TESTERS = {
     "metaclip_2": ("metaclip-2-vision", "metaclip-2-vision-projection", "metaclip-2", "metaclip-2-classifier"),
     "dinov2": ("dinov2-base", "dinov2-classifier"),
     "dinov2_with_registers": ("dinov2-registers-base", "dinov2-registers-classifier"),
+    "dinov3_vit": ("dinov3", "dinov3-registers"),
 }
 
 

@@ -178,6 +178,7 @@ FAMILY_FILES = {
     },
     "dinov2": {"configuration_evit_dinov2.py", "modeling_evit_dinov2.py"},
     "dinov2_with_registers": {"configuration_evit_dinov2.py", "modeling_evit_dinov2.py"},
+    "dinov3_vit": {"configuration_evit_dinov3_vit.py", "modeling_evit_dinov3_vit.py"},
 }
 
 

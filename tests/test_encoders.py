@@ -26,13 +26,14 @@ from transformers import (
 
 import evit_hf
 
-from .encoder_reference import reference_outputs
+from .encoder_reference import reference_dinov3, reference_outputs
 from .model_builders import (
     ENCODER_FAMILIES,
     TINY,
     TINY_CLIP_TEXT,
     TINY_CLIP_VISION,
     TINY_DINOV2,
+    TINY_DINOV3,
     encoder_main_output,
     encoder_stock_and_evit,
     encoder_stock_model,
@@ -392,3 +393,33 @@ def test_swiglu_checkpoints_load_with_a_plain_load_state_dict(tmp_path):
     fresh.load_state_dict(saved)
     for name, tensor in evit.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("family", ["dinov3", "dinov3-registers"])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_dinov3_training_rotations_follow_the_kept_patches(family, attn_implementation, pixel_values):
+    # In training mode DINOv3 shifts, jitters and rescales the patch coordinates at random: each kept token keeps the
+    # rotation of its own patch from those same coordinates.
+    stock, evit = encoder_stock_and_evit(family, attn_implementation=attn_implementation, keep_rate=0.7)
+    for model in (stock, evit):
+        model.config.pos_embed_shift, model.config.pos_embed_jitter = 0.1, 1.2
+    torch.manual_seed(4)
+    output = evit.train()(pixel_values)
+    torch.manual_seed(4)
+    rotations = stock.train().rope_embeddings(pixel_values)
+    assert not torch.allclose(rotations[0], stock.eval().rope_embeddings(pixel_values)[0])  # augmented
+    with torch.no_grad():
+        finals, kept, _ = reference_dinov3(stock, pixel_values, 0.7, evit.config.reduction_layers, True, rotations)
+    torch.testing.assert_close(output.last_hidden_state, torch.stack(finals), atol=2e-5, rtol=1e-4)
+    for layer, indices in enumerate(output.kept_token_indices):
+        assert indices.tolist() == [per_image[layer] for per_image in kept]
+
+
+def test_dinov3_backbone_is_refused_with_the_reason():
+    from transformers import DINOv3ViTBackbone, DINOv3ViTConfig
+
+    backbone = DINOv3ViTBackbone(DINOv3ViTConfig(**TINY_DINOV3, out_indices=[4]))
+    with pytest.raises(
+        TypeError, match="does not convert DINOv3ViTBackbone: it returns feature maps on the full patch"
+    ):
+        evit_hf.apply_evit(backbone)

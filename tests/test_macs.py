@@ -189,6 +189,7 @@ ENCODER_MACS = {
     "dinov2-base": ("EViTDinov2Model", 0),
     "dinov2-classifier": ("EViTDinov2ForImageClassification", 2 * 32 * 5),
     "dinov2-registers-classifier": ("EViTDinov2WithRegistersForImageClassification", 2 * 32 * 5),
+    "dinov3-registers": ("EViTDINOv3ViTModel", 0),
 }
 
 
@@ -216,6 +217,13 @@ def test_encoder_macs_are_what_the_model_computes(family, fuse, keep_rate):
         forward(image, keep_rate=keep_rate)
     assert counter.get_total_flops() % 2 == 0
     assert count_macs(model.config, keep_rate=keep_rate) == counter.get_total_flops() // 2
+
+
+def test_dinov3_gated_mlp_macs_are_what_the_model_computes():
+    model = encoder_model("dinov3-registers", True, use_gated_mlp=True)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, TINY["image_size"], TINY["image_size"]), keep_rate=0.5)
+    assert count_macs(model.config, keep_rate=0.5) == counter.get_total_flops() // 2
 
 
 def test_dinov2_swiglu_macs_are_what_the_model_computes():
