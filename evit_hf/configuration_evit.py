@@ -49,7 +49,7 @@ class EViTConfig(_EViTSettingsMixin, ViTConfig):
     source_model_types = ("vit",)
     model_class_names = "EViTModel, EViTForImageClassification; ViT and non-distilled DeiT checkpoints"
 
-    keep_rate: float | int = 0.7
+    keep_rate: float | int | list[float] | tuple[float, ...] = 0.7
     reduction_layers: list[int] | tuple[int, ...] | None = None
     fuse_inattentive_tokens: bool = True
 

@@ -20,8 +20,7 @@ def default_reduction_layers(num_hidden_layers: int) -> list[int]:
     return sorted({index for index in candidates if 0 <= index < num_hidden_layers})
 
 
-def check_keep_rate(keep_rate: float) -> float:
-    """Returns `keep_rate` as a Python float, or raises a `ValueError` saying what is allowed."""
+def _check_one_keep_rate(keep_rate) -> float:
     if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) or not math.isfinite(keep_rate):
         raise ValueError(f"keep_rate must be a number in (0, 1], such as 0.7; got {keep_rate!r}.")
     if not 0.0 < keep_rate <= 1.0:
@@ -29,6 +28,39 @@ def check_keep_rate(keep_rate: float) -> float:
             f"keep_rate must be in (0, 1] (the share of candidate tokens each reduction layer keeps), got {keep_rate}."
         )
     return float(keep_rate)
+
+
+def check_keep_rate(keep_rate, reduction_layers: Sequence[int] | None = None) -> float | list[float]:
+    """Returns `keep_rate` as a Python float, or as a list of floats (one per reduction layer, in ascending layer
+    order), or raises a `ValueError` saying what is allowed. A list is checked against `reduction_layers` when
+    given."""
+    if not isinstance(keep_rate, (list, tuple)):
+        return _check_one_keep_rate(keep_rate)
+    rates = [_check_one_keep_rate(rate) for rate in keep_rate]
+    if not rates:
+        raise ValueError(
+            "keep_rate must be a number in (0, 1], or a list of one such rate per reduction layer; got an empty list."
+        )
+    if reduction_layers is not None and len(rates) != len(reduction_layers):
+        raise ValueError(_keep_rate_length_message(rates, reduction_layers))
+    return rates
+
+
+def _keep_rate_length_message(rates: Sequence[float], reduction_layers: Sequence[int]) -> str:
+    return (
+        f"keep_rate lists one rate per reduction layer, in ascending layer order: it has {len(rates)} ({list(rates)}) "
+        f"for {len(reduction_layers)} reduction layers ({list(reduction_layers)}). Give {len(reduction_layers)} "
+        "rates, or one number for every layer; to change both, set keep_rate to a number first."
+    )
+
+
+def keep_rates_by_layer(keep_rate: float | Sequence[float], reduction_layers: Sequence[int]) -> dict[int, float]:
+    """Each reduction layer's keep rate: `{layer: rate}` from one rate for all, or a list in ascending layer order."""
+    if isinstance(keep_rate, (list, tuple)):
+        if len(keep_rate) != len(reduction_layers):
+            raise ValueError(_keep_rate_length_message(keep_rate, reduction_layers))
+        return dict(zip(sorted(reduction_layers), keep_rate, strict=True))
+    return dict.fromkeys(reduction_layers, keep_rate)
 
 
 def check_reduction_layers(reduction_layers: Sequence[int] | None, num_hidden_layers: int) -> list[int]:
@@ -122,9 +154,12 @@ class _EViTSettingsMixin(_SourceModelTypesMixin):
         # `from_pretrained` keyword arguments, `update` and plain assignment. `KeepRateScheduler` assigns keep_rate
         # before every training step, so this stays a few comparisons.
         if name == "keep_rate":
-            value = check_keep_rate(value)
+            value = check_keep_rate(value, vars(self).get("reduction_layers"))
         elif name == "reduction_layers":
             value = check_reduction_layers(value, self.num_hidden_layers)
+            keep_rate = vars(self).get("keep_rate")
+            if isinstance(keep_rate, list) and len(keep_rate) != len(value):
+                raise ValueError(_keep_rate_length_message(keep_rate, value))
         elif name == "fuse_inattentive_tokens":
             value = check_fuse_inattentive_tokens(value)
         elif name == "num_hidden_layers" and isinstance(value, int) and "reduction_layers" in vars(self):
@@ -144,11 +179,11 @@ class _EViTSettingsMixin(_SourceModelTypesMixin):
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
-        # transformers sets keyword arguments one by one on the built configuration, and a depth and reduction layers
-        # that only fit each other would fail in either order. The constructor sets the depth before the layers, so
-        # they go there; a plain checkpoint loaded at a new depth also gets that depth's default layers.
+        # transformers sets keyword arguments one by one on the built configuration, and a depth, reduction layers and
+        # per-layer keep rates that only fit each other would fail in either order. The constructor sets them in that
+        # order, so they go there; a plain checkpoint loaded at a new depth also gets that depth's default layers.
         constructor_settings = {
-            key: kwargs.pop(key) for key in ("num_hidden_layers", "reduction_layers") if key in kwargs
+            key: kwargs.pop(key) for key in ("num_hidden_layers", "reduction_layers", "keep_rate") if key in kwargs
         }
         return super().from_dict({**config_dict, **constructor_settings}, **kwargs)
 

@@ -24,7 +24,7 @@ class EViTCLIPVisionConfig(_EViTSettingsMixin, CLIPVisionConfig):
     source_model_types = ("clip_vision_model",)
     model_class_names = "EViTCLIPVisionModel, EViTCLIPVisionModelWithProjection"
 
-    keep_rate: float | int = 0.7
+    keep_rate: float | int | list[float] | tuple[float, ...] = 0.7
     reduction_layers: list[int] | tuple[int, ...] | None = None
     fuse_inattentive_tokens: bool = True
 

@@ -34,7 +34,7 @@ class EViTDeiTConfig(_EViTSettingsMixin, DeiTConfig):
         "checkpoints"
     )
 
-    keep_rate: float | int = 0.7
+    keep_rate: float | int | list[float] | tuple[float, ...] = 0.7
     reduction_layers: list[int] | tuple[int, ...] | None = None
     fuse_inattentive_tokens: bool = True
 

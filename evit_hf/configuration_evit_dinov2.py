@@ -22,7 +22,7 @@ class EViTDinov2Config(_EViTSettingsMixin, Dinov2Config):
     source_model_types = ("dinov2",)
     model_class_names = "EViTDinov2Model, EViTDinov2ForImageClassification"
 
-    keep_rate: float | int = 0.7
+    keep_rate: float | int | list[float] | tuple[float, ...] = 0.7
     reduction_layers: list[int] | tuple[int, ...] | None = None
     fuse_inattentive_tokens: bool = True
 
@@ -41,7 +41,7 @@ class EViTDinov2WithRegistersConfig(_EViTSettingsMixin, Dinov2WithRegistersConfi
     source_model_types = ("dinov2_with_registers",)
     model_class_names = "EViTDinov2WithRegistersModel, EViTDinov2WithRegistersForImageClassification"
 
-    keep_rate: float | int = 0.7
+    keep_rate: float | int | list[float] | tuple[float, ...] = 0.7
     reduction_layers: list[int] | tuple[int, ...] | None = None
     fuse_inattentive_tokens: bool = True
 

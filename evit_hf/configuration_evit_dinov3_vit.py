@@ -22,7 +22,7 @@ class EViTDINOv3ViTConfig(_EViTSettingsMixin, DINOv3ViTConfig):
     source_model_types = ("dinov3_vit",)
     model_class_names = "EViTDINOv3ViTModel"
 
-    keep_rate: float | int = 0.7
+    keep_rate: float | int | list[float] | tuple[float, ...] = 0.7
     reduction_layers: list[int] | tuple[int, ...] | None = None
     fuse_inattentive_tokens: bool = True
 

@@ -22,7 +22,7 @@ class EViTMetaClip2VisionConfig(_EViTSettingsMixin, MetaClip2VisionConfig):
     source_model_types = ("metaclip_2_vision_model",)
     model_class_names = "EViTMetaClip2VisionModel, EViTMetaClip2VisionModelWithProjection"
 
-    keep_rate: float | int = 0.7
+    keep_rate: float | int | list[float] | tuple[float, ...] = 0.7
     reduction_layers: list[int] | tuple[int, ...] | None = None
     fuse_inattentive_tokens: bool = True
 

@@ -2,7 +2,7 @@
 
 from collections.abc import Iterable
 
-from .configuration_evit_base import default_reduction_layers
+from .configuration_evit_base import check_keep_rate, default_reduction_layers, keep_rates_by_layer
 from .families import family_for_model_type
 from .token_reorganization import num_kept_tokens
 
@@ -11,7 +11,9 @@ def _pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, Iterable) else (value, value)
 
 
-def count_macs(config, image_size: int | tuple[int, int] | None = None, keep_rate: float | None = None) -> int:
+def count_macs(
+    config, image_size: int | tuple[int, int] | None = None, keep_rate: float | list[float] | None = None
+) -> int:
     """Multiply-accumulates of one image through the patch embedding, the layers and the head.
 
     Counted: the patch-embedding convolution; per layer the query/key/value and output projections, the two attention
@@ -29,8 +31,9 @@ def count_macs(config, image_size: int | tuple[int, int] | None = None, keep_rat
             model has (DeiT with teacher; CLIP vision tower with projection; DINOv2 classifier).
         image_size (`int` or `tuple[int, int]`, *optional*):
             Input size; defaults to `config.image_size`.
-        keep_rate (`float`, *optional*):
-            Defaults to `config.keep_rate` for EViT configurations, 1.0 otherwise.
+        keep_rate (`float` or `list[float]`, *optional*):
+            One rate for every reduction layer, or one per reduction layer in ascending layer order. Defaults to
+            `config.keep_rate` for EViT configurations, 1.0 otherwise.
 
     Returns:
         `int`: the count (DeiT-S at 224 px: 4.60e9 at keep 1, 3.03e9 at keep 0.7).
@@ -53,6 +56,7 @@ def count_macs(config, image_size: int | tuple[int, int] | None = None, keep_rat
         reduction_layers = vision_config.reduction_layers
     else:  # a plain one: the paper's layers when a keep rate is given, the stock model otherwise
         reduction_layers = default_reduction_layers(layers) if keep_rate != 1.0 else []
+    layer_keep_rates = keep_rates_by_layer(check_keep_rate(keep_rate, reduction_layers), reduction_layers)
     fuse = getattr(vision_config, "fuse_inattentive_tokens", True)
     mlp_macs_per_token = family.mlp_macs_per_token(vision_config)
 
@@ -62,7 +66,7 @@ def count_macs(config, image_size: int | tuple[int, int] | None = None, keep_rat
         macs += 4 * tokens * dim * dim + 2 * tokens * tokens * dim  # projections, attention products
         if index in reduction_layers:
             candidates = tokens - num_prefix_tokens
-            kept = num_kept_tokens(candidates, keep_rate)
+            kept = num_kept_tokens(candidates, layer_keep_rates[index])
             if kept < candidates:
                 macs += candidates * dim if fuse else 0  # the fused token
                 tokens = num_prefix_tokens + kept + int(fuse)

@@ -50,8 +50,8 @@ BASE_FORWARD_DOC = r"""
                 Interpolate the position embeddings to the input size (inputs larger than the checkpoint's).
             attention_mask (`torch.Tensor`, *optional*):
                 Only with `keep_rate=1.0`: masks have no meaning once tokens are reorganized.
-            keep_rate (`float`, *optional*):
-                Overrides `config.keep_rate` for this call, in (0, 1].
+            keep_rate (`float` or `list[float]`, *optional*):
+                Overrides `config.keep_rate` for this call: one rate in (0, 1], or one per reduction layer.
             output_hidden_states / output_attentions (`bool`, *optional*):
                 See the output's documentation for their varying token counts.
 """
@@ -69,7 +69,7 @@ class _ViTEncoderMixin(_TokenReductionEncoderMixin):
         bool_masked_pos: torch.BoolTensor | None = None,
         interpolate_pos_encoding: bool | None = None,
         attention_mask: torch.Tensor | None = None,
-        keep_rate: float | None = None,
+        keep_rate: float | list[float] | None = None,
         **kwargs,
     ) -> EViTModelOutput:
         if pixel_values is None:
@@ -117,7 +117,7 @@ class _ClassTokenClassifierMixin:
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
         attention_mask: torch.Tensor | None = None,
-        keep_rate: float | None = None,
+        keep_rate: float | list[float] | None = None,
         **kwargs,
     ) -> EViTImageClassifierOutput:
         outputs = self.base_model(

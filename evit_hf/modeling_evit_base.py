@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
-from .configuration_evit_base import check_keep_rate
+from .configuration_evit_base import check_keep_rate, keep_rates_by_layer
 from .token_reorganization import class_token_attention, num_kept_tokens, reorganize_tokens, track_token_positions
 
 
@@ -307,9 +307,10 @@ class _TokenReductionEncoderMixin(_EViTModuleMixin):
         whether the caller passed a mask (a backend may build one, flex's block mask, without any masking).
         `per_token_inputs(token_positions)`, if given, returns the layer keyword arguments that follow the tokens
         (rotary position embeddings) after a reorganization, from each candidate's patch index (-1: fused)."""
-        keep_rate = check_keep_rate(self.config.keep_rate if keep_rate is None else keep_rate)
-        fuse = self.config.fuse_inattentive_tokens
         reduction_layers = self.config.reduction_layers
+        keep_rate = check_keep_rate(self.config.keep_rate if keep_rate is None else keep_rate, reduction_layers)
+        layer_keep_rates = keep_rates_by_layer(keep_rate, reduction_layers)  # {layer: its keep rate}
+        fuse = self.config.fuse_inattentive_tokens
         prefix = self.num_prefix_tokens
 
         hidden_states = embedding_output  # [batch, tokens, dim]
@@ -323,7 +324,7 @@ class _TokenReductionEncoderMixin(_EViTModuleMixin):
             if token_positions is None:
                 token_positions = torch.arange(num_candidates, device=hidden_states.device)
                 token_positions = token_positions.expand(hidden_states.shape[0], -1)
-            num_keep = num_kept_tokens(num_candidates, keep_rate)
+            num_keep = num_kept_tokens(num_candidates, layer_keep_rates[index])
             if num_keep == num_candidates:
                 # Keeping every token changes nothing: the stock layer, bit for bit.
                 hidden_states = layer(hidden_states, attention_mask, **kwargs)

@@ -64,8 +64,8 @@ CLIP_FORWARD_DOC = r"""
                 Pixel values, as the checkpoint's image processor returns them.
             interpolate_pos_encoding (`bool`, *optional*, defaults to `False`):
                 Interpolate the position embeddings to the input size.
-            keep_rate (`float`, *optional*):
-                Overrides `config.keep_rate` for this call, in (0, 1].
+            keep_rate (`float` or `list[float]`, *optional*):
+                Overrides `config.keep_rate` for this call: one rate in (0, 1], or one per reduction layer.
             output_hidden_states / output_attentions (`bool`, *optional*):
                 See the output's documentation for their varying token counts.
 """
@@ -100,7 +100,7 @@ class _CLIPVisionTowerMixin(_TokenReductionEncoderMixin):
         self,
         pixel_values: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = False,
-        keep_rate: float | None = None,
+        keep_rate: float | list[float] | None = None,
         **kwargs,
     ) -> EViTModelOutput:
         if pixel_values is None:
@@ -126,7 +126,7 @@ class _CLIPVisionWithProjectionMixin(_EViTModuleMixin):
         self,
         pixel_values: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-        keep_rate: float | None = None,
+        keep_rate: float | list[float] | None = None,
         **kwargs,
     ) -> EViTCLIPVisionModelOutput:
         vision_outputs = self.vision_model(
@@ -151,7 +151,7 @@ class _CLIPModelMixin(_EViTModuleMixin):
         self,
         pixel_values: torch.Tensor,
         interpolate_pos_encoding: bool = False,
-        keep_rate: float | None = None,
+        keep_rate: float | list[float] | None = None,
         **kwargs,
     ) -> EViTModelOutput:
         vision_outputs = self.vision_model(
@@ -182,7 +182,7 @@ class _CLIPModelMixin(_EViTModuleMixin):
         position_ids: torch.LongTensor | None = None,
         return_loss: bool | None = None,
         interpolate_pos_encoding: bool = False,
-        keep_rate: float | None = None,
+        keep_rate: float | list[float] | None = None,
         **kwargs,
     ) -> EViTCLIPOutput:
         vision_outputs = self.get_image_features(
@@ -233,7 +233,7 @@ class _CLIPClassifierMixin(_EViTModuleMixin):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-        keep_rate: float | None = None,
+        keep_rate: float | list[float] | None = None,
         **kwargs,
     ) -> EViTImageClassifierOutput:
         outputs = self.vision_model(

@@ -83,7 +83,7 @@ class EViTDeiTForImageClassificationWithTeacher(_EViTModuleMixin, DeiTForImageCl
         pixel_values: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         attention_mask: torch.Tensor | None = None,
-        keep_rate: float | None = None,
+        keep_rate: float | list[float] | None = None,
         **kwargs,
     ) -> EViTDeiTForImageClassificationWithTeacherOutput:
         outputs = self.deit(

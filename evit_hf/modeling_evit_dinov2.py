@@ -80,7 +80,7 @@ class _Dinov2EncoderMixin(_TokenReductionEncoderMixin):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         masks_tokens: bool = False,
-        keep_rate: float | None = None,
+        keep_rate: float | list[float] | None = None,
         **kwargs,
     ) -> EViTModelOutput:
         hidden_states, kept_token_indices = self._encode(
@@ -116,8 +116,8 @@ DINOV2_FORWARD_DOC = r"""
                 Patches replaced by the mask token.
             attention_mask (`torch.Tensor`, *optional*):
                 Only with `keep_rate=1.0`: masks have no meaning once tokens are reorganized.
-            keep_rate (`float`, *optional*):
-                Overrides `config.keep_rate` for this call, in (0, 1].
+            keep_rate (`float` or `list[float]`, *optional*):
+                Overrides `config.keep_rate` for this call: one rate in (0, 1], or one per reduction layer.
             output_hidden_states / output_attentions (`bool`, *optional*):
                 See the output's documentation for their varying token counts.
 """
@@ -133,7 +133,7 @@ class _Dinov2ModelMixin(_EViTModuleMixin):
         pixel_values: torch.Tensor | None = None,
         bool_masked_pos: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        keep_rate: float | None = None,
+        keep_rate: float | list[float] | None = None,
         **kwargs,
     ) -> EViTModelOutput:
         if pixel_values is None:
@@ -194,7 +194,7 @@ class _Dinov2ClassifierMixin(_EViTModuleMixin):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        keep_rate: float | None = None,
+        keep_rate: float | list[float] | None = None,
         **kwargs,
     ) -> EViTImageClassifierOutput:
         outputs = self.base_model(pixel_values, attention_mask=attention_mask, keep_rate=keep_rate, **kwargs)

@@ -69,7 +69,7 @@ class EViTDINOv3ViTEncoder(_TokenReductionEncoderMixin, DINOv3ViTEncoder):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        keep_rate: float | None = None,
+        keep_rate: float | list[float] | None = None,
         **kwargs,
     ) -> EViTModelOutput:
         patch_cos, patch_sin = position_embeddings
@@ -117,7 +117,7 @@ class EViTDINOv3ViTModel(_EViTModuleMixin, DINOv3ViTModel):
         self,
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.Tensor | None = None,
-        keep_rate: float | None = None,
+        keep_rate: float | list[float] | None = None,
         **kwargs,
     ) -> EViTModelOutput:
         r"""
@@ -126,8 +126,8 @@ class EViTDINOv3ViTModel(_EViTModuleMixin, DINOv3ViTModel):
                 Pixel values, as the checkpoint's image processor returns them.
             bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
                 Patches replaced by the mask token.
-            keep_rate (`float`, *optional*):
-                Overrides `config.keep_rate` for this call, in (0, 1].
+            keep_rate (`float` or `list[float]`, *optional*):
+                Overrides `config.keep_rate` for this call: one rate in (0, 1], or one per reduction layer.
             output_hidden_states / output_attentions (`bool`, *optional*):
                 See the output's documentation for their varying token counts.
         """
