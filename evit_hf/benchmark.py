@@ -10,6 +10,7 @@ the stock model next to the MACs ratio (the bound for a speed-up that comes from
 import argparse
 import ctypes
 import gc
+import inspect
 import itertools
 import json
 import math
@@ -21,54 +22,26 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
-from transformers import (
-    AutoConfig,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-    Dinov2Config,
-    Dinov2ForImageClassification,
-    ViTConfig,
-    ViTForImageClassification,
-)
+from transformers import AutoConfig
 
 from .cli import one_line, writable_folder_problem
-from .configuration_evit import EViTCLIPVisionConfig, EViTConfig, EViTDinov2Config
+from .families import FAMILIES, FAMILIES_BY_NAME, benchmark_shapes
 from .macs import count_macs
-from .modeling_evit import (
-    EViTCLIPVisionModelWithProjection,
-    EViTDinov2ForImageClassification,
-    EViTForImageClassification,
-)
 from .token_reorganization import class_token_attention, reorganize_tokens, track_token_positions
 
 
-# Model shapes by name (random weights: speed does not depend on them). DeiT without distillation is a ViT.
-SHAPES = {
-    "deit-tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
-    "deit-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
-    "deit-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "vit-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    # openai/clip-vit-base-patch16's vision tower and projection (197 tokens at 224 px).
-    "clip-vit-b16": dict(
-        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, projection_dim=512,
-        patch_size=16, layer_norm_eps=1e-5,
-    ),
-    # facebook/dinov2-small with an ImageNet classifier, at 224 px: 16 x 16 patches of 14 px (257 tokens).
-    "dinov2-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14),
-    "dinov2-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, patch_size=14),
-}  # fmt: skip
+# Model shapes by name (random weights: speed does not depend on them), from each family's record.
+SHAPES = {name: shape for name, (_, shape) in benchmark_shapes().items()}
 # The classes each family benchmarks: (stock config, stock model, EViT config, EViT model).
-FAMILY_CLASSES = {
-    "vit": (ViTConfig, ViTForImageClassification, EViTConfig, EViTForImageClassification),
-    "clip": (CLIPVisionConfig, CLIPVisionModelWithProjection, EViTCLIPVisionConfig, EViTCLIPVisionModelWithProjection),
-    "dinov2": (Dinov2Config, Dinov2ForImageClassification, EViTDinov2Config, EViTDinov2ForImageClassification),
-}
-SHAPE_FAMILIES = {"clip-vit-b16": "clip", "dinov2-small": "dinov2", "dinov2-base": "dinov2"}
+FAMILY_CLASSES = {family.name: family.benchmark_classes for family in FAMILIES if family.benchmark_classes}
+SHAPE_FAMILIES = {name: family.name for name, (family, _) in benchmark_shapes().items()}
+# Checkpoint folders hold models of this family (the first one).
+FOLDER_FAMILY = FAMILIES[0].name
 
 
 def model_family(model: str) -> str:
-    """The family of a named shape: "vit", "clip" or "dinov2" (checkpoint folders are ViT models)."""
-    return SHAPE_FAMILIES.get(model, "vit")
+    """The family name of a named shape (checkpoint folders are of `FOLDER_FAMILY`)."""
+    return SHAPE_FAMILIES.get(model, FOLDER_FAMILY)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -136,10 +109,11 @@ class BenchmarkSettings:
             raise InvalidBenchmarkSetting(
                 "rounds", f"the number of timed rounds is a whole number >= 1, got {self.rounds}"
             )
-        if "train" in self.modes and model_family(self.model) == "clip":
+        benchmarked_class = FAMILY_CLASSES[model_family(self.model)][1]
+        if "train" in self.modes and "labels" not in inspect.signature(benchmarked_class.forward).parameters:
             raise InvalidBenchmarkSetting(
                 "modes",
-                f"train needs a classification loss; {self.model} is a CLIP vision tower with projection and has "
+                f"train needs a classification loss; {self.model} is a {benchmarked_class.__name__} and has "
                 "none: use inference",
             )
         for device in self.devices:
@@ -176,11 +150,12 @@ def model_patch_size(model: str) -> int:
         raise InvalidBenchmarkSetting(
             "model", f"cannot read the configuration in {model}: {one_line(error)}"
         ) from None
-    if config.model_type not in ("vit", "evit"):
+    folder_model_types = FAMILIES_BY_NAME[FOLDER_FAMILY].model_types
+    if config.model_type not in folder_model_types:
         raise InvalidBenchmarkSetting(
             "model",
-            f"{model} holds a {config.model_type!r} model; the benchmark builds ViT models: model_type 'vit' (ViT and "
-            "non-distilled DeiT checkpoints) or 'evit'",
+            f"{model} holds a {config.model_type!r} model; the benchmark builds ViT models: model_type "
+            f"{' or '.join(repr(name) for name in folder_model_types)} (ViT and non-distilled DeiT checkpoints)",
         )
     patch_size = config.patch_size
     return patch_size if isinstance(patch_size, int) else max(patch_size)
@@ -229,10 +204,11 @@ def attn_implementation_problem(attn_implementation: str) -> str | None:
     config = dict(
         hidden_size=4, num_hidden_layers=1, num_attention_heads=1, intermediate_size=4, image_size=4, patch_size=4
     )
+    stock_config_class, stock_class, evit_config_class, evit_class = FAMILY_CLASSES[FOLDER_FAMILY]
     try:
         with torch.device("meta"):
-            ViTForImageClassification(ViTConfig(**config, attn_implementation=attn_implementation))
-            EViTForImageClassification(EViTConfig(**config, attn_implementation=attn_implementation))
+            stock_class(stock_config_class(**config, attn_implementation=attn_implementation))
+            evit_class(evit_config_class(**config, attn_implementation=attn_implementation))
     except (ValueError, ImportError, OSError, RuntimeError) as error:
         return f"cannot use {attn_implementation!r}: {one_line(error)}"
     return None
@@ -243,7 +219,7 @@ def model_config_settings(model: str, image_size: int) -> dict:
     if model in SHAPES:
         return dict(dict(patch_size=16, num_labels=1000, layer_norm_eps=1e-6), **SHAPES[model], image_size=image_size)
     config = AutoConfig.from_pretrained(model)
-    if config.model_type not in ("vit", "evit"):
+    if config.model_type not in FAMILIES_BY_NAME[FOLDER_FAMILY].model_types:
         raise ValueError(f"The benchmark builds ViT-family models; {model} is {config.model_type!r}.")
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size", "num_labels")
     return dict({key: getattr(config, key) for key in keys}, image_size=image_size)
@@ -685,7 +661,7 @@ def main(argv=None) -> dict:
         if args.resolutions:
             check_image_sizes(args.resolutions, model_patch_size(args.model), args.model, field_name="resolutions")
         for option, asked in (("overhead", args.overhead), ("backend_difference", args.backend_difference)):
-            if asked and model_family(args.model) != "vit":
+            if asked and model_family(args.model) != FOLDER_FAMILY:
                 raise InvalidBenchmarkSetting(option, f"measures ViT shapes only; {args.model} is not one")
     except InvalidBenchmarkSetting as error:
         parser.error(f"argument {error.option}: {error.problem}")

@@ -95,15 +95,20 @@ def visualize(argv) -> str:
         parser.error(f"argument --output: cannot write {args.output}: {problem}")
 
     config = _load_config(parser, args.model)
-    if config.model_type not in ("vit", "evit", "deit", "evit_deit"):
+    from .families import FAMILIES, family_for_model_type
+
+    family = family_for_model_type(config.model_type)
+    if family is None or family.kept_token_picture_model is None:
+        drawn = [each for each in FAMILIES if each.kept_token_picture_model]
+        names = ", ".join(each.display_name for each in drawn)
+        model_types = ", ".join(repr(model_type) for each in drawn for model_type in each.model_types)
         parser.error(
-            f"argument --model: {args.model} is a {config.model_type!r} model; ViT, DeiT and EViT checkpoints "
-            "(model_type 'vit', 'deit', 'evit' or 'evit_deit') are supported"
+            f"argument --model: {args.model} is a {config.model_type!r} model; {names} and EViT checkpoints "
+            f"(model_type {model_types}) are supported"
         )
 
     from transformers import AutoImageProcessor
 
-    from .modeling_evit import EViTDeiTForImageClassificationWithTeacher, EViTForImageClassification
     from .visualization import load_image_processor_or_default, visualize_kept_tokens
 
     if args.image_processor:
@@ -116,13 +121,8 @@ def visualize(argv) -> str:
     else:
         processor = load_image_processor_or_default(args.model, config)
 
-    model_class = (
-        EViTForImageClassification
-        if config.model_type in ("vit", "evit")
-        else EViTDeiTForImageClassificationWithTeacher
-    )
     try:
-        model = model_class.from_pretrained(args.model)
+        model = family.kept_token_picture_model.from_pretrained(args.model)
     except (OSError, ValueError) as error:
         parser.error(f"argument --model: cannot load the model from {args.model}: {one_line(error)}")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -498,8 +498,10 @@ def convert_timm_checkpoint(
         `CheckpointConversionError` (a `ValueError`) for a checkpoint or setting it cannot convert faithfully (keys
         it cannot map, unsafe pickles, ...), `FileNotFoundError` for a missing file. Nothing is written then.
     """
-    from .configuration_evit import EViTConfig, EViTDeiTConfig, check_keep_rate, default_reduction_layers
-    from .modeling_evit import EViTDeiTForImageClassificationWithTeacher, EViTForImageClassification
+    from .configuration_evit import EViTConfig, check_keep_rate, default_reduction_layers
+    from .configuration_evit_deit import EViTDeiTConfig
+    from .modeling_evit import EViTForImageClassification
+    from .modeling_evit_deit import EViTDeiTForImageClassificationWithTeacher
 
     _check_output_dir(output_dir, overwrite)
     source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "a checkpoint in memory"

@@ -4,6 +4,8 @@ import math
 
 from transformers import TrainerCallback
 
+from .configuration_evit_base import check_keep_rate
+
 
 def scheduled_keep_rate(
     step: float, target_keep_rate: float, warmup_steps: float, shrink_steps: float, start_keep_rate: float = 1.0
@@ -21,12 +23,20 @@ def scheduled_keep_rate(
     return target_keep_rate + (start_keep_rate - target_keep_rate) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _checked(name: str, keep_rate):
+    try:
+        return check_keep_rate(keep_rate)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
 class KeepRateScheduler(TrainerCallback):
     """Sets `model.config.keep_rate` before every training step, following the paper's warm-up.
 
     Keep `start_keep_rate` (1.0: every token) for `warmup`, then a cosine down to `target_keep_rate` over `shrink`,
-    then constant. Spans are in epochs (`unit="epoch"`, as the reference's `shrink_start_epoch` / `shrink_epochs`;
-    fractional epochs are computed from the global step) or in optimizer steps (`unit="step"`). The value is a pure
+    then constant. With per-layer keep rates (a list), each reduction layer goes down to its own target. Spans are in
+    epochs (`unit="epoch"`, as the reference's `shrink_start_epoch` / `shrink_epochs`; fractional epochs are computed
+    from the global step) or in optimizer steps (`unit="step"`). The value is a pure
     function of the global step, so resuming from a checkpoint gives exactly the same keep rates, and it is added to
     the Trainer's logs as `keep_rate`. At the end of training the model is left at `target_keep_rate`.
 
@@ -34,8 +44,9 @@ class KeepRateScheduler(TrainerCallback):
     DeiT uses the target from the start (`warmup=0, shrink=0`).
 
     Args:
-        target_keep_rate (`float`):
-            The keep rate after the warm-up, in (0, 1].
+        target_keep_rate (`float` or `list[float]`):
+            The keep rate after the warm-up, in (0, 1]: one for every reduction layer, or one per reduction layer in
+            ascending layer order.
         warmup (`float`, *optional*, defaults to 0):
             Span with `start_keep_rate`.
         shrink (`float`, *optional*, defaults to 0):
@@ -63,10 +74,12 @@ class KeepRateScheduler(TrainerCallback):
         unit: str = "epoch",
         start_keep_rate: float = 1.0,
     ):
-        for name, value in (("target_keep_rate", target_keep_rate), ("start_keep_rate", start_keep_rate)):
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {value}.")
-        if target_keep_rate > start_keep_rate:
+        target_keep_rate = _checked("target_keep_rate", target_keep_rate)
+        start_keep_rate = _checked("start_keep_rate", start_keep_rate)
+        if isinstance(start_keep_rate, list):
+            raise ValueError(f"start_keep_rate is one number in (0, 1] for every layer, got {start_keep_rate}.")
+        targets = target_keep_rate if isinstance(target_keep_rate, list) else [target_keep_rate]
+        if max(targets) > start_keep_rate:
             raise ValueError(
                 f"The keep rate schedule must not end above its start: target_keep_rate={target_keep_rate} > "
                 f"start_keep_rate={start_keep_rate}. Lower the target or raise the start (at most 1.0)."
@@ -81,13 +94,18 @@ class KeepRateScheduler(TrainerCallback):
         self.unit = unit
         self.start_keep_rate = start_keep_rate
 
-    def keep_rate_at(self, global_step: int, steps_per_epoch: float | None = None) -> float:
-        """The keep rate of the step that follows `global_step` optimizer steps."""
+    def keep_rate_at(self, global_step: int, steps_per_epoch: float | None = None) -> float | list[float]:
+        """The keep rate (a list, for per-layer targets) of the step that follows `global_step` optimizer steps."""
         position = global_step
         if self.unit == "epoch":
             if not steps_per_epoch:
                 raise ValueError("A schedule in epochs needs steps_per_epoch (optimizer steps per epoch).")
             position = global_step / steps_per_epoch
+        if isinstance(self.target_keep_rate, list):
+            return [
+                scheduled_keep_rate(position, target, self.warmup, self.shrink, self.start_keep_rate)
+                for target in self.target_keep_rate
+            ]
         return scheduled_keep_rate(position, self.target_keep_rate, self.warmup, self.shrink, self.start_keep_rate)
 
     @staticmethod

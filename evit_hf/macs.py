@@ -2,7 +2,8 @@
 
 from collections.abc import Iterable
 
-from .configuration_evit import default_reduction_layers
+from .configuration_evit_base import check_keep_rate, default_reduction_layers, keep_rates_by_layer
+from .families import family_for_model_type
 from .token_reorganization import num_kept_tokens
 
 
@@ -10,34 +11,9 @@ def _pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, Iterable) else (value, value)
 
 
-def _architectures(config) -> str:
-    return "".join(getattr(config, "architectures", None) or [])
-
-
-def _head_macs(config, vision_config, dim: int) -> int:
-    """The linear heads on the final tokens, by family and (where a family has several) by `config.architectures`."""
-    model_type = vision_config.model_type
-    if vision_config is not config:  # CLIP: the image embeddings' projection
-        return dim * config.projection_dim
-    if "clip" in model_type:  # a vision tower alone: its projection only in the model with projection
-        return dim * config.projection_dim if "WithProjection" in _architectures(config) else 0
-    if "dinov2" in model_type:  # the classifier reads [class token, mean of the other tokens]: 2 * dim inputs
-        return 2 * dim * max(config.num_labels, 0) if "ForImageClassification" in _architectures(config) else 0
-    heads = 2 if "WithTeacher" in _architectures(config) else 1
-    return heads * dim * max(config.num_labels, 0)
-
-
-def _mlp_macs_per_token(config) -> int:
-    if "dinov2" not in config.model_type:
-        return 2 * config.hidden_size * config.intermediate_size
-    hidden_features = int(config.hidden_size * config.mlp_ratio)
-    if getattr(config, "use_swiglu_ffn", False):  # gate, up and down projections, two thirds of the width
-        hidden_features = (int(hidden_features * 2 / 3) + 7) // 8 * 8
-        return 3 * config.hidden_size * hidden_features
-    return 2 * config.hidden_size * hidden_features
-
-
-def count_macs(config, image_size: int | tuple[int, int] | None = None, keep_rate: float | None = None) -> int:
+def count_macs(
+    config, image_size: int | tuple[int, int] | None = None, keep_rate: float | list[float] | None = None
+) -> int:
     """Multiply-accumulates of one image through the patch embedding, the layers and the head.
 
     Counted: the patch-embedding convolution; per layer the query/key/value and output projections, the two attention
@@ -55,27 +31,34 @@ def count_macs(config, image_size: int | tuple[int, int] | None = None, keep_rat
             model has (DeiT with teacher; CLIP vision tower with projection; DINOv2 classifier).
         image_size (`int` or `tuple[int, int]`, *optional*):
             Input size; defaults to `config.image_size`.
-        keep_rate (`float`, *optional*):
-            Defaults to `config.keep_rate` for EViT configurations, 1.0 otherwise.
+        keep_rate (`float` or `list[float]`, *optional*):
+            One rate for every reduction layer, or one per reduction layer in ascending layer order. Defaults to
+            `config.keep_rate` for EViT configurations, 1.0 otherwise.
 
     Returns:
         `int`: the count (DeiT-S at 224 px: 4.60e9 at keep 1, 3.03e9 at keep 0.7).
     """
+    family = family_for_model_type(config.model_type)
+    if family is None:
+        raise ValueError(
+            f"count_macs counts the families in evit_hf.FAMILIES; model_type {config.model_type!r} is none of them."
+        )
     # CLIP: the vision tower, where the EViT settings live too.
     vision_config = getattr(config, "vision_config", None) or config
     height, width = _pair(image_size if image_size is not None else vision_config.image_size)
     patch_height, patch_width = _pair(vision_config.patch_size)
     num_patches = (height // patch_height) * (width // patch_width)
     dim, layers = vision_config.hidden_size, vision_config.num_hidden_layers
-    num_prefix_tokens = 2 if vision_config.model_type in ("deit", "evit_deit") else 1
-    num_prefix_tokens += getattr(vision_config, "num_register_tokens", 0)  # DINOv2 with registers
+    num_prefix_tokens = family.num_prefix_tokens(vision_config)
     if keep_rate is None:
         keep_rate = getattr(vision_config, "keep_rate", 1.0)
-    reduction_layers = getattr(vision_config, "reduction_layers", None) or default_reduction_layers(layers)
-    if not hasattr(vision_config, "reduction_layers") and keep_rate == 1.0:
-        reduction_layers = []
+    if hasattr(vision_config, "reduction_layers"):  # an EViT configuration (its list may be empty)
+        reduction_layers = vision_config.reduction_layers
+    else:  # a plain one: the paper's layers when a keep rate is given, the stock model otherwise
+        reduction_layers = default_reduction_layers(layers) if keep_rate != 1.0 else []
+    layer_keep_rates = keep_rates_by_layer(check_keep_rate(keep_rate, reduction_layers), reduction_layers)
     fuse = getattr(vision_config, "fuse_inattentive_tokens", True)
-    mlp_macs_per_token = _mlp_macs_per_token(vision_config)
+    mlp_macs_per_token = family.mlp_macs_per_token(vision_config)
 
     macs = num_patches * vision_config.num_channels * patch_height * patch_width * dim  # patch embedding
     tokens = num_prefix_tokens + num_patches
@@ -83,12 +66,12 @@ def count_macs(config, image_size: int | tuple[int, int] | None = None, keep_rat
         macs += 4 * tokens * dim * dim + 2 * tokens * tokens * dim  # projections, attention products
         if index in reduction_layers:
             candidates = tokens - num_prefix_tokens
-            kept = num_kept_tokens(candidates, keep_rate)
+            kept = num_kept_tokens(candidates, layer_keep_rates[index])
             if kept < candidates:
                 macs += candidates * dim if fuse else 0  # the fused token
                 tokens = num_prefix_tokens + kept + int(fuse)
         macs += tokens * mlp_macs_per_token  # MLP
-    return macs + _head_macs(config, vision_config, dim)
+    return macs + family.head_macs(config, dim)
 
 
 __all__ = ["count_macs"]

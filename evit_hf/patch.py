@@ -1,103 +1,40 @@
-"""Turn a ViT, DeiT, CLIP (vision tower) or DINOv2 model already in memory into EViT, in place."""
+"""Turn a model of one of the families in `families.FAMILIES`, already in memory, into EViT, in place."""
 
 from collections.abc import Sequence
 
 from torch import nn
-from transformers import (
-    CLIPModel,
-    CLIPVisionModel,
-    CLIPVisionModelWithProjection,
-    DeiTForImageClassification,
-    DeiTForImageClassificationWithTeacher,
-    DeiTModel,
-    Dinov2ForImageClassification,
-    Dinov2Model,
-    Dinov2WithRegistersForImageClassification,
-    Dinov2WithRegistersModel,
-    ViTForImageClassification,
-    ViTModel,
-)
-from transformers.models.dinov2.modeling_dinov2 import Dinov2Encoder
-from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import Dinov2WithRegistersEncoder
-from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
-from .configuration_evit import (
-    EViTCLIPConfig,
-    EViTCLIPVisionConfig,
-    EViTConfig,
-    EViTDeiTConfig,
-    EViTDinov2Config,
-    EViTDinov2WithRegistersConfig,
-)
-from .modeling_evit import (
-    EViTCLIPModel,
-    EViTCLIPVisionModel,
-    EViTCLIPVisionModelWithProjection,
-    EViTDeiTForImageClassification,
-    EViTDeiTForImageClassificationWithTeacher,
-    EViTDeiTModel,
-    EViTDinov2Encoder,
-    EViTDinov2ForImageClassification,
-    EViTDinov2Model,
-    EViTDinov2WithRegistersEncoder,
-    EViTDinov2WithRegistersForImageClassification,
-    EViTDinov2WithRegistersModel,
-    EViTForImageClassification,
-    EViTModel,
-    _TokenReductionEncoderMixin,
-    convert_layers_to_evit,
-)
+from .families import FAMILIES, NO_CLASS_TOKEN_MODEL_TYPES, family_for_model
+from .modeling_evit_base import convert_to_evit
 
 
-# Stock class -> (EViT class, EViT config class) of the models apply_evit converts. Exact classes only: a subclass may
-# have its own forward.
-_STOCK_CLASSES = {
-    ViTModel: (EViTModel, EViTConfig),
-    ViTForImageClassification: (EViTForImageClassification, EViTConfig),
-    DeiTModel: (EViTDeiTModel, EViTDeiTConfig),
-    DeiTForImageClassification: (EViTDeiTForImageClassification, EViTDeiTConfig),
-    DeiTForImageClassificationWithTeacher: (EViTDeiTForImageClassificationWithTeacher, EViTDeiTConfig),
-    CLIPVisionModel: (EViTCLIPVisionModel, EViTCLIPVisionConfig),
-    CLIPVisionModelWithProjection: (EViTCLIPVisionModelWithProjection, EViTCLIPVisionConfig),
-    CLIPModel: (EViTCLIPModel, EViTCLIPConfig),
-    Dinov2Model: (EViTDinov2Model, EViTDinov2Config),
-    Dinov2ForImageClassification: (EViTDinov2ForImageClassification, EViTDinov2Config),
-    Dinov2WithRegistersModel: (EViTDinov2WithRegistersModel, EViTDinov2WithRegistersConfig),
-    Dinov2WithRegistersForImageClassification: (
-        EViTDinov2WithRegistersForImageClassification,
-        EViTDinov2WithRegistersConfig,
-    ),
-}
-_EVIT_CLASSES = {**_STOCK_CLASSES, **{evit: (evit, config) for evit, config in _STOCK_CLASSES.values()}}
-
-# The sub-models that change class with them: the base models, and DINOv2's encoders (which run the layer loop). CLIP's
-# text tower is not here: it stays CLIP's.
-_STOCK_SUBMODEL_CLASSES = {
-    ViTModel: EViTModel,
-    DeiTModel: EViTDeiTModel,
-    CLIPVisionModel: EViTCLIPVisionModel,
-    Dinov2Model: EViTDinov2Model,
-    Dinov2Encoder: EViTDinov2Encoder,
-    Dinov2WithRegistersModel: EViTDinov2WithRegistersModel,
-    Dinov2WithRegistersEncoder: EViTDinov2WithRegistersEncoder,
-}
-
-# Models whose images have no class token: nothing to score the patch tokens with.
-_NO_CLASS_TOKEN_MODEL_TYPES = ("siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model")
+def _supported_classes() -> list[str]:
+    return sorted(model_class.__name__ for family in FAMILIES for model_class in family.models)
 
 
 def _refusal(model: nn.Module) -> str:
     """The `TypeError` message for a model apply_evit does not convert: what it supports, and why not this one."""
-    supported = ", ".join(sorted(cls.__name__ for cls in _STOCK_CLASSES))
-    message = f"apply_evit supports {supported} (and their EViT classes); got {type(model).__name__}"
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        return (
+            f"apply_evit got a compiled wrapper (torch.compile's OptimizedModule around a "
+            f"{type(model._orig_mod).__name__}): its graphs were traced for the stock layers. Apply EViT before "
+            "compiling: `apply_evit(model)`, then `torch.compile(model)`."
+        )
+    for family in FAMILIES:
+        reason = family.refused_models.get(type(model))
+        if reason is not None:
+            return f"apply_evit does not convert {type(model).__name__}: {reason}"
+    message = (
+        f"apply_evit supports {', '.join(_supported_classes())} (and their EViT classes); got {type(model).__name__}"
+    )
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in _NO_CLASS_TOKEN_MODEL_TYPES:
+    if model_type in NO_CLASS_TOKEN_MODEL_TYPES:
         return (
             f"{message}, which has no class token: it pools the patch tokens with an attention-pooling head, so there "
             "is no class-token attention to score tokens with, and its output depends on every patch token."
         )
     for name, module in model.named_modules():
-        if name and type(module) in _EVIT_CLASSES:
+        if name and family_for_model(module) is not None:
             return (
                 f"{message}, which holds a {type(module).__name__} at `{name}` and uses every one of its patch "
                 "tokens afterwards (a projector or decoder that expects one token per patch, in place); fewer or "
@@ -105,8 +42,6 @@ def _refusal(model: nn.Module) -> str:
             )
     return f"{message}."
 
-
-_SUBMODEL_CLASSES = {**_STOCK_SUBMODEL_CLASSES, **{evit: evit for evit in _STOCK_SUBMODEL_CLASSES.values()}}
 
 _UNSET = object()
 
@@ -139,22 +74,24 @@ def apply_evit(
     reduction_layers: Sequence[int] | None = _UNSET,
     fuse_inattentive_tokens: bool = _UNSET,
 ) -> nn.Module:
-    """Turns a loaded transformers ViT, DeiT, CLIP or DINOv2 model into EViT, in place, and returns it.
+    """Turns a loaded transformers model of a supported family (ViT, DeiT, CLIP, DINOv2, ...: `evit_hf.FAMILIES`)
+    into EViT, in place, and returns it.
 
     The weights are untouched and no parameter is added: the model changes class (for example
     `ViTForImageClassification` becomes [`EViTForImageClassification`], still an instance of the former), its layers
     become EViT layers, and it gets its own EViT configuration. Applied to an EViT model it changes only the settings
-    given. For `CLIPModel` only the vision tower changes; the settings live in `config.vision_config`.
+    given. For CLIP-style models with a text tower only the vision tower changes; the settings live in
+    `config.vision_config`.
 
-    Models without a class token (SigLIP) and models that feed every patch token of their vision tower to something
-    else (LLaVA-style vision-language models, masked-image-modeling decoders) raise a `TypeError` that says why.
+    Models without a class token (SigLIP), models that feed every patch token of their vision tower to something
+    else (LLaVA-style vision-language models, masked-image-modeling decoders), compiled wrappers and the other models
+    a family refuses raise a `TypeError` that says why.
 
     Args:
         model (`nn.Module`):
-            A `ViTModel`, `ViTForImageClassification`, `DeiTModel`, `DeiTForImageClassification`,
-            `DeiTForImageClassificationWithTeacher`, `CLIPVisionModel`, `CLIPVisionModelWithProjection`, `CLIPModel`,
-            `Dinov2Model`, `Dinov2ForImageClassification`, `Dinov2WithRegistersModel` or
-            `Dinov2WithRegistersForImageClassification` (or the EViT class of one).
+            A model of one of the classes in `family.models` for a family of `evit_hf.FAMILIES` (or the EViT class of
+            one): `ViTModel`, `ViTForImageClassification`, `DeiTForImageClassificationWithTeacher`, `CLIPModel`,
+            `CLIPForImageClassification`, `Dinov2ForImageClassification`, ...
         keep_rate (`float`, *optional*, defaults to 0.7):
             Share of the candidate tokens each reduction layer keeps, in (0, 1].
         reduction_layers (`list[int]`, *optional*):
@@ -175,10 +112,11 @@ def apply_evit(
     >>> evit_hf.apply_evit(model, keep_rate=0.7, reduction_layers=[3, 6, 9])
     ```
     """
-    classes = _EVIT_CLASSES.get(type(model))
-    if classes is None:
+    family = family_for_model(model)
+    if family is None:
         raise TypeError(_refusal(model))
-    evit_class, config_class = classes
+    evit_class = family.models.get(type(model), type(model))
+    config_class = evit_class.config_class
 
     old_config = model.config
     new_config = _evit_config(old_config, config_class, keep_rate, reduction_layers, fuse_inattentive_tokens)
@@ -192,15 +130,8 @@ def apply_evit(
         if id(getattr(module, "config", None)) in replacements:
             module.config = replacements[id(module.config)]
 
-    for module in model.modules():
-        new_class = evit_class if module is model else _SUBMODEL_CLASSES.get(type(module))
-        if new_class is not None and type(module) is not new_class:
-            module.__class__ = new_class
-            # transformers looks up what a model records for output_hidden_states/output_attentions by its class;
-            # a model built as EViT is registered in PreTrainedModel.__init__, a converted one here.
-            _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
-        if isinstance(module, _TokenReductionEncoderMixin):
-            convert_layers_to_evit(module)
+    # The same conversion as the EViT constructors run after the stock one.
+    convert_to_evit(model, evit_class)
     return model
 
 

@@ -141,6 +141,37 @@ def track_token_positions(
     return kept_positions, torch.cat([kept_positions, fused_position], dim=1)
 
 
+def rotations_for_tokens(
+    patch_cos: torch.Tensor, patch_sin: torch.Tensor, token_positions: torch.Tensor, num_prefix_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's rotary (cos, sin) after a reorganization: a kept token keeps its own patch's, the prefix tokens
+    and a fused token are not rotated (cos 1, sin 0).
+
+    Args:
+        patch_cos, patch_sin (`torch.Tensor` of shape `[patches, rotary_dim]`): every patch's rotation, row-major in
+            the patch grid (as the model's rotary embedding returns them; augmented coordinates in training).
+        token_positions (`torch.Tensor` of shape `[batch, candidates]`): the patch index of each candidate token, -1
+            for a fused one, as `track_token_positions` returns them.
+        num_prefix_tokens (`int`): tokens in front, which are never rotated.
+
+    Returns:
+        A tuple of cos and sin, each `[batch, 1, num_prefix_tokens + candidates, rotary_dim]`: one row per token,
+        broadcast over the attention heads.
+    """
+    batch, candidates = token_positions.shape
+    rotary_dim = patch_cos.shape[-1]
+    is_patch = (token_positions >= 0).unsqueeze(-1)  # [batch, candidates, 1]
+    patch_index = token_positions.clamp(min=0)
+    cos = torch.where(is_patch, patch_cos[patch_index], 1.0)  # [batch, candidates, rotary_dim]
+    sin = torch.where(is_patch, patch_sin[patch_index], 0.0)
+    prefix_cos = patch_cos.new_ones(batch, num_prefix_tokens, rotary_dim)
+    prefix_sin = patch_sin.new_zeros(batch, num_prefix_tokens, rotary_dim)
+    return (
+        torch.cat([prefix_cos, cos.to(patch_cos.dtype)], dim=1).unsqueeze(1),
+        torch.cat([prefix_sin, sin.to(patch_sin.dtype)], dim=1).unsqueeze(1),
+    )
+
+
 __all__ = [
     "candidate_scores",
     "class_token_attention",
@@ -148,6 +179,7 @@ __all__ = [
     "gather_tokens",
     "num_kept_tokens",
     "reorganize_tokens",
+    "rotations_for_tokens",
     "select_attentive_tokens",
     "track_token_positions",
 ]

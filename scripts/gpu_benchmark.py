@@ -458,6 +458,10 @@ def main(argv=None) -> int:
         parser.error(
             f"argument --device: {args.device} asked for, but CUDA is not available to torch {torch.__version__}"
         )
+    if device.type == "cuda":
+        if (device.index or 0) >= torch.cuda.device_count():
+            parser.error(f"argument --device: {args.device} asked for, but there are {torch.cuda.device_count()} GPUs")
+        torch.cuda.set_device(device)  # CUDA events record on the current device's stream
     models = args.models or [name for name in benchmark.SHAPES if name not in LEFT_OUT_SHAPES]
     for name in models:
         try:

@@ -95,28 +95,80 @@ def reference_dinov2(base_model, pixel_values, keep_rate, reduction_layers, fuse
     return finals, kept_per_image, prefix
 
 
+def _rotate(x, cos, sin):
+    """The rotary embedding of one token's query or key ([heads, head_dim]) by its patch's cos and sin: the second
+    half of the dimensions, negated, in front of the first half."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def reference_dinov3(base_model, pixel_values, keep_rate, reduction_layers, fuse, rotations=None):
+    """A `DINOv3ViTModel`, as the spec's "Rotary position embeddings" states it. `rotations` is the (cos, sin) per
+    patch ([patches, head_dim]); by default the model's own (not augmented in eval mode). Returns (final tokens per
+    image after the final norm, kept patch indices per image and reduction layer, number of prefix tokens).
+
+    Each candidate carries its patch index (-1 once fused); a token with a patch index is rotated by that patch's
+    cos and sin in every layer, the class token, the registers and a fused token never are."""
+    prefix = 1 + base_model.config.num_register_tokens
+    embeddings = base_model.embeddings(pixel_values)  # class token, registers, patches
+    cos, sin = rotations if rotations is not None else base_model.rope_embeddings(pixel_values)
+    finals, kept_per_image = [], []
+    for x in embeddings:
+        positions = list(range(x.shape[0] - prefix))
+        kept_per_layer = []
+        for index, layer in enumerate(base_model.model.layer):
+            attention = layer.attention
+            heads = attention.num_heads
+            h = layer.norm1(x)
+            q, k, v = (
+                proj(h).view(-1, heads, attention.head_dim).transpose(0, 1)
+                for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
+            )  # [heads, tokens, head_dim]
+            q, k = q.clone(), k.clone()
+            for candidate, patch in enumerate(positions):
+                if patch >= 0:
+                    token = prefix + candidate
+                    q[:, token] = _rotate(q[:, token], cos[patch], sin[patch])
+                    k[:, token] = _rotate(k[:, token], cos[patch], sin[patch])
+            probs = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(attention.head_dim), dim=-1)
+            out = attention.o_proj((probs @ v).transpose(0, 1).reshape(x.shape[0], -1))
+            x = x + out * layer.layer_scale1.lambda1
+            if index in reduction_layers:
+                x, kept, positions = _reorganize(x, probs, prefix, keep_rate, fuse, positions)
+                kept_per_layer.append(kept)
+            x = x + layer.mlp(layer.norm2(x)) * layer.layer_scale2.lambda1
+        finals.append(base_model.norm(x))
+        kept_per_image.append(kept_per_layer)
+    return finals, kept_per_image, prefix
+
+
 def reference_outputs(family, stock, pixel_values, keep_rate, reduction_layers, fuse, input_ids=None):
     """The spec's outputs of `stock` (a stock model of `family`), by output field name, and the kept patch indices per
     image and reduction layer.
 
     CLIP vision tower: the final tokens and `post_layernorm` of the class token; with projection: the image
-    embeddings; CLIP: the image embeddings and the logits per image; DINOv2 base models: the final tokens after the
-    final norm and the class token among them; DINOv2 classifiers: the logits of `[class token, mean of the other
-    non-prefix tokens]`.
+    embeddings; CLIP classifier: the logits of the mean of the non-prefix tokens; CLIP: the image embeddings and the
+    logits per image; DINOv2 base models: the final tokens after the final norm and the class token among them; DINOv2
+    classifiers: the logits of `[class token, mean of the other non-prefix tokens]`.
     """
-    if family.startswith("clip"):
+    if family.startswith(("clip", "metaclip-2")):  # MetaCLIP 2's vision tower is CLIP's
         vision_model = stock.vision_model if hasattr(stock, "vision_model") else stock
         finals, pooled, kept = reference_clip_vision(vision_model, pixel_values, keep_rate, reduction_layers, fuse)
-        if family == "clip-vision":
+        if family.endswith("-vision"):
             return {"last_hidden_state": torch.stack(finals), "pooler_output": pooled}, kept
+        if family.endswith("-classifier"):  # the mean of the non-prefix tokens (kept and fused), no post_layernorm
+            return {"logits": stock.classifier(torch.stack([x[1:].mean(0) for x in finals]))}, kept
         image_embeds = stock.visual_projection(pooled)
-        if family == "clip-vision-projection":
+        if family.endswith("-vision-projection"):
             return {"image_embeds": image_embeds}, kept
         text_embeds = stock.get_text_features(input_ids=input_ids).pooler_output
         image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
         text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
         logits_per_image = stock.logit_scale.exp() * image_embeds @ text_embeds.T
         return {"image_embeds": image_embeds, "logits_per_image": logits_per_image}, kept
+    if family.startswith("dinov3"):  # the final tokens after the final norm, and the class token among them
+        finals, kept, _ = reference_dinov3(stock, pixel_values, keep_rate, reduction_layers, fuse)
+        return {"last_hidden_state": torch.stack(finals), "pooler_output": torch.stack([x[0] for x in finals])}, kept
     finals, kept, prefix = reference_dinov2(stock.base_model, pixel_values, keep_rate, reduction_layers, fuse)
     if hasattr(stock, "classifier"):
         features = [torch.cat([x[0], x[prefix:].mean(0)]) for x in finals]

@@ -3,6 +3,7 @@
 import torch
 from transformers import (
     CLIPConfig,
+    CLIPForImageClassification,
     CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -17,6 +18,14 @@ from transformers import (
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersForImageClassification,
     Dinov2WithRegistersModel,
+    DINOv3ViTConfig,
+    DINOv3ViTModel,
+    MetaClip2Config,
+    MetaClip2ForImageClassification,
+    MetaClip2Model,
+    MetaClip2VisionConfig,
+    MetaClip2VisionModel,
+    MetaClip2VisionModelWithProjection,
     ViTConfig,
     ViTForImageClassification,
     ViTModel,
@@ -108,6 +117,9 @@ TINY_CLIP_TEXT = dict(
 # DINOv2's MLP is mlp_ratio (4) x hidden. A layer scale other than 1 makes a forgotten `layer_scale1` visible.
 TINY_DINOV2 = dict(TINY_TOWER, initializer_range=0.2, layerscale_value=0.5, num_labels=5)
 TINY_DINOV2_REGISTERS = dict(TINY_DINOV2, num_register_tokens=3)
+# DINOv3 ViT: rotary position embeddings, a plain MLP of intermediate_size, registers in front of the patches.
+TINY_DINOV3 = dict(TINY_TOWER, intermediate_size=64, initializer_range=0.2, layerscale_value=0.5)
+TINY_DINOV3_REGISTERS = dict(TINY_DINOV3, num_register_tokens=4)
 
 # family: (stock class, EViT class, stock config class, EViT config class, configuration keyword arguments, prefix)
 ENCODER_FAMILIES = {
@@ -134,6 +146,63 @@ ENCODER_FAMILIES = {
         evit_hf.EViTCLIPConfig,
         dict(vision_config=TINY_CLIP_VISION, text_config=TINY_CLIP_TEXT, projection_dim=16),
         1,
+    ),
+    "clip-classifier": (
+        CLIPForImageClassification,
+        evit_hf.EViTCLIPForImageClassification,
+        CLIPConfig,
+        evit_hf.EViTCLIPConfig,
+        dict(vision_config=TINY_CLIP_VISION, text_config=TINY_CLIP_TEXT, num_labels=5),
+        1,
+    ),
+    # MetaCLIP 2's vision tower is CLIP's; its text tower reads the same tiny settings.
+    "metaclip-2-vision": (
+        MetaClip2VisionModel,
+        evit_hf.EViTMetaClip2VisionModel,
+        MetaClip2VisionConfig,
+        evit_hf.EViTMetaClip2VisionConfig,
+        TINY_CLIP_VISION,
+        1,
+    ),
+    "metaclip-2-vision-projection": (
+        MetaClip2VisionModelWithProjection,
+        evit_hf.EViTMetaClip2VisionModelWithProjection,
+        MetaClip2VisionConfig,
+        evit_hf.EViTMetaClip2VisionConfig,
+        TINY_CLIP_VISION,
+        1,
+    ),
+    "metaclip-2": (
+        MetaClip2Model,
+        evit_hf.EViTMetaClip2Model,
+        MetaClip2Config,
+        evit_hf.EViTMetaClip2Config,
+        dict(vision_config=TINY_CLIP_VISION, text_config=TINY_CLIP_TEXT, projection_dim=16),
+        1,
+    ),
+    "metaclip-2-classifier": (
+        MetaClip2ForImageClassification,
+        evit_hf.EViTMetaClip2ForImageClassification,
+        MetaClip2Config,
+        evit_hf.EViTMetaClip2Config,
+        dict(vision_config=TINY_CLIP_VISION, text_config=TINY_CLIP_TEXT, num_labels=5),
+        1,
+    ),
+    "dinov3": (
+        DINOv3ViTModel,
+        evit_hf.EViTDINOv3ViTModel,
+        DINOv3ViTConfig,
+        evit_hf.EViTDINOv3ViTConfig,
+        TINY_DINOV3,
+        1,
+    ),
+    "dinov3-registers": (
+        DINOv3ViTModel,
+        evit_hf.EViTDINOv3ViTModel,
+        DINOv3ViTConfig,
+        evit_hf.EViTDINOv3ViTConfig,
+        TINY_DINOV3_REGISTERS,
+        5,
     ),
     "dinov2-base": (Dinov2Model, evit_hf.EViTDinov2Model, Dinov2Config, evit_hf.EViTDinov2Config, TINY_DINOV2, 1),
     "dinov2-classifier": (
@@ -185,6 +254,11 @@ def encoder_stock_and_evit(family: str, seed: int = 0, attn_implementation: str 
     return stock, evit
 
 
+def has_text_tower(builder: str) -> bool:
+    """Whether a builder's model takes text too (CLIP and MetaCLIP 2 with both towers)."""
+    return builder in ("clip", "metaclip-2")
+
+
 def text_inputs(batch_size: int = 2):
     """Token ids for the tiny CLIP text tower, each sequence ending with its end-of-text token (the pooled one)."""
     input_ids = torch.randint(2, 98, (batch_size, 7), generator=torch.Generator().manual_seed(5))
@@ -198,3 +272,27 @@ def encoder_main_output(output):
         if getattr(output, name, None) is not None:
             return getattr(output, name)
     return output.last_hidden_state
+
+
+# The builders above that test each family of evit_hf.FAMILIES (by its name).
+FAMILY_TESTERS = {
+    "vit": ("vit-base", "vit-classifier"),
+    "deit": ("deit-base", "deit-classifier", "deit-teacher"),
+    "clip": ("clip-vision", "clip-vision-projection", "clip", "clip-classifier"),
+    "metaclip_2": ("metaclip-2-vision", "metaclip-2-vision-projection", "metaclip-2", "metaclip-2-classifier"),
+    "dinov2": ("dinov2-base", "dinov2-classifier"),
+    "dinov2_with_registers": ("dinov2-registers-base", "dinov2-registers-classifier"),
+    "dinov3_vit": ("dinov3", "dinov3-registers"),
+}
+
+
+def tiny_stock_model(builder: str, seed: int = 0):
+    """A random tiny stock model of one of the builders above, in eval mode."""
+    if builder in FAMILIES:
+        return stock_and_evit(builder, seed)[0]
+    return encoder_stock_model(builder, seed)
+
+
+def builder_classes(builder: str) -> tuple[type, type]:
+    """(stock class, EViT class) of a builder."""
+    return (FAMILIES.get(builder) or ENCODER_FAMILIES[builder])[:2]

@@ -10,7 +10,15 @@ from transformers import ViTConfig, ViTForMaskedImageModeling, ViTModel
 
 import evit_hf
 
-from .model_builders import FAMILIES, TINY, main_output, stock_and_evit
+from .model_builders import (
+    FAMILIES,
+    FAMILY_TESTERS,
+    TINY,
+    builder_classes,
+    main_output,
+    stock_and_evit,
+    tiny_stock_model,
+)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -154,3 +162,61 @@ def test_converted_models_record_outputs_in_a_fresh_process(tmp_path, pixel_valu
         for name in ("hidden_states", "attentions"):
             for got, want in zip(recorded[name], getattr(expected, name), strict=True):
                 torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# The model files each family's saved folder ships: its own, those of the family it builds on, and the base.
+BASE_FILES = {"configuration_evit_base.py", "modeling_evit_base.py", "token_reorganization.py"}
+FAMILY_FILES = {
+    "vit": {"configuration_evit.py", "modeling_evit.py"},
+    "deit": {"configuration_evit_deit.py", "modeling_evit_deit.py", "configuration_evit.py", "modeling_evit.py"},
+    "clip": {"configuration_evit_clip.py", "modeling_evit_clip.py"},
+    "metaclip_2": {
+        "configuration_evit_metaclip_2.py",
+        "modeling_evit_metaclip_2.py",
+        "configuration_evit_clip.py",
+        "modeling_evit_clip.py",
+    },
+    "dinov2": {"configuration_evit_dinov2.py", "modeling_evit_dinov2.py"},
+    "dinov2_with_registers": {"configuration_evit_dinov2.py", "modeling_evit_dinov2.py"},
+    "dinov3_vit": {"configuration_evit_dinov3_vit.py", "modeling_evit_dinov3_vit.py"},
+}
+
+
+@pytest.mark.parametrize("family", evit_hf.FAMILIES, ids=lambda family: family.name)
+def test_saved_folders_ship_only_their_familys_code(family, tmp_path):
+    for builder in FAMILY_TESTERS[family.name]:
+        model = evit_hf.apply_evit(tiny_stock_model(builder), keep_rate=0.5)
+        model.save_pretrained(tmp_path / builder)
+        shipped = {name for name in os.listdir(tmp_path / builder) if name.endswith(".py")}
+        assert shipped == FAMILY_FILES[family.name] | BASE_FILES, builder
+
+
+@pytest.mark.parametrize("family", evit_hf.FAMILIES, ids=lambda family: family.name)
+def test_the_table_and_the_testers_cover_the_same_models(family):
+    tested = {builder_classes(builder) for builder in FAMILY_TESTERS[family.name]}
+    assert tested == set(family.models.items())
+    for stock_class, evit_class in family.models.items():
+        assert issubclass(evit_class, stock_class) and evit_class.config_class in family.config_classes
+        assert evit_class.config_class.model_type in family.model_types
+
+
+@pytest.mark.parametrize("family", evit_hf.FAMILIES, ids=lambda family: family.name)
+def test_constructors_take_the_path_of_apply_evit(family):
+    # A model built as EViT and a stock model converted by apply_evit: the same class for every module and the same
+    # keys. The constructor builds the stock modules, then runs apply_evit's conversion.
+    for builder in FAMILY_TESTERS[family.name]:
+        _, evit_class = builder_classes(builder)
+        converted = evit_hf.apply_evit(tiny_stock_model(builder), keep_rate=0.5)
+        built = evit_class(converted.config)
+        assert [(name, type(module)) for name, module in built.named_modules()] == [
+            (name, type(module)) for name, module in converted.named_modules()
+        ], builder
+        assert built.state_dict().keys() == converted.state_dict().keys()
+
+
+def test_compiled_models_are_refused_with_the_reason():
+    model = torch.compile(tiny_stock_model("vit-classifier"))
+    with pytest.raises(
+        TypeError, match=r"compiled wrapper .*OptimizedModule.*apply_evit\(model\)`, then `torch\.compile"
+    ):
+        evit_hf.apply_evit(model)

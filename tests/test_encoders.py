@@ -13,7 +13,6 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForImageClassification,
-    CLIPModel,
     CLIPTextModel,
     CLIPVisionConfig,
     LlamaConfig,
@@ -27,13 +26,14 @@ from transformers import (
 
 import evit_hf
 
-from .encoder_reference import reference_outputs
+from .encoder_reference import reference_dinov3, reference_outputs
 from .model_builders import (
     ENCODER_FAMILIES,
     TINY,
     TINY_CLIP_TEXT,
     TINY_CLIP_VISION,
     TINY_DINOV2,
+    TINY_DINOV3,
     encoder_main_output,
     encoder_stock_and_evit,
     encoder_stock_model,
@@ -53,7 +53,7 @@ def settings_of(model):
 
 
 def run(model, pixel_values, **kwargs):
-    if isinstance(model, CLIPModel):  # both towers
+    if hasattr(model, "text_model"):  # both towers
         return model(input_ids=text_inputs(pixel_values.shape[0]), pixel_values=pixel_values, **kwargs)
     return model(pixel_values, **kwargs)
 
@@ -217,7 +217,9 @@ def tiny_siglip_vision():
 )
 def test_apply_evit_refuses_models_it_cannot_reduce(build, reason):
     model = build()
-    with pytest.raises(TypeError, match=r"apply_evit supports CLIPModel, .*ViTModel .*" + reason):
+    with pytest.raises(
+        TypeError, match=r"apply_evit supports CLIPForImageClassification, CLIPModel, .*ViTModel .*" + reason
+    ):
         evit_hf.apply_evit(model)
     assert not any(type(m).__name__.startswith("EViT") for m in model.modules())  # nothing changed
 
@@ -227,8 +229,10 @@ def test_saved_folders_load_as_evit_and_into_the_stock_class(family, tmp_path, p
     stock, evit = encoder_stock_and_evit(family, keep_rate=0.5, reduction_layers=[1, 3])
     evit.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["auto_map"]["AutoConfig"] == f"configuration_evit.{type(evit.config).__name__}"
-    assert config["auto_map"][AUTO_CLASSES[family].__name__] == f"modeling_evit.{type(evit).__name__}"
+    for auto_class, saved_class in (("AutoConfig", type(evit.config)), (AUTO_CLASSES[family].__name__, type(evit))):
+        module = saved_class.__module__.rsplit(".", 1)[-1]  # the family's file, copied next to the weights
+        assert config["auto_map"][auto_class] == f"{module}.{saved_class.__name__}"
+        assert (tmp_path / f"{module}.py").is_file()
 
     loaded, info = AUTO_CLASSES[family].from_pretrained(tmp_path, output_loading_info=True)
     assert type(loaded) is type(evit)
@@ -335,7 +339,7 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
     for family, folder, auto_name in families:
         auto_class = {"AutoModel": AutoModel, "AutoModelForImageClassification": AutoModelForImageClassification}
         model = auto_class[auto_name].from_pretrained(folder, trust_remote_code=True).eval()
-        inputs = {"pixel_values": pixel_values, **({"input_ids": input_ids} if family == "clip" else {})}
+        inputs = {"pixel_values": pixel_values, **({"input_ids": input_ids} if hasattr(model, "text_model") else {})}
         with torch.no_grad():
             output = model(**inputs)
         results[family] = {"class": type(model).__name__, "output": output.to_tuple()[:2],
@@ -389,3 +393,33 @@ def test_swiglu_checkpoints_load_with_a_plain_load_state_dict(tmp_path):
     fresh.load_state_dict(saved)
     for name, tensor in evit.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("family", ["dinov3", "dinov3-registers"])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_dinov3_training_rotations_follow_the_kept_patches(family, attn_implementation, pixel_values):
+    # In training mode DINOv3 shifts, jitters and rescales the patch coordinates at random: each kept token keeps the
+    # rotation of its own patch from those same coordinates.
+    stock, evit = encoder_stock_and_evit(family, attn_implementation=attn_implementation, keep_rate=0.7)
+    for model in (stock, evit):
+        model.config.pos_embed_shift, model.config.pos_embed_jitter = 0.1, 1.2
+    torch.manual_seed(4)
+    output = evit.train()(pixel_values)
+    torch.manual_seed(4)
+    rotations = stock.train().rope_embeddings(pixel_values)
+    assert not torch.allclose(rotations[0], stock.eval().rope_embeddings(pixel_values)[0])  # augmented
+    with torch.no_grad():
+        finals, kept, _ = reference_dinov3(stock, pixel_values, 0.7, evit.config.reduction_layers, True, rotations)
+    torch.testing.assert_close(output.last_hidden_state, torch.stack(finals), atol=2e-5, rtol=1e-4)
+    for layer, indices in enumerate(output.kept_token_indices):
+        assert indices.tolist() == [per_image[layer] for per_image in kept]
+
+
+def test_dinov3_backbone_is_refused_with_the_reason():
+    from transformers import DINOv3ViTBackbone, DINOv3ViTConfig
+
+    backbone = DINOv3ViTBackbone(DINOv3ViTConfig(**TINY_DINOV3, out_indices=[4]))
+    with pytest.raises(
+        TypeError, match="does not convert DINOv3ViTBackbone: it returns feature maps on the full patch"
+    ):
+        evit_hf.apply_evit(backbone)

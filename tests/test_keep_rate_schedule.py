@@ -35,11 +35,15 @@ def test_no_warmup_uses_the_target_from_the_start():
     "kwargs, message",
     [
         ({"target_keep_rate": 0.9, "start_keep_rate": 0.8}, "must not end above its start"),
-        ({"target_keep_rate": 1.5}, r"target_keep_rate must be in \(0, 1\]"),
+        ({"target_keep_rate": 1.5}, r"target_keep_rate: keep_rate must be in \(0, 1\]"),
+        ({"target_keep_rate": 0.7, "start_keep_rate": 0}, r"start_keep_rate: keep_rate must be in \(0, 1\]"),
+        ({"target_keep_rate": [0.9, 1.2]}, r"target_keep_rate: keep_rate must be in \(0, 1\]"),
+        ({"target_keep_rate": [0.9, 0.7], "start_keep_rate": 0.8}, "must not end above its start"),
         ({"target_keep_rate": 0.7, "warmup": -1}, "must be >= 0"),
         ({"target_keep_rate": 0.7, "unit": "minute"}, "unit must be 'epoch' or 'step'"),
     ],
-    ids=["ends-above-start", "target-above-one", "negative-span", "bad-unit"],
+    ids=["ends-above-start", "target-above-one", "start-zero", "layer-target-above-one", "layer-above-start",
+         "negative-span", "bad-unit"],
 )
 def test_invalid_schedules_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):

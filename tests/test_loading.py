@@ -232,3 +232,67 @@ def test_stock_classes_are_unchanged_by_import():
     # evit_hf registers new names only: the stock ViT classes still build stock layers.
     model = ViTForImageClassification(stock_config("vit-classifier"))
     assert type(model.vit.layers[0]).__name__ == "ViTLayer"
+
+
+SAVED_BEFORE_FAMILIES = os.path.join(os.path.dirname(__file__), "fixtures", "saved_before_families")
+OLD_FOLDERS = sorted(os.listdir(SAVED_BEFORE_FAMILIES))
+
+
+def _old_folder_inputs_and_expected(name):
+    expected = torch.load(os.path.join(SAVED_BEFORE_FAMILIES, name, "expected.pt"))
+    return expected["inputs"], expected
+
+
+@pytest.mark.parametrize("name", OLD_FOLDERS)
+def test_folders_saved_before_the_family_split_load(name):
+    # Written by the single-file model code (`modeling_evit.py` holding every family): evit_hf's classes of the same
+    # names load them and compute what they computed then.
+    folder = os.path.join(SAVED_BEFORE_FAMILIES, name)
+    inputs, expected = _old_folder_inputs_and_expected(name)
+    model, info = getattr(evit_hf, expected["class"]).from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    auto_class = AutoModelForImageClassification if "ForImageClassification" in expected["class"] else AutoModel
+    assert type(auto_class.from_pretrained(folder)) is type(model)
+    with torch.no_grad():
+        output = model.eval()(**inputs)
+    torch.testing.assert_close(getattr(output, expected["output_name"]), expected["output"], rtol=0, atol=1e-6)
+    for got, want in zip(output.kept_token_indices, expected["kept_token_indices"], strict=True):
+        assert torch.equal(got, want)
+
+
+OLD_FOLDER_REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, torch
+    import transformers
+    results = {}
+    for folder in sys.argv[1:-1]:
+        auto_map = json.load(open(os.path.join(folder, "config.json")))["auto_map"]
+        auto_class = next(name for name in auto_map if name != "AutoConfig")
+        model = getattr(transformers, auto_class).from_pretrained(folder, trust_remote_code=True).eval()
+        expected = torch.load(os.path.join(folder, "expected.pt"))
+        with torch.no_grad():
+            output = model(**expected["inputs"])
+        results[folder] = (type(model).__name__, getattr(output, expected["output_name"]), output.kept_token_indices)
+    assert "evit_hf" not in sys.modules, "evit_hf was imported"
+    torch.save(results, sys.argv[-1])
+    """
+)
+
+
+def test_folders_saved_before_the_family_split_load_as_remote_code(tmp_path):
+    folders = [os.path.join(SAVED_BEFORE_FAMILIES, name) for name in OLD_FOLDERS]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env.pop("PYTHONPATH", None)
+    subprocess.run(
+        [sys.executable, "-c", OLD_FOLDER_REMOTE_SCRIPT, *folders, str(tmp_path / "out.pt")],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+    )
+    results = torch.load(tmp_path / "out.pt")
+    for name, folder in zip(OLD_FOLDERS, folders, strict=True):
+        _, expected = _old_folder_inputs_and_expected(name)
+        class_name, output, kept = results[folder]
+        assert class_name == expected["class"]
+        torch.testing.assert_close(output, expected["output"], rtol=0, atol=1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(kept, expected["kept_token_indices"], strict=True))

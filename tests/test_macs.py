@@ -6,7 +6,7 @@ from transformers import DeiTConfig, ViTConfig
 import evit_hf
 from evit_hf import EViTConfig, EViTDeiTConfig, count_macs
 
-from .model_builders import DEIT_SMALL, ENCODER_FAMILIES, TINY
+from .model_builders import DEIT_SMALL, ENCODER_FAMILIES, TINY, has_text_tower
 
 
 DEIT_S = {**DEIT_SMALL, "num_labels": 1000}
@@ -184,9 +184,12 @@ ENCODER_MACS = {
     "clip-vision": ("EViTCLIPVisionModel", 0),
     "clip-vision-projection": ("EViTCLIPVisionModelWithProjection", 32 * 16),
     "clip": ("EViTCLIPModel", 32 * 16),
+    "clip-classifier": ("EViTCLIPForImageClassification", 32 * 5),  # on the mean of the non-prefix tokens
+    "metaclip-2-classifier": ("EViTMetaClip2ForImageClassification", 32 * 5),
     "dinov2-base": ("EViTDinov2Model", 0),
     "dinov2-classifier": ("EViTDinov2ForImageClassification", 2 * 32 * 5),
     "dinov2-registers-classifier": ("EViTDinov2WithRegistersForImageClassification", 2 * 32 * 5),
+    "dinov3-registers": ("EViTDINOv3ViTModel", 0),
 }
 
 
@@ -209,11 +212,18 @@ def test_encoder_macs_are_what_the_model_computes(family, fuse, keep_rate):
     # The multiply-adds torch counts in one eager forward pass of the image side of the model itself.
     model = encoder_model(family, fuse)
     image = torch.zeros(1, 3, TINY["image_size"], TINY["image_size"])
-    forward = model.get_image_features if family == "clip" else model
+    forward = model.get_image_features if has_text_tower(family) else model
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         forward(image, keep_rate=keep_rate)
     assert counter.get_total_flops() % 2 == 0
     assert count_macs(model.config, keep_rate=keep_rate) == counter.get_total_flops() // 2
+
+
+def test_dinov3_gated_mlp_macs_are_what_the_model_computes():
+    model = encoder_model("dinov3-registers", True, use_gated_mlp=True)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, TINY["image_size"], TINY["image_size"]), keep_rate=0.5)
+    assert count_macs(model.config, keep_rate=0.5) == counter.get_total_flops() // 2
 
 
 def test_dinov2_swiglu_macs_are_what_the_model_computes():

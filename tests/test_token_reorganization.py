@@ -10,6 +10,7 @@ from evit_hf.token_reorganization import (
     gather_tokens,
     num_kept_tokens,
     reorganize_tokens,
+    rotations_for_tokens,
     select_attentive_tokens,
     track_token_positions,
 )
@@ -186,3 +187,38 @@ def test_half_precision_tokens_are_kept_and_fused_by_float32_scores(name):
     tokens, kept = reorganize_tokens(hidden, class_attention, num_prefix_tokens=1, num_keep=1, fuse=True)
     assert kept.tolist() == [[0]]
     assert tokens[0, :, 0].tolist() == [0.0, 7.0, eps / 8]
+
+
+def test_rotations_follow_each_kept_patch_and_leave_prefix_and_fused_tokens_unrotated():
+    # Three patches with rotations of their own; two images, each keeping other patches, one with a fused token.
+    patch_cos = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
+    patch_sin = -patch_cos
+    token_positions = torch.tensor([[2, 0, -1], [1, 2, 0]])  # patch index per candidate; -1: the fused token
+    cos, sin = rotations_for_tokens(patch_cos, patch_sin, token_positions, num_prefix_tokens=2)
+    assert cos.shape == sin.shape == (2, 1, 5, 2)  # [batch, heads (broadcast), prefix + candidates, dim]
+    expected_cos = torch.tensor(
+        [
+            [[1.0, 1.0], [1.0, 1.0], [0.5, 0.6], [0.1, 0.2], [1.0, 1.0]],
+            [[1.0, 1.0], [1.0, 1.0], [0.3, 0.4], [0.5, 0.6], [0.1, 0.2]],
+        ]
+    )
+    expected_sin = torch.tensor(
+        [
+            [[0.0, 0.0], [0.0, 0.0], [-0.5, -0.6], [-0.1, -0.2], [0.0, 0.0]],
+            [[0.0, 0.0], [0.0, 0.0], [-0.3, -0.4], [-0.5, -0.6], [-0.1, -0.2]],
+        ]
+    )
+    assert torch.equal(cos[:, 0], expected_cos) and torch.equal(sin[:, 0], expected_sin)
+
+
+def test_a_fused_token_stays_unrotated_when_kept_again():
+    # Layer 1 keeps patches 3 and 1 and fuses the rest; layer 2 keeps the fused token and patch 1.
+    first = torch.arange(4).expand(1, -1)
+    _, positions = track_token_positions(first, torch.tensor([[3, 1]]), fused=True)
+    _, positions = track_token_positions(positions, torch.tensor([[2, 1]]), fused=True)  # fused token, then patch 1
+    assert positions.tolist() == [[-1, 1, -1]]
+    patch_cos, patch_sin = torch.rand(4, 2), torch.rand(4, 2)
+    cos, sin = rotations_for_tokens(patch_cos, patch_sin, positions, num_prefix_tokens=1)
+    assert torch.equal(cos[0, 0, 2], patch_cos[1]) and torch.equal(sin[0, 0, 2], patch_sin[1])
+    for token in (0, 1, 3):  # class token, the kept fused token, the new fused token
+        assert torch.equal(cos[0, 0, token], torch.ones(2)) and torch.equal(sin[0, 0, token], torch.zeros(2))

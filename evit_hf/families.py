@@ -1,0 +1,471 @@
+"""The model families EViT supports, one record each: the one place that names them.
+
+`apply_evit`, the Auto registration, `count_macs`, the benchmark, the command line and the tests iterate `FAMILIES`;
+adding a family is its two model files (`configuration_evit_<family>.py`, `modeling_evit_<family>.py`), one record here
+and its exports in `__init__.py`. This module is not copied next to the weights: the model files do not import it.
+"""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from transformers import (
+    CLIPForImageClassification,
+    CLIPModel,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    DeiTModel,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    Dinov2WithRegistersForImageClassification,
+    Dinov2WithRegistersModel,
+    DINOv3ViTBackbone,
+    DINOv3ViTModel,
+    MetaClip2ForImageClassification,
+    MetaClip2Model,
+    MetaClip2VisionModel,
+    MetaClip2VisionModelWithProjection,
+    ViTForImageClassification,
+    ViTModel,
+)
+
+from .configuration_evit import EViTConfig
+from .configuration_evit_clip import EViTCLIPConfig, EViTCLIPVisionConfig
+from .configuration_evit_deit import EViTDeiTConfig
+from .configuration_evit_dinov2 import EViTDinov2Config, EViTDinov2WithRegistersConfig
+from .configuration_evit_dinov3_vit import EViTDINOv3ViTConfig
+from .configuration_evit_metaclip_2 import EViTMetaClip2Config, EViTMetaClip2VisionConfig
+from .modeling_evit import EViTForImageClassification, EViTModel
+from .modeling_evit_base import stock_class
+from .modeling_evit_clip import (
+    EViTCLIPForImageClassification,
+    EViTCLIPModel,
+    EViTCLIPVisionModel,
+    EViTCLIPVisionModelWithProjection,
+)
+from .modeling_evit_deit import (
+    EViTDeiTForImageClassification,
+    EViTDeiTForImageClassificationWithTeacher,
+    EViTDeiTModel,
+)
+from .modeling_evit_dinov2 import (
+    EViTDinov2ForImageClassification,
+    EViTDinov2Model,
+    EViTDinov2WithRegistersForImageClassification,
+    EViTDinov2WithRegistersModel,
+)
+from .modeling_evit_dinov3_vit import EViTDINOv3ViTModel
+from .modeling_evit_metaclip_2 import (
+    EViTMetaClip2ForImageClassification,
+    EViTMetaClip2Model,
+    EViTMetaClip2VisionModel,
+    EViTMetaClip2VisionModelWithProjection,
+)
+
+
+IMAGE_CLASSIFICATION = "image-classification"
+ZERO_SHOT_IMAGE_CLASSIFICATION = "zero-shot-image-classification"
+IMAGE_FEATURE_EXTRACTION = "image-feature-extraction"
+
+
+def _architectures(config) -> str:
+    return "".join(getattr(config, "architectures", None) or [])
+
+
+def _classifier_macs(config, dim: int, inputs_per_dim: int = 1) -> int:
+    return inputs_per_dim * dim * max(config.num_labels, 0)
+
+
+def _deit_head_macs(config, dim: int) -> int:
+    heads = 2 if "WithTeacher" in _architectures(config) else 1  # class and distillation heads
+    return heads * _classifier_macs(config, dim)
+
+
+def _clip_head_macs(config, dim: int) -> int:
+    """The image projection of a whole CLIP model or of a vision tower with projection; the linear head of a
+    classifier (on the mean of the non-prefix tokens); nothing for a vision tower alone."""
+    architectures = _architectures(config)
+    if "ForImageClassification" in architectures:
+        return _classifier_macs(config, dim)
+    if hasattr(config, "vision_config") or "WithProjection" in architectures:
+        return dim * config.projection_dim
+    return 0
+
+
+def _dinov2_head_macs(config, dim: int) -> int:
+    # The classifier reads [class token, mean of the other tokens]: 2 * dim inputs.
+    return _classifier_macs(config, dim, 2) if "ForImageClassification" in _architectures(config) else 0
+
+
+def _plain_mlp_macs(config) -> int:
+    """fc1 and fc2 of `intermediate_size` hidden features."""
+    return 2 * config.hidden_size * config.intermediate_size
+
+
+def _dinov2_mlp_macs(config) -> int:
+    """`mlp_ratio` x hidden features; SwiGLU (`use_swiglu_ffn`) has gate, up and down projections, two thirds as wide
+    rounded up to a multiple of 8."""
+    hidden_features = int(config.hidden_size * config.mlp_ratio)
+    if getattr(config, "use_swiglu_ffn", False):
+        hidden_features = (int(hidden_features * 2 / 3) + 7) // 8 * 8
+        return 3 * config.hidden_size * hidden_features
+    return 2 * config.hidden_size * hidden_features
+
+
+def _dinov3_mlp_macs(config) -> int:
+    """Up and down projections of `intermediate_size` features, and a gate projection in the gated MLP."""
+    return (3 if config.use_gated_mlp else 2) * config.hidden_size * config.intermediate_size
+
+
+def _no_head_macs(config, dim: int) -> int:
+    return 0
+
+
+def _one_prefix_token(config) -> int:
+    return 1
+
+
+def _class_and_registers(config) -> int:
+    return 1 + getattr(config, "num_register_tokens", 0)
+
+
+@dataclass(frozen=True)
+class EViTFamily:
+    """One model family: what converts to what, how it registers, and what `count_macs` and the benchmark need.
+
+    Attributes:
+        name: the family's short name (test ids, `evit-hf benchmark` shape families).
+        display_name: its name in messages and cards.
+        config_classes: its EViT configurations; the first holds the settings (for CLIP-style models, the vision
+            tower's configuration does, and the composite one reads them there).
+        models: stock model class -> EViT class, for every model `apply_evit` converts. The sub-models that change
+            class with each (base models, encoders) are each EViT class's `evit_submodels`.
+        auto_classes: transformers Auto class name -> the EViT models it loads, the default first where one
+            configuration has several (`config.architectures` picks, as for stock DeiT).
+        pipelines: the pipeline tasks its models serve.
+        num_prefix_tokens: the always-kept, never-scored tokens in front, from the configuration that holds the
+            settings.
+        mlp_macs_per_token: multiply-accumulates of one token through a layer's MLP, from that configuration.
+        head_macs: of the head on the final tokens, from the model's own configuration (`config.architectures` says
+            which head) and the hidden size.
+        benchmark_shapes: `evit-hf benchmark --model` names -> configuration keyword arguments (random weights).
+        benchmark_models: (stock model, EViT model) that the benchmark builds for those shapes.
+        reference_image_processor: checkpoints converted from the reference code save `EViTImageProcessor`.
+        kept_token_picture_model: the classifier `evit-hf visualize` loads a folder of the family with, if it draws
+            the family's kept tokens.
+        refused_models: models of the family that `apply_evit` refuses -> the reason.
+    """
+
+    name: str
+    display_name: str
+    config_classes: tuple[type, ...]
+    models: Mapping[type, type]
+    auto_classes: Mapping[str, tuple[type, ...]]
+    pipelines: frozenset[str]
+    num_prefix_tokens: Callable[[object], int]
+    mlp_macs_per_token: Callable[[object], int]
+    head_macs: Callable[[object, int], int]
+    benchmark_shapes: Mapping[str, Mapping] = field(default_factory=dict)
+    benchmark_models: tuple[type, type] | None = None
+    reference_image_processor: bool = False
+    kept_token_picture_model: type | None = None
+    refused_models: Mapping[type, str] = field(default_factory=dict)
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        """Every `model_type` its configurations read: theirs and the stock ones."""
+        return tuple(
+            model_type
+            for config_class in self.config_classes
+            for model_type in (config_class.model_type, *config_class.source_model_types)
+        )
+
+    @property
+    def submodels(self) -> dict[type, type]:
+        """Stock sub-model class -> EViT class, for the sub-models that change class with the models."""
+        return {
+            stock_class(submodel): submodel
+            for evit_class in self.models.values()
+            for submodel in evit_class.evit_submodels
+        }
+
+    @property
+    def benchmark_classes(self) -> tuple[type, type, type, type] | None:
+        """(stock configuration, stock model, EViT configuration, EViT model) of the benchmark's models."""
+        if self.benchmark_models is None:
+            return None
+        stock, evit = self.benchmark_models
+        return (stock.config_class, stock, evit.config_class, evit)
+
+
+_VIT_SHAPE = dict(patch_size=16, num_labels=1000, layer_norm_eps=1e-6)
+
+FAMILIES: tuple[EViTFamily, ...] = (
+    EViTFamily(
+        name="vit",
+        display_name="ViT",
+        config_classes=(EViTConfig,),
+        models=MappingProxyType({ViTModel: EViTModel, ViTForImageClassification: EViTForImageClassification}),
+        auto_classes=MappingProxyType(
+            {"AutoModel": (EViTModel,), "AutoModelForImageClassification": (EViTForImageClassification,)}
+        ),
+        pipelines=frozenset({IMAGE_CLASSIFICATION, IMAGE_FEATURE_EXTRACTION}),
+        num_prefix_tokens=_one_prefix_token,
+        mlp_macs_per_token=_plain_mlp_macs,
+        head_macs=_classifier_macs,
+        # DeiT without distillation is a ViT.
+        benchmark_shapes=MappingProxyType(
+            {
+                "deit-tiny": dict(
+                    _VIT_SHAPE, hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768
+                ),
+                "deit-small": dict(
+                    _VIT_SHAPE, hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536
+                ),
+                "deit-base": dict(
+                    _VIT_SHAPE, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+                ),
+                "vit-base": dict(
+                    _VIT_SHAPE, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+                ),
+            }
+        ),
+        benchmark_models=(ViTForImageClassification, EViTForImageClassification),
+        reference_image_processor=True,
+        kept_token_picture_model=EViTForImageClassification,
+    ),
+    EViTFamily(
+        name="deit",
+        display_name="DeiT",
+        config_classes=(EViTDeiTConfig,),
+        models=MappingProxyType(
+            {
+                DeiTModel: EViTDeiTModel,
+                DeiTForImageClassification: EViTDeiTForImageClassification,
+                DeiTForImageClassificationWithTeacher: EViTDeiTForImageClassificationWithTeacher,
+            }
+        ),
+        auto_classes=MappingProxyType(
+            {
+                "AutoModel": (EViTDeiTModel,),
+                "AutoModelForImageClassification": (
+                    EViTDeiTForImageClassification,
+                    EViTDeiTForImageClassificationWithTeacher,
+                ),
+            }
+        ),
+        pipelines=frozenset({IMAGE_CLASSIFICATION, IMAGE_FEATURE_EXTRACTION}),
+        num_prefix_tokens=lambda config: 2,  # class and distillation tokens
+        mlp_macs_per_token=_plain_mlp_macs,
+        head_macs=_deit_head_macs,
+        reference_image_processor=True,
+        kept_token_picture_model=EViTDeiTForImageClassificationWithTeacher,
+    ),
+    EViTFamily(
+        name="clip",
+        display_name="CLIP",
+        config_classes=(EViTCLIPVisionConfig, EViTCLIPConfig),
+        models=MappingProxyType(
+            {
+                CLIPVisionModel: EViTCLIPVisionModel,
+                CLIPVisionModelWithProjection: EViTCLIPVisionModelWithProjection,
+                CLIPModel: EViTCLIPModel,
+                CLIPForImageClassification: EViTCLIPForImageClassification,
+            }
+        ),
+        auto_classes=MappingProxyType(
+            {
+                "AutoModel": (EViTCLIPModel, EViTCLIPVisionModel, EViTCLIPVisionModelWithProjection),
+                "AutoModelForImageClassification": (EViTCLIPForImageClassification,),
+                "AutoModelForZeroShotImageClassification": (EViTCLIPModel,),
+            }
+        ),
+        pipelines=frozenset({IMAGE_CLASSIFICATION, ZERO_SHOT_IMAGE_CLASSIFICATION}),
+        num_prefix_tokens=_one_prefix_token,
+        mlp_macs_per_token=_plain_mlp_macs,
+        head_macs=_clip_head_macs,
+        benchmark_shapes=MappingProxyType(
+            {
+                # openai/clip-vit-base-patch16's vision tower and projection (197 tokens at 224 px).
+                "clip-vit-b16": dict(
+                    hidden_size=768,
+                    num_hidden_layers=12,
+                    num_attention_heads=12,
+                    intermediate_size=3072,
+                    projection_dim=512,
+                    patch_size=16,
+                    layer_norm_eps=1e-5,
+                    num_labels=1000,
+                ),
+            }
+        ),
+        benchmark_models=(CLIPVisionModelWithProjection, EViTCLIPVisionModelWithProjection),
+    ),
+    EViTFamily(
+        name="metaclip_2",
+        display_name="MetaCLIP 2",
+        config_classes=(EViTMetaClip2VisionConfig, EViTMetaClip2Config),
+        models=MappingProxyType(
+            {
+                MetaClip2VisionModel: EViTMetaClip2VisionModel,
+                MetaClip2VisionModelWithProjection: EViTMetaClip2VisionModelWithProjection,
+                MetaClip2Model: EViTMetaClip2Model,
+                MetaClip2ForImageClassification: EViTMetaClip2ForImageClassification,
+            }
+        ),
+        auto_classes=MappingProxyType(
+            {
+                "AutoModel": (EViTMetaClip2Model, EViTMetaClip2VisionModel, EViTMetaClip2VisionModelWithProjection),
+                "AutoModelForImageClassification": (EViTMetaClip2ForImageClassification,),
+                "AutoModelForZeroShotImageClassification": (EViTMetaClip2Model,),
+            }
+        ),
+        pipelines=frozenset({IMAGE_CLASSIFICATION, ZERO_SHOT_IMAGE_CLASSIFICATION}),
+        num_prefix_tokens=_one_prefix_token,
+        mlp_macs_per_token=_plain_mlp_macs,
+        head_macs=_clip_head_macs,
+    ),
+    EViTFamily(
+        name="dinov2",
+        display_name="DINOv2",
+        config_classes=(EViTDinov2Config,),
+        models=MappingProxyType(
+            {Dinov2Model: EViTDinov2Model, Dinov2ForImageClassification: EViTDinov2ForImageClassification}
+        ),
+        auto_classes=MappingProxyType(
+            {"AutoModel": (EViTDinov2Model,), "AutoModelForImageClassification": (EViTDinov2ForImageClassification,)}
+        ),
+        pipelines=frozenset({IMAGE_CLASSIFICATION, IMAGE_FEATURE_EXTRACTION}),
+        num_prefix_tokens=_one_prefix_token,
+        mlp_macs_per_token=_dinov2_mlp_macs,
+        head_macs=_dinov2_head_macs,
+        benchmark_shapes=MappingProxyType(
+            {
+                # facebook/dinov2-small with an ImageNet classifier, at 224 px: 16 x 16 patches of 14 px (257 tokens).
+                "dinov2-small": dict(
+                    hidden_size=384,
+                    num_hidden_layers=12,
+                    num_attention_heads=6,
+                    mlp_ratio=4,
+                    patch_size=14,
+                    num_labels=1000,
+                    layer_norm_eps=1e-6,
+                ),
+                # facebook/dinov2-base, same head and input.
+                "dinov2-base": dict(
+                    hidden_size=768,
+                    num_hidden_layers=12,
+                    num_attention_heads=12,
+                    mlp_ratio=4,
+                    patch_size=14,
+                    num_labels=1000,
+                    layer_norm_eps=1e-6,
+                ),
+            }
+        ),
+        benchmark_models=(Dinov2ForImageClassification, EViTDinov2ForImageClassification),
+    ),
+    EViTFamily(
+        name="dinov2_with_registers",
+        display_name="DINOv2 with registers",
+        config_classes=(EViTDinov2WithRegistersConfig,),
+        models=MappingProxyType(
+            {
+                Dinov2WithRegistersModel: EViTDinov2WithRegistersModel,
+                Dinov2WithRegistersForImageClassification: EViTDinov2WithRegistersForImageClassification,
+            }
+        ),
+        auto_classes=MappingProxyType(
+            {
+                "AutoModel": (EViTDinov2WithRegistersModel,),
+                "AutoModelForImageClassification": (EViTDinov2WithRegistersForImageClassification,),
+            }
+        ),
+        pipelines=frozenset({IMAGE_CLASSIFICATION, IMAGE_FEATURE_EXTRACTION}),
+        num_prefix_tokens=_class_and_registers,
+        mlp_macs_per_token=_dinov2_mlp_macs,
+        head_macs=_dinov2_head_macs,
+    ),
+    EViTFamily(
+        name="dinov3_vit",
+        display_name="DINOv3 ViT",
+        config_classes=(EViTDINOv3ViTConfig,),
+        models=MappingProxyType({DINOv3ViTModel: EViTDINOv3ViTModel}),
+        auto_classes=MappingProxyType({"AutoModel": (EViTDINOv3ViTModel,)}),
+        pipelines=frozenset({IMAGE_FEATURE_EXTRACTION}),
+        num_prefix_tokens=_class_and_registers,
+        mlp_macs_per_token=_dinov3_mlp_macs,
+        head_macs=_no_head_macs,
+        benchmark_shapes=MappingProxyType(
+            {
+                # facebook/dinov3-vits16-pretrain-lvd1689m at 224 px: 14 x 14 patches of 16 px, 4 registers.
+                "dinov3-vits16": dict(
+                    hidden_size=384,
+                    num_hidden_layers=12,
+                    num_attention_heads=6,
+                    intermediate_size=1536,
+                    patch_size=16,
+                    num_register_tokens=4,
+                    layerscale_value=1e-5,
+                    layer_norm_eps=1e-5,
+                    num_labels=1000,
+                ),
+            }
+        ),
+        benchmark_models=(DINOv3ViTModel, EViTDINOv3ViTModel),
+        refused_models=MappingProxyType(
+            {
+                DINOv3ViTBackbone: (
+                    "it returns feature maps on the full patch grid, and a reorganized sequence has fewer tokens, in "
+                    "another order, and a fused one; use DINOv3ViTModel (pooled output, kept tokens) instead."
+                )
+            }
+        ),
+    ),
+)
+
+# Models whose images have no class token: nothing to score the patch tokens with.
+NO_CLASS_TOKEN_MODEL_TYPES = ("siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model")
+
+FAMILIES_BY_NAME: Mapping[str, EViTFamily] = MappingProxyType({family.name: family for family in FAMILIES})
+
+
+def family_for_model_type(model_type: str) -> EViTFamily | None:
+    """The family whose configurations read checkpoints of `model_type` (stock or EViT), or `None`."""
+    return next((family for family in FAMILIES if model_type in family.model_types), None)
+
+
+def family_for_model(model) -> EViTFamily | None:
+    """The family that converts `model`'s exact class (stock or EViT), or `None` (a subclass may have its own
+    forward)."""
+    model_class = type(model)
+    return next(
+        (family for family in FAMILIES if model_class in family.models or model_class in family.models.values()),
+        None,
+    )
+
+
+def benchmark_shapes() -> dict[str, tuple[EViTFamily, Mapping]]:
+    """Every `evit-hf benchmark --model` shape name -> (its family, its configuration keyword arguments)."""
+    return {name: (family, shape) for family in FAMILIES for name, shape in family.benchmark_shapes.items()}
+
+
+def model_types_with(pipeline: str) -> tuple[str, ...]:
+    """The `model_type`s (stock and EViT) of the families whose models serve `pipeline`."""
+    return tuple(
+        model_type for family in FAMILIES if pipeline in family.pipelines for model_type in family.model_types
+    )
+
+
+__all__ = [
+    "FAMILIES",
+    "FAMILIES_BY_NAME",
+    "NO_CLASS_TOKEN_MODEL_TYPES",
+    "EViTFamily",
+    "benchmark_shapes",
+    "family_for_model",
+    "family_for_model_type",
+    "model_types_with",
+]

@@ -1,0 +1,108 @@
+"""Higher resolution at equal cost: learned absolute position embeddings resized once to a new image size."""
+
+import inspect
+import numbers
+
+import torch
+from torch import nn
+
+
+def _vision_config(config):
+    return getattr(config, "vision_config", None) or config
+
+
+def _position_embedding_modules(model: nn.Module) -> list[nn.Module]:
+    """The embedding modules that add learned absolute positions and can interpolate them (`interpolate_pos_encoding`):
+    ViT's, DeiT's, CLIP's vision embeddings, DINOv2's. Text embeddings have no such method."""
+    return [module for module in model.modules() if callable(getattr(module, "interpolate_pos_encoding", None))]
+
+
+def _interpolates_by_itself(embeddings: nn.Module) -> bool:
+    # DINOv2 interpolates to every input size in its forward (it takes no `interpolate_pos_encoding` flag): its weights
+    # stay, only the configuration changes.
+    return "interpolate_pos_encoding" not in inspect.signature(embeddings.forward).parameters
+
+
+def _check_image_size(image_size, patch_size) -> int:
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < patch_size:
+        raise ValueError(
+            f"image_size is the new side of the square input in pixels, a whole number >= the patch size "
+            f"({patch_size}); got {image_size!r}."
+        )
+    return int(image_size)
+
+
+@torch.no_grad()
+def resize_position_embeddings(model: nn.Module, image_size: int) -> nn.Module:
+    """Resizes a model's learned absolute position embeddings to `image_size` x `image_size` inputs, in place, once.
+
+    The new embeddings are exactly what the stock model computes on the fly with `interpolate_pos_encoding=True` at
+    that size (bicubic over the patch grid, prefix positions unchanged), so the model gives the same outputs without
+    the flag. `config.image_size` (the vision configuration's, for CLIP) is updated, and CLIP's position ids, so the
+    saved folder runs at the new size. DINOv2 interpolates by itself and models with rotary positions (DINOv3) need
+    no resizing: only their configuration changes. Works on stock and EViT models.
+
+    Args:
+        model (`nn.Module`): a ViT, DeiT, CLIP (whole, vision tower or classifier), DINOv2 or DINOv3 model.
+        image_size (`int`): the new input side in pixels.
+
+    Returns:
+        The same `model`.
+
+    Example:
+
+    ```python
+    >>> model = EViTForImageClassification.from_pretrained("facebook/deit-small-patch16-224")
+    >>> resize_position_embeddings(model, 288)  # now takes 288 x 288 inputs; config.image_size == 288
+    ```
+    """
+    config = _vision_config(model.config)
+    patch_size = config.patch_size if isinstance(config.patch_size, int) else max(config.patch_size)
+    image_size = _check_image_size(image_size, patch_size)
+    for embeddings in _position_embedding_modules(model):
+        if _interpolates_by_itself(embeddings):
+            continue
+        if isinstance(getattr(embeddings, "position_embedding", None), nn.Embedding):
+            _resize_embedding_table(embeddings, image_size)
+        else:
+            _resize_position_parameter(embeddings, image_size)
+    config.image_size = image_size
+    return model
+
+
+def _new_positions(embeddings: nn.Module, num_prefix_positions: int, image_size: int, dim: int) -> torch.Tensor:
+    """The stock interpolation's result at `image_size`: `[1, prefix + patches, dim]`. Only the token count of the
+    first argument matters to it."""
+    grid = image_size // embeddings.patch_size
+    tokens = torch.zeros(1, num_prefix_positions + grid * grid, dim)
+    return embeddings.interpolate_pos_encoding(tokens, image_size, image_size)
+
+
+def _resize_position_parameter(embeddings: nn.Module, image_size: int) -> None:
+    # ViT, DeiT: `position_embeddings` [1, prefix + patches, dim]; DeiT has two prefix positions.
+    old = embeddings.position_embeddings
+    patch_embeddings = embeddings.patch_embeddings
+    num_prefix_positions = old.shape[1] - patch_embeddings.num_patches
+    new = _new_positions(embeddings, num_prefix_positions, image_size, old.shape[-1])
+    embeddings.position_embeddings = nn.Parameter(new.to(old.dtype), requires_grad=old.requires_grad)
+    grid = image_size // embeddings.patch_size
+    embeddings.image_size = patch_embeddings.image_size = (image_size, image_size)
+    patch_embeddings.num_patches = grid * grid
+
+
+def _resize_embedding_table(embeddings: nn.Module, image_size: int) -> None:
+    # CLIP: an `nn.Embedding` of prefix + patches rows, looked up through `position_ids`.
+    old = embeddings.position_embedding
+    new = _new_positions(embeddings, 1, image_size, old.embedding_dim)[0]
+    table = nn.Embedding(new.shape[0], old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+    table.weight.copy_(new)
+    table.weight.requires_grad_(old.weight.requires_grad)
+    embeddings.position_embedding = table
+    embeddings.image_size = image_size
+    embeddings.num_patches = new.shape[0] - 1
+    embeddings.num_positions = new.shape[0]
+    position_ids = torch.arange(new.shape[0], device=embeddings.position_ids.device).expand((1, -1))
+    embeddings.register_buffer("position_ids", position_ids, persistent=False)
+
+
+__all__ = ["resize_position_embeddings"]
