@@ -220,13 +220,20 @@ def evaluate_keep_rates(
     return rows
 
 
+def format_keep_rate(keep_rate) -> str:
+    """`0.7`, or `0.9 / 0.7 / 0.5` for per-layer keep rates."""
+    if isinstance(keep_rate, (list, tuple)):
+        return " / ".join(f"{rate:g}" for rate in keep_rate)
+    return f"{keep_rate:g}"
+
+
 def results_markdown(rows: list[dict], title_column: str = "keep rate") -> str:
     """A markdown table of `evaluate_keep_rates` rows."""
     has_top5 = any("top5_accuracy" in row for row in rows)
     header = f"| {title_column} | accuracy |" + (" top-5 |" if has_top5 else "") + " images/s | MACs |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
-        cells = [f"{row['keep_rate']:g}", f"{100 * row['accuracy']:.2f}"]
+        cells = [format_keep_rate(row["keep_rate"]), f"{100 * row['accuracy']:.2f}"]
         if has_top5:
             cells.append(f"{100 * row.get('top5_accuracy', float('nan')):.2f}")
         cells += [f"{row['images_per_s']:.1f}", f"{row['macs'] / 1e6:.2f} M"]

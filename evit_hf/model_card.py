@@ -17,6 +17,25 @@ def default_template_path() -> Path:
     return Path(__file__).resolve().parent.parent / "model_cards" / "evit_model_card.md"
 
 
+# The Auto class that loads a model, by the task its card advertises (the first that lists the model's class).
+_PIPELINE_OF_AUTO_CLASS = {
+    "AutoModelForImageClassification": "image-classification",
+    "AutoModelForZeroShotImageClassification": "zero-shot-image-classification",
+    "AutoModel": "image-feature-extraction",
+}
+
+
+def _pipeline_and_auto_class(model) -> tuple[str, str]:
+    """The pipeline task and Auto class of `model`, from its family's record (`evit_hf.FAMILIES`)."""
+    from .families import family_for_model
+
+    family = family_for_model(model)
+    for auto_class, pipeline in _PIPELINE_OF_AUTO_CLASS.items():
+        if family is not None and type(model) in family.auto_classes.get(auto_class, ()):
+            return pipeline, auto_class
+    return "image-feature-extraction", "AutoModel"
+
+
 def create_model_card(
     model,
     repo_id: str,
@@ -26,12 +45,13 @@ def create_model_card(
     results: list[dict] | None = None,
     results_note: str = "",
     template_path: str | Path | None = None,
+    training_settings: dict | None = None,
 ) -> ModelCard:
-    """A model card for an EViT model: YAML metadata (library, base model, dataset, tags, metrics with their values)
-    and a body with the EViT settings, an accuracy and speed table per keep rate, and the citation.
+    """A model card for an EViT model: YAML metadata (library, pipeline, base model, dataset, tags, metrics with their
+    values) and a body with the EViT settings, an accuracy and speed table per keep rate, and the citation.
 
     Args:
-        model: the EViT model.
+        model: the EViT model, of any family; its family's record gives the pipeline task and the Auto class.
         repo_id (`str`): the Hub repository (or folder name) the card describes.
         base_model (`str`, *optional*): the Hub id the model was fine-tuned from.
         dataset_name (`str`, *optional*): a readable dataset name; `dataset_id` its Hub id, if any.
@@ -39,19 +59,22 @@ def create_model_card(
             one reported in the metadata.
         results_note (`str`, *optional*): a paragraph under the table (how the numbers were measured).
         template_path (*optional*): another template.
+        training_settings (`dict`, *optional*): more rows of the settings table, such as the distillation weight
+            and temperature, or the image size a budget was matched at (`{"distillation alpha": 0.5}`).
     """
-    from .evaluation import results_markdown
+    from .evaluation import format_keep_rate, results_markdown
 
     template_path = Path(template_path or default_template_path())
     if not template_path.is_file():
         raise FileNotFoundError(f"Model card template not found at {template_path}; pass template_path=...")
-    config = model.config
+    config = getattr(model.config, "vision_config", None) or model.config
+    pipeline_tag, auto_class = _pipeline_and_auto_class(model)
     eval_results = None
     headline = next((row for row in results or [] if row["keep_rate"] == config.keep_rate), None)
     if headline is not None:
         eval_results = [
             EvalResult(
-                task_type="image-classification",
+                task_type=pipeline_tag,
                 dataset_type=dataset_id or dataset_name or "custom",
                 dataset_name=dataset_name or dataset_id or "custom",
                 metric_type=name,
@@ -62,12 +85,12 @@ def create_model_card(
         ]
     card_data = ModelCardData(
         library_name="transformers",
-        pipeline_tag="image-classification",
+        pipeline_tag=pipeline_tag,
         license="apache-2.0",
         base_model=base_model,
         datasets=[dataset_id] if dataset_id else None,
         metrics=["accuracy"] + (["top5_accuracy"] if headline and "top5_accuracy" in headline else []),
-        tags=["evit", "image-classification", "vision", "token-reorganization"],
+        tags=["evit", pipeline_tag, "vision", "token-reorganization"],
         model_name=repo_id.split("/")[-1],
         eval_results=eval_results,
     )
@@ -80,7 +103,11 @@ def create_model_card(
         architecture=type(model).__name__,
         base_model=base_model,
         dataset_name=dataset_name,
-        keep_rate=config.keep_rate,
+        keep_rate=format_keep_rate(config.keep_rate),
+        per_layer_keep_rates=isinstance(config.keep_rate, list),
+        pipeline_tag=pipeline_tag,
+        auto_class=auto_class,
+        training_settings=dict(training_settings or {}),
         reduction_layers=", ".join(str(layer) for layer in config.reduction_layers),
         fuse_inattentive_tokens=config.fuse_inattentive_tokens,
         image_size=image_size if isinstance(image_size, int) else "x".join(map(str, image_size)),

@@ -1,0 +1,93 @@
+import copy
+
+import pytest
+import torch
+
+import evit_hf
+from evit_hf.calibration import calibrate_schedule
+
+from .model_builders import tiny_stock_model
+
+
+def _batches(count=2, size=8, seed=5):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, 3, 32, 32, generator=generator) for _ in range(count)]
+
+
+def _kl(reference_logits, logits):
+    return torch.nn.functional.kl_div(
+        logits.double().log_softmax(-1), reference_logits.double().log_softmax(-1), reduction="none", log_target=True
+    ).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest and steady on a busy machine
+    return evit_hf.apply_evit(tiny_stock_model("vit-classifier"))
+
+
+def test_the_chosen_schedule_fits_the_budget_and_is_set_on_the_model(classifier):
+    model = copy.deepcopy(classifier)
+    target = evit_hf.count_macs(model.config, keep_rate=0.5)
+    result = calibrate_schedule(model, _batches(), target, progress=False)
+    assert result.macs <= target
+    assert (model.config.reduction_layers, model.config.keep_rate) == (result.reduction_layers, result.keep_rate)
+    assert evit_hf.count_macs(model.config) == result.macs
+    assert result.unreduced_macs == evit_hf.count_macs(model.config, keep_rate=1.0)
+    stages = {candidate.stage for candidate in result.candidates}
+    assert {"greedy", "chosen", "uniform"} <= stages
+    uniform = next(candidate for candidate in result.candidates if candidate.stage == "uniform")
+    assert uniform.macs <= target
+    assert result.objective <= uniform.objective
+
+
+def test_the_objective_is_the_kl_divergence_of_the_full_forward(classifier):
+    # The search runs layers from recorded inputs; the reported objective must be that of a plain forward.
+    model = copy.deepcopy(classifier)
+    batches = _batches()
+    with torch.no_grad():
+        reference = [model(pixel_values, keep_rate=1.0).logits for pixel_values in batches]
+    result = calibrate_schedule(model, batches, evit_hf.count_macs(model.config, keep_rate=0.6), progress=False)
+    with torch.no_grad():
+        reduced = [model(pixel_values).logits for pixel_values in batches]
+    expected = torch.cat([_kl(r, x) for r, x in zip(reference, reduced, strict=True)]).mean().item()
+    assert result.objective == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert result.objective > 0
+    for candidate in result.candidates:
+        config = copy.deepcopy(model.config)
+        config.keep_rate = 1.0
+        config.reduction_layers = candidate.reduction_layers
+        config.keep_rate = candidate.keep_rate or 1.0
+        assert candidate.macs == evit_hf.count_macs(config)
+
+
+def test_an_encoder_without_a_head_is_calibrated_on_its_pooled_features():
+    model = evit_hf.apply_evit(tiny_stock_model("dinov2-base"))
+    batches = _batches(count=1)
+    result = calibrate_schedule(model, batches, evit_hf.count_macs(model.config, keep_rate=0.5), progress=False)
+    assert result.objective_name == "1 - cosine_similarity"
+    with torch.no_grad():
+        reduced = model(batches[0]).pooler_output
+        reference = model(batches[0], keep_rate=[1.0] * len(result.reduction_layers)).pooler_output
+    expected = (1 - torch.nn.functional.cosine_similarity(reference.double(), reduced.double(), dim=-1)).mean()
+    assert result.objective == pytest.approx(expected.item(), rel=1e-9, abs=1e-12)
+
+
+def test_a_budget_the_unreduced_model_fits_reduces_nothing(classifier):
+    model = copy.deepcopy(classifier)
+    result = calibrate_schedule(model, _batches(count=1), evit_hf.count_macs(model.config, keep_rate=1.0))
+    assert result.reduction_layers == [] and result.objective == 0.0
+
+
+def test_impossible_requests_are_refused_and_leave_the_model_as_it_was(classifier):
+    model = copy.deepcopy(classifier)
+    settings = (model.config.reduction_layers, model.config.keep_rate)
+    with pytest.raises(ValueError, match=r"No schedule reaches 1,000 MACs: keep rate 0.1 .* costs"):
+        calibrate_schedule(model, _batches(count=1), 1000, progress=False)
+    assert (model.config.reduction_layers, model.config.keep_rate) == settings
+    with pytest.raises(ValueError, match=r"candidate_layers must be layer indices in \[0, 3\]"):
+        calibrate_schedule(model, _batches(count=1), 1e6, candidate_layers=[4])
+    with pytest.raises(ValueError, match="target_macs must be a positive number"):
+        calibrate_schedule(model, _batches(count=1), 0)
+    with pytest.raises(ValueError, match="at least one"):
+        calibrate_schedule(model, [], 1e6)

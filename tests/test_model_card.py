@@ -1,0 +1,53 @@
+import copy
+
+import pytest
+
+import evit_hf
+
+from .model_builders import tiny_stock_model
+
+
+ROWS = [
+    {"keep_rate": 1.0, "accuracy": 0.9, "images_per_s": 100.0, "macs": 2.0e6},
+    {"keep_rate": [0.9, 0.7, 0.5], "accuracy": 0.85, "images_per_s": 150.0, "macs": 1.2e6},
+]
+
+
+@pytest.mark.parametrize(
+    "builder, pipeline_tag, auto_class",
+    [
+        ("vit-classifier", "image-classification", "AutoModelForImageClassification"),
+        ("clip-classifier", "image-classification", "AutoModelForImageClassification"),
+        ("dinov2-base", "image-feature-extraction", "AutoModel"),
+        ("dinov3", "image-feature-extraction", "AutoModel"),
+        ("clip", "zero-shot-image-classification", "AutoModelForZeroShotImageClassification"),
+    ],
+)
+def test_the_card_names_the_task_and_auto_class_of_the_family(builder, pipeline_tag, auto_class):
+    model = evit_hf.apply_evit(tiny_stock_model(builder))
+    card = evit_hf.create_model_card(model, repo_id="user/tiny")
+    assert card.data.pipeline_tag == pipeline_tag
+    assert pipeline_tag in card.data.tags
+    assert f'{auto_class}.from_pretrained("user/tiny"' in card.text
+    assert f'pipeline("{pipeline_tag}"' in card.text
+    assert type(model).__name__ in card.text
+
+
+def test_per_layer_keep_rates_image_size_and_training_settings_are_recorded():
+    model = evit_hf.apply_evit(
+        tiny_stock_model("vit-classifier"), keep_rate=[0.9, 0.7, 0.5], reduction_layers=[1, 2, 3]
+    )
+    card = evit_hf.create_model_card(
+        copy.deepcopy(model),
+        repo_id="user/tiny",
+        results=ROWS,
+        training_settings={"distillation alpha": 0.5, "MACs matched to": "the stock model at 224 px"},
+    )
+    assert "| keep rate | 0.9 / 0.7 / 0.5 (one per reduction layer) |" in card.text
+    assert "| reduction layers | 1, 2, 3 |" in card.text
+    assert f"| input size | {model.config.image_size} px |" in card.text
+    assert "| distillation alpha | 0.5 |" in card.text
+    assert "| MACs matched to | the stock model at 224 px |" in card.text
+    assert "| 0.9 / 0.7 / 0.5 | 85.00 |" in card.text
+    # The row at the model's own (per-layer) keep rate is the headline of the metadata.
+    assert [result.metric_value for result in card.data.eval_results] == [0.85]
