@@ -10,6 +10,7 @@ the stock model next to the MACs ratio (the bound for a speed-up that comes from
 import argparse
 import ctypes
 import gc
+import importlib.util
 import itertools
 import json
 import math
@@ -393,7 +394,8 @@ def _run_group(settings: BenchmarkSettings, group: dict, bar) -> list[dict]:
         stock, evit = torch.compile(stock), torch.compile(evit)
     generator = torch.Generator().manual_seed(settings.seed)
     pixel_values = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device, dtype)
-    labels = torch.randint(0, 1000, (batch_size,), generator=generator).to(device)
+    # Labels the model's head has: checkpoint folders have their own number of classes.
+    labels = torch.randint(0, stock.config.num_labels, (batch_size,), generator=generator).to(device)
 
     variants = [("stock", None, stock)] + [("evit", keep_rate, evit) for keep_rate in settings.keep_rates]
     steps = [_step_function(model, pixel_values, labels, mode, keep_rate) for _, keep_rate, model in variants]
@@ -629,6 +631,25 @@ def max_logit_difference_between_backends(
     }
 
 
+OUTPUT_FILES = ("benchmark.json", "benchmark.md", "benchmark.png")
+
+
+def output_dir_problem(output_dir: str) -> str | None:
+    """Why the benchmark could not write its files into `output_dir` once it has run, or None if it can."""
+    if not output_dir:
+        return "give a folder name (an empty one writes nowhere)"
+    problem = writable_folder_problem(output_dir)
+    if problem:
+        return f"cannot write into {output_dir}: {problem}"
+    for name in OUTPUT_FILES:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            return f"cannot write {path}: it is a folder or not writable"
+    if importlib.util.find_spec("matplotlib") is None:
+        return "drawing benchmark.png needs matplotlib: pip install matplotlib (or leave out --output-dir)"
+    return None
+
+
 def _yes_no(value: str) -> bool:
     if value.lower() in ("yes", "true", "1", "compiled"):
         return True
@@ -686,16 +707,26 @@ def main(argv=None) -> dict:
     except InvalidBenchmarkSetting as error:
         parser.error(f"argument {error.option}: {error.problem}")
     if args.output_dir is not None:
-        problem = writable_folder_problem(args.output_dir)
+        problem = output_dir_problem(args.output_dir)
         if problem:
-            parser.error(f"argument --output-dir: cannot write into {args.output_dir}: {problem}")
-    results = run_benchmark(settings, progress=not args.no_progress)
-    if args.resolutions:
-        results["resolutions"] = resolution_comparison(args.model, image_sizes=args.resolutions, rounds=args.rounds)
-    if args.overhead:
-        results["overhead"] = reorganization_overhead(args.model, batch_size=args.batch_sizes[0])
-    if args.backend_difference:
-        results["backend_difference"] = max_logit_difference_between_backends(args.model)
+            parser.error(f"argument --output-dir: {problem}")
+    try:
+        results = run_benchmark(settings, progress=not args.no_progress)
+        if args.resolutions:
+            results["resolutions"] = resolution_comparison(
+                args.model, image_sizes=args.resolutions, rounds=args.rounds
+            )
+        if args.overhead:
+            results["overhead"] = reorganization_overhead(args.model, batch_size=args.batch_sizes[0])
+        if args.backend_difference:
+            results["backend_difference"] = max_logit_difference_between_backends(args.model)
+    except RuntimeError as error:  # torch.OutOfMemoryError is one; CPU allocation failures are plain RuntimeErrors
+        if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+            raise
+        parser.error(
+            f"out of memory with batch sizes {', '.join(map(str, args.batch_sizes))} and image sizes "
+            f"{', '.join(map(str, args.image_sizes))}: give smaller --batch-sizes or --image-sizes ({one_line(error)})"
+        )
     table = markdown_table(results["rows"])
     print(table)
     for key in ("resolutions", "overhead", "backend_difference"):
