@@ -20,6 +20,7 @@ from evit_hf.benchmark import (
 from evit_hf.benchmark import main as benchmark_main
 from evit_hf.cli import main as cli_main
 
+from .fake_clock import FakeClock
 from .model_builders import stock_and_evit
 
 
@@ -139,19 +140,6 @@ def test_train_mode_draws_labels_from_the_models_classes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| train | cpu | float32 | False | 8 | 16 | stock |  |" in out
     assert "| train | cpu | float32 | False | 8 | 16 | evit | 0.5 |" in out
-
-
-class FakeClock:
-    """A `time.perf_counter` that moves only when told to: timings become exact numbers."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def test_images_per_s_is_each_variants_own_step_time(tmp_path, monkeypatch):

@@ -561,14 +561,19 @@ REFUSALS = {
 }
 
 
+def write_checkpoint(make, path):
+    """Writes a `REFUSALS` case's file: what `make` builds, saved with torch.save, or `make` itself as bytes."""
+    if callable(make):
+        torch.save(make(path.parent), path)
+    elif isinstance(make, bytes):
+        path.write_bytes(make)
+
+
 @pytest.mark.parametrize("case", REFUSALS)
 def test_refusals(case, tmp_path, capsys):
     make, extra, message = REFUSALS[case]
     checkpoint = tmp_path / "checkpoint.pth"
-    if callable(make):
-        torch.save(make(tmp_path), checkpoint)
-    elif isinstance(make, bytes):
-        checkpoint.write_bytes(make)
+    write_checkpoint(make, checkpoint)
     (tmp_path / "labels3.json").write_text(json.dumps(["a", "b", "c"]))
     (tmp_path / "bad.json").write_text("{not json")
     output = tmp_path / "out"
@@ -608,10 +613,7 @@ LIBRARY_REFUSALS = [case for case, (make, extra, _) in REFUSALS.items() if make 
 def test_library_users_get_the_message_of_the_command(case, tmp_path, capsys):
     make, extra, message = REFUSALS[case]
     checkpoint = tmp_path / "checkpoint.pth"
-    if callable(make):
-        torch.save(make(tmp_path), checkpoint)
-    else:
-        checkpoint.write_bytes(make)
+    write_checkpoint(make, checkpoint)
     heads = {"num_attention_heads": HEADS} if extra is not None else {}
     with pytest.raises(CheckpointConversionError) as error:
         evit_hf.convert_timm_checkpoint(checkpoint, tmp_path / "out", **heads)
@@ -619,6 +621,22 @@ def test_library_users_get_the_message_of_the_command(case, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     argv = [checkpoint, tmp_path / "out"] + (["--num_attention_heads", HEADS] if extra is not None else [])
     assert refusal(capsys, argv, tmp_path / "out") == f"evit-hf convert: error: {' '.join(str(error.value).split())}"
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [("a_file", "cannot write {tmp}/a_file: {tmp}/a_file is a file, not a folder"),
+     ("a_file/converted", "{tmp}/a_file is a file, not a folder"),
+     ("/proc/evit-hf/converted", "cannot create files in /proc")],
+    ids=["a-file", "inside-a-file", "not-writable"],
+)  # fmt: skip
+def test_refuses_an_output_folder_it_cannot_write(output, message, checkpoint_file, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    output = output if output.startswith("/") else str(tmp_path / output)
+    line = refusal(capsys, [checkpoint_file, output, "--num_attention_heads", HEADS], tmp_path / "converted")
+    assert line.startswith("evit-hf convert: error: argument output_dir: cannot write ")
+    assert message.format(tmp=tmp_path) in line
+    assert (tmp_path / "a_file").read_text() == "not a folder"
 
 
 @pytest.mark.parametrize("content", [b"", b"not a safetensors file"], ids=["empty", "text"])

@@ -10,6 +10,7 @@ from evit_hf import evaluation as evaluation_module
 from evit_hf.data import collate_images
 from evit_hf.evaluation import _shard_for_this_process
 
+from .fake_clock import FakeClock
 from .model_builders import TINY, stock_and_evit
 
 
@@ -144,19 +145,6 @@ def test_processes_split_the_data_into_disjoint_parts_that_cover_it(kind, world_
         parts.append([part[i]["index"] for i in sampler] if sampler is not None else [e["index"] for e in part])
     assert sorted(index for part in parts for index in part) == list(range(size))  # each sample exactly once
     assert max(map(len, parts)) - min(map(len, parts)) <= (1 if kind != "stream-3-shards" else 4)
-
-
-class FakeClock:
-    """A `time.perf_counter` that moves only when told to: timings become exact numbers."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 FORWARD_SECONDS = {1.0: 0.5, 0.5: 0.25, 0.25: 0.125}  # per batch, at each keep rate
