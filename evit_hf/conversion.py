@@ -530,10 +530,17 @@ def _read_id2label(id2label, num_labels: int) -> dict[int, str]:
             raise CheckpointConversionError(f"cannot read the id2label file {source}: {error.strerror}") from None
         except json.JSONDecodeError as error:
             raise CheckpointConversionError(f"the id2label file {source} is not valid JSON ({error})") from None
+        except UnicodeDecodeError:
+            raise CheckpointConversionError(
+                f"the id2label file {source} is not UTF-8 text; save it as UTF-8 JSON"
+            ) from None
     if isinstance(id2label, list):
         id2label = dict(enumerate(id2label))
     try:
-        labels = {int(index): str(name) for index, name in dict(id2label).items()}
+        items = dict(id2label).items()
+        # Names are text (numbers are taken as their text); a list or a mapping in a name's place is a layout error.
+        labels = {int(index): str(name) for index, name in items if isinstance(name, (str, int, float))}
+        labels = labels if len(labels) == len(items) else None
     except (TypeError, ValueError):
         labels = None
     if labels is None or sorted(labels) != list(range(len(labels))):

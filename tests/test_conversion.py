@@ -451,6 +451,12 @@ REFUSALS = {
         "has 3 names, but the checkpoint's head has 5 classes",
     ),
     "id2label-not-json": (lambda tmp: timm_state_dict(), ["--id2label", "@bad.json"], "is not valid JSON"),
+    "id2label-not-utf8": (lambda tmp: timm_state_dict(), ["--id2label", "@latin1.json"], "is not UTF-8 text"),
+    "id2label-names-not-text": (
+        lambda tmp: timm_state_dict(),
+        ["--id2label", "@lists.json"],
+        "must map the class indices 0 to N-1 to names",
+    ),
     "id2label-missing": (lambda tmp: timm_state_dict(), ["--id2label", "@nothing.json"], "does not exist"),
     "bad-drop-loc": (
         lambda tmp: training_checkpoint(reference_args(drop_loc="layers three and six")),
@@ -576,6 +582,8 @@ def test_refusals(case, tmp_path, capsys):
     write_checkpoint(make, checkpoint)
     (tmp_path / "labels3.json").write_text(json.dumps(["a", "b", "c"]))
     (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "latin1.json").write_bytes('{"0": "caf\xe9"}'.encode("latin-1"))
+    (tmp_path / "lists.json").write_text(json.dumps([[name] for name in "abcde"]))
     output = tmp_path / "out"
     argv = [checkpoint, output] + (["--num_attention_heads", str(HEADS)] if extra is not None else [])
     argv += [str(tmp_path / value[1:]) if value.startswith("@") else value for value in extra or []]
