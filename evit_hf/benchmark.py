@@ -182,8 +182,24 @@ def model_patch_size(model: str) -> int:
             f"{model} holds a {config.model_type!r} model; the benchmark builds ViT models: model_type 'vit' (ViT and "
             "non-distilled DeiT checkpoints) or 'evit'",
         )
+    problem = config_shape_problem(config)
+    if problem:
+        raise InvalidBenchmarkSetting(
+            "model", f"{model}/config.json {problem}; give a folder written by save_pretrained"
+        )
     patch_size = config.patch_size
     return patch_size if isinstance(patch_size, int) else max(patch_size)
+
+
+def config_shape_problem(config) -> str | None:
+    """Why a ViT configuration describes no model the benchmark can build and train, or None if it does."""
+    for name in ("hidden_size", "num_attention_heads", "intermediate_size", "num_labels"):
+        value = getattr(config, name, None)
+        if not _is_whole(value) or value < 1:
+            return f"has {name}={value!r}, where a ViT classifier needs a whole number >= 1"
+    if not _is_whole(config.num_hidden_layers) or config.num_hidden_layers < 0:
+        return f"has num_hidden_layers={config.num_hidden_layers!r}, where a ViT needs a whole number >= 0"
+    return None
 
 
 def check_image_sizes(image_sizes, patch_size: int, model: str, field_name: str = "image_sizes") -> None:

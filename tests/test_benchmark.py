@@ -171,3 +171,19 @@ def test_images_per_s_is_each_variants_own_step_time(tmp_path, monkeypatch):
         assert row["images_per_s"] == row["images_per_s_min"] == row["images_per_s_max"] == pytest.approx(4 / seconds)
         assert row["latency_ms"] == pytest.approx(1000 * seconds)
         assert row["speedup"] == pytest.approx(0.4 / seconds)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("hidden_size", 0), ("num_attention_heads", 0), ("intermediate_size", -4), ("num_labels", 0)]
+)
+def test_checkpoint_folders_describing_no_classifier_are_refused(field, value, tmp_path, capsys):
+    config = ViTConfig(**TWO_LAYERS).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({**config, field: value, "id2label": {}, "label2id": {}}))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["benchmark", "--model", str(tmp_path), "--image-sizes", "16", "--no-progress"])
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (
+        f"evit-hf benchmark: error: argument --model: {tmp_path}/config.json has {field}={value}, where a ViT "
+        "classifier needs a whole number >= 1; give a folder written by save_pretrained"
+    )
