@@ -181,8 +181,16 @@ def visualize(argv) -> str:
         model = model_class.from_pretrained(args.model)
     except Exception as error:  # damaged weights raise safetensors', torch's or transformers' own errors
         parser.error(f"argument --model: cannot load the model from {args.model}: {one_line(error)}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    visualize_kept_tokens(model, pixel_values, keep_rate=args.keep_rate, output_path=args.output)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        visualize_kept_tokens(model, pixel_values, keep_rate=args.keep_rate, output_path=args.output)
+    except OSError as error:  # the folder was writable when checked; a full disk or a lost mount fails here
+        parser.error(f"argument --output: cannot write {args.output}: {one_line(error)}")
+    except (RuntimeError, ValueError) as error:  # pixels the model cannot take, e.g. smaller than one patch
+        parser.error(
+            f"argument --image-processor: {args.model} cannot run on the processed image of shape "
+            f"{list(pixel_values.shape)}: {one_line(error)}"
+        )
     print(f"wrote {args.output}")
     return args.output
 

@@ -241,3 +241,15 @@ def test_console_script_refuses_a_malformed_checkpoint_in_one_line(tmp_path):
         "evit-hf convert: error: the state dict has keys that are not parameter names: 7;"
     ), result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_visualize_pixels_smaller_than_a_patch_answer_in_one_line(files, tmp_path, capsys):
+    from transformers import ViTImageProcessor
+
+    ViTImageProcessor(size={"height": 2, "width": 2}).save_pretrained(tmp_path / "two_pixels")  # patches are 4 px
+    argv = ["visualize", "--model", "@checkpoint", "--image", "@image.png", "--image-processor",
+            str(tmp_path / "two_pixels"), "--output", str(tmp_path / "kept.png")]  # fmt: skip
+    line = error_line(capsys, argv, files)
+    assert line.startswith("evit-hf visualize: error: argument --image-processor: ")
+    assert "cannot run on the processed image of shape [1, 3, 2, 2]" in line
+    assert not (tmp_path / "kept.png").exists()
