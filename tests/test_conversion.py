@@ -463,6 +463,12 @@ REFUSALS = {
         [],
         "args.drop_loc is 'layers three and six'; expected 0-based layer indices such as '(3, 6, 9)'",
     ),
+    # A falsy setting is a setting: keep rate 0 is refused, not replaced by the default 0.7.
+    "args-keep-rate-0": (
+        lambda tmp: training_checkpoint(reference_args(base_keep_rate=0.0)),
+        [],
+        "got 0.0. (from the checkpoint args)",
+    ),
     "drop-loc-past-depth": (
         lambda tmp: training_checkpoint(reference_args(drop_loc="(3, 6, 9)")),
         [],
