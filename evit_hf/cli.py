@@ -157,8 +157,8 @@ def visualize(argv) -> str:
             processor = AutoImageProcessor.from_pretrained(args.model)
         except (OSError, ValueError) as error:
             parser.error(
-                f"argument --model: cannot load the image processor in {args.model}: {one_line(error)}; repair "
-                "its preprocessor_config.json or pass --image-processor"
+                f"argument --model: cannot load the image processor in {args.model}: "
+                f"{one_line(error).rstrip('.')}; repair its preprocessor_config.json or pass --image-processor"
             )
     else:
         processor = load_image_processor_or_default(args.model, config)
@@ -169,7 +169,7 @@ def visualize(argv) -> str:
     if pixel_values.shape[1] != config.num_channels:
         parser.error(
             f"argument --image-processor: the image processor makes {pixel_values.shape[1]}-channel pixels, but "
-            f"{args.model} takes {config.num_channels} channels; pass an --image-processor made for this model"
+            f"{args.model} takes {config.num_channels}; pass an --image-processor made for this model"
         )
 
     model_class = (
