@@ -10,6 +10,7 @@ the stock model next to the MACs ratio (the bound for a speed-up that comes from
 import argparse
 import ctypes
 import gc
+import importlib.util
 import inspect
 import itertools
 import json
@@ -157,8 +158,24 @@ def model_patch_size(model: str) -> int:
             f"{model} holds a {config.model_type!r} model; the benchmark builds ViT models: model_type "
             f"{' or '.join(repr(name) for name in folder_model_types)} (ViT and non-distilled DeiT checkpoints)",
         )
+    problem = config_shape_problem(config)
+    if problem:
+        raise InvalidBenchmarkSetting(
+            "model", f"{model}/config.json {problem}; give a folder written by save_pretrained"
+        )
     patch_size = config.patch_size
     return patch_size if isinstance(patch_size, int) else max(patch_size)
+
+
+def config_shape_problem(config) -> str | None:
+    """Why a ViT configuration describes no model the benchmark can build and train, or None if it does."""
+    for name in ("hidden_size", "num_attention_heads", "intermediate_size", "num_labels"):
+        value = getattr(config, name, None)
+        if not _is_whole(value) or value < 1:
+            return f"has {name}={value!r}, where a ViT classifier needs a whole number >= 1"
+    if not _is_whole(config.num_hidden_layers) or config.num_hidden_layers < 0:
+        return f"has num_hidden_layers={config.num_hidden_layers!r}, where a ViT needs a whole number >= 0"
+    return None
 
 
 def check_image_sizes(image_sizes, patch_size: int, model: str, field_name: str = "image_sizes") -> None:
@@ -609,6 +626,25 @@ def max_logit_difference_between_backends(
     }
 
 
+OUTPUT_FILES = ("benchmark.json", "benchmark.md", "benchmark.png")
+
+
+def output_dir_problem(output_dir: str) -> str | None:
+    """Why the benchmark could not write its files into `output_dir` once it has run, or None if it can."""
+    if not output_dir:
+        return "give a folder name (an empty one writes nowhere)"
+    problem = writable_folder_problem(output_dir)
+    if problem:
+        return f"cannot write into {output_dir}: {problem}"
+    for name in OUTPUT_FILES:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            return f"cannot write {path}: it is a folder or not writable"
+    if importlib.util.find_spec("matplotlib") is None:
+        return "drawing benchmark.png needs matplotlib: pip install matplotlib (or leave out --output-dir)"
+    return None
+
+
 def _yes_no(value: str) -> bool:
     if value.lower() in ("yes", "true", "1", "compiled"):
         return True
@@ -666,16 +702,26 @@ def main(argv=None) -> dict:
     except InvalidBenchmarkSetting as error:
         parser.error(f"argument {error.option}: {error.problem}")
     if args.output_dir is not None:
-        problem = writable_folder_problem(args.output_dir)
+        problem = output_dir_problem(args.output_dir)
         if problem:
-            parser.error(f"argument --output-dir: cannot write into {args.output_dir}: {problem}")
-    results = run_benchmark(settings, progress=not args.no_progress)
-    if args.resolutions:
-        results["resolutions"] = resolution_comparison(args.model, image_sizes=args.resolutions, rounds=args.rounds)
-    if args.overhead:
-        results["overhead"] = reorganization_overhead(args.model, batch_size=args.batch_sizes[0])
-    if args.backend_difference:
-        results["backend_difference"] = max_logit_difference_between_backends(args.model)
+            parser.error(f"argument --output-dir: {problem}")
+    try:
+        results = run_benchmark(settings, progress=not args.no_progress)
+        if args.resolutions:
+            results["resolutions"] = resolution_comparison(
+                args.model, image_sizes=args.resolutions, rounds=args.rounds
+            )
+        if args.overhead:
+            results["overhead"] = reorganization_overhead(args.model, batch_size=args.batch_sizes[0])
+        if args.backend_difference:
+            results["backend_difference"] = max_logit_difference_between_backends(args.model)
+    except RuntimeError as error:  # torch.OutOfMemoryError is one; CPU allocation failures are plain RuntimeErrors
+        if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+            raise
+        parser.error(
+            f"out of memory with batch sizes {', '.join(map(str, args.batch_sizes))} and image sizes "
+            f"{', '.join(map(str, args.image_sizes))}: give smaller --batch-sizes or --image-sizes ({one_line(error)})"
+        )
     table = markdown_table(results["rows"])
     print(table)
     for key in ("resolutions", "overhead", "backend_difference"):

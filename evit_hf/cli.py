@@ -8,6 +8,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 
 
 def one_line(error: BaseException) -> str:
@@ -42,16 +43,49 @@ def keep_rate_argument(text: str) -> float:
 
 
 def writable_folder_problem(folder: str) -> str | None:
-    """Why files cannot be written into `folder` (created if missing), or None if they can."""
+    """Why files cannot be written into `folder` (created if missing), or None if they can.
+
+    The nearest existing folder on the way is tried with a file created and removed at once: permissions alone miss
+    read-only file systems and the folders even root cannot write in (/proc)."""
     folder = os.path.abspath(folder or ".")
     existing = folder
-    while not os.path.exists(existing):
+    while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"no permission to write in {existing}"
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".evit-hf-write-test-")
+    except OSError as error:
+        return f"cannot create files in {existing} ({error.strerror or type(error).__name__})"
+    os.close(handle)
+    os.remove(probe)
     return None
+
+
+# Picture formats that hold the whole RGB canvas as drawn (not icons, not 1-bit or palette-only formats).
+PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".tga", ".pdf")
+
+
+def picture_extensions() -> list[str]:
+    """The `PICTURE_EXTENSIONS` that this PIL can write an RGB image as (WebP needs libwebp, for instance)."""
+    import io
+
+    from PIL import Image
+
+    Image.init()
+    writable = []
+    for extension in PICTURE_EXTENSIONS:
+        picture_format = Image.registered_extensions().get(extension)
+        if picture_format is None or picture_format not in Image.SAVE:
+            continue
+        try:
+            Image.new("RGB", (2, 2)).save(io.BytesIO(), format=picture_format)
+        except (OSError, ValueError, KeyError):
+            continue
+        writable.append(extension)
+    return writable
 
 
 def visualize(argv) -> str:
@@ -84,13 +118,17 @@ def visualize(argv) -> str:
             image = opened.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         parser.error(f"argument --image: cannot read {args.image} as an image ({one_line(error)})")
-    Image.init()
-    extension = os.path.splitext(args.output)[1].lower()
-    if Image.registered_extensions().get(extension) not in Image.SAVE:
-        parser.error(f"argument --output: cannot write a picture named {args.output!r}: give it a .png or .jpg name")
-    if os.path.isdir(args.output):
-        parser.error(f"argument --output: {args.output} is a folder; give a file name such as kept_tokens.png")
+    if os.path.isdir(args.output) or not os.path.basename(args.output):
+        parser.error(f"argument --output: {args.output!r} is a folder; give a file name such as kept_tokens.png")
+    extensions = picture_extensions()
+    if os.path.splitext(args.output)[1].lower() not in extensions:
+        parser.error(
+            f"argument --output: cannot write a picture named {args.output!r}: give it one of the extensions "
+            f"{', '.join(extensions)}"
+        )
     problem = writable_folder_problem(os.path.dirname(args.output))
+    if problem is None and os.path.exists(args.output) and not os.access(args.output, os.W_OK):
+        problem = f"no permission to overwrite {args.output}"
     if problem:
         parser.error(f"argument --output: cannot write {args.output}: {problem}")
 
@@ -118,15 +156,41 @@ def visualize(argv) -> str:
             processor = AutoImageProcessor.from_pretrained(args.image_processor)
         except (OSError, ValueError) as error:
             parser.error(f"argument --image-processor: cannot load an image processor: {one_line(error)}")
+    elif os.path.isfile(os.path.join(args.model, "preprocessor_config.json")):
+        # The checkpoint's own processor: a damaged one is an error, not a reason to fall back to the default.
+        try:
+            processor = AutoImageProcessor.from_pretrained(args.model)
+        except (OSError, ValueError) as error:
+            parser.error(
+                f"argument --model: cannot load the image processor in {args.model}: "
+                f"{one_line(error).rstrip('.')}; repair its preprocessor_config.json or pass --image-processor"
+            )
     else:
         processor = load_image_processor_or_default(args.model, config)
+    try:
+        pixel_values = processor(images=image, return_tensors="pt").pixel_values
+    except (OSError, ValueError, TypeError) as error:
+        parser.error(f"argument --image-processor: the image processor fails on {args.image}: {one_line(error)}")
+    if pixel_values.shape[1] != config.num_channels:
+        parser.error(
+            f"argument --image-processor: the image processor makes {pixel_values.shape[1]}-channel pixels, but "
+            f"{args.model} takes {config.num_channels}; pass an --image-processor made for this model"
+        )
 
     try:
         model = family.kept_token_picture_model.from_pretrained(args.model)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # damaged weights raise safetensors', torch's or transformers' own errors
         parser.error(f"argument --model: cannot load the model from {args.model}: {one_line(error)}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    visualize_kept_tokens(model, image, image_processor=processor, keep_rate=args.keep_rate, output_path=args.output)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        visualize_kept_tokens(model, pixel_values, keep_rate=args.keep_rate, output_path=args.output)
+    except OSError as error:  # the folder was writable when checked; a full disk or a lost mount fails here
+        parser.error(f"argument --output: cannot write {args.output}: {one_line(error)}")
+    except (RuntimeError, ValueError) as error:  # pixels the model cannot take, e.g. smaller than one patch
+        parser.error(
+            f"argument --image-processor: {args.model} cannot run on the processed image of shape "
+            f"{list(pixel_values.shape)}: {one_line(error)}"
+        )
     print(f"wrote {args.output}")
     return args.output
 
@@ -235,6 +299,8 @@ def convert(argv):
         )
     except (CheckpointConversionError, FileNotFoundError) as error:
         parser.error(one_line(error))
+    except OSError as error:  # the folder was writable when checked; a full disk or a lost mount fails here
+        parser.error(f"argument output_dir: cannot write {args.output_dir}: {one_line(error)}")
     config = model.config
     print(
         f"wrote {args.output_dir}: {type(model).__name__}, {config.num_hidden_layers} layers of width "

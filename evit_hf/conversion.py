@@ -117,6 +117,66 @@ def _required(state_dict: Mapping, keys: Sequence[str]) -> None:
         )
 
 
+def _check_dimensions(state_dict: Mapping, layouts: Mapping[str, str]) -> None:
+    """Each named tensor has as many dimensions as its `layout` (such as "[1, 1, width]") lists, and no side of 0."""
+    for key, layout in layouts.items():
+        shape = list(state_dict[key].shape)
+        if len(shape) != layout.count(",") + 1 or 0 in shape:
+            raise CheckpointConversionError(
+                f"{key} has shape {shape}; a timm VisionTransformer's {key} is {layout}. Is the file a ViT/DeiT "
+                "state dict?"
+            )
+
+
+def _check_shapes(state_dict: Mapping, architecture: dict, distilled: bool) -> None:
+    """Every weight has the shape the architecture read from the others gives it: one error lists all that do not."""
+    width, classes = architecture["hidden_size"], architecture["num_labels"]
+    patch, mlp = architecture["patch_size"], architecture["intermediate_size"]
+    grid, depth = architecture["image_size"] // patch, architecture["num_hidden_layers"]
+    expected = {
+        "cls_token": [1, 1, width],
+        "dist_token": [1, 1, width],
+        "pos_embed": [1, (2 if distilled else 1) + grid * grid, width],
+        "patch_embed.proj.weight": [width, architecture["num_channels"], patch, patch],
+        "patch_embed.proj.bias": [width],
+        "norm.weight": [width],
+        "norm.bias": [width],
+        "head.weight": [classes, width],
+        "head.bias": [classes],
+        "head_dist.weight": [classes, width],
+        "head_dist.bias": [classes],
+    }
+    block_shapes = {
+        "norm1": ([width], [width]),
+        "attn.qkv": ([3 * width, width], [3 * width]),
+        "attn.proj": ([width, width], [width]),
+        "norm2": ([width], [width]),
+        "mlp.fc1": ([mlp, width], [mlp]),
+        "mlp.fc2": ([width, mlp], [width]),
+    }
+    for index in range(depth):
+        for name, (weight, bias) in block_shapes.items():
+            expected[f"blocks.{index}.{name}.weight"] = weight
+            expected[f"blocks.{index}.{name}.bias"] = bias
+    wrong = [
+        f"{key} {list(tensor.shape)} (expected {expected[key]})"
+        for key, tensor in state_dict.items()
+        if key in expected and list(tensor.shape) != expected[key]
+    ]
+    if wrong:
+        raise CheckpointConversionError(
+            f"{len(wrong)} weight(s) do not fit a {depth}-layer ViT/DeiT of width {width} "
+            f"with {classes} classes (read from cls_token, blocks.N, blocks.0.mlp.fc1 and head): {_listed(wrong)}."
+        )
+    with_bias = [index for index in range(depth) if f"blocks.{index}.attn.qkv.bias" in state_dict]
+    if with_bias and len(with_bias) != depth:
+        without = sorted(set(range(depth)) - set(with_bias))
+        raise CheckpointConversionError(
+            f"blocks {', '.join(map(str, with_bias))} have a qkv bias (attn.qkv.bias) and blocks "
+            f"{', '.join(map(str, without))} do not; transformers' ViT/DeiT use one setting (qkv_bias) for all layers."
+        )
+
+
 def timm_architecture(state_dict: Mapping[str, torch.Tensor], num_attention_heads: int | None = None) -> dict:
     """The transformers configuration fields of a timm-layout ViT/DeiT state dict, read from the weights' shapes.
 
@@ -133,9 +193,18 @@ def timm_architecture(state_dict: Mapping[str, torch.Tensor], num_attention_head
             f"the checkpoint's blocks are numbered {depth_indices}; expected 0 to {len(depth_indices) - 1} with no "
             "gaps."
         )
+    _check_dimensions(
+        state_dict,
+        {
+            "cls_token": "[1, 1, width]",
+            "pos_embed": "[1, positions, width]",
+            "patch_embed.proj.weight": "[width, channels, patch, patch]",
+            "head.weight": "[classes, width]",
+        },
+    )
     hidden_size = state_dict["cls_token"].shape[-1]
     projection = state_dict["patch_embed.proj.weight"]  # [width, channels, patch, patch]
-    if projection.ndim != 4 or projection.shape[2] != projection.shape[3]:
+    if projection.shape[2] != projection.shape[3]:
         raise CheckpointConversionError(
             f"patch_embed.proj.weight has shape {list(projection.shape)}; only square patches "
             "([width, channels, p, p]) map to transformers' ViT/DeiT."
@@ -168,8 +237,9 @@ def timm_architecture(state_dict: Mapping[str, torch.Tensor], num_attention_head
             f"of {hidden_size} (timm's ViT/DeiT use width / {HEAD_DIM})."
         )
     _required(state_dict, ("blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight"))
+    _check_dimensions(state_dict, {"blocks.0.mlp.fc1.weight": "[mlp width, width]"})
     patch_size = projection.shape[-1]
-    return {
+    architecture = {
         "hidden_size": hidden_size,
         "num_hidden_layers": len(depth_indices),
         "num_attention_heads": num_attention_heads,
@@ -183,6 +253,8 @@ def timm_architecture(state_dict: Mapping[str, torch.Tensor], num_attention_head
         "num_labels": state_dict["head.weight"].shape[0],
         "distilled": distilled,
     }
+    _check_shapes(state_dict, architecture, distilled)
+    return architecture
 
 
 def timm_to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], distilled: bool) -> dict[str, torch.Tensor]:
@@ -240,17 +312,29 @@ def timm_to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], distilled: boo
     return converted
 
 
-def reference_image_processor(input_size: int):
+def reference_image_processor(input_size: int, num_channels: int = 3):
     """The reference's evaluation transform as a transformers image processor: resize the shorter side to
     `int(input_size / 0.875)` (bicubic), center crop `input_size`, normalize with the ImageNet mean and std.
 
     [`EViTImageProcessor`]: DeiT's PIL image processor (no torchvision needed) with the reference's placement of the
     center crop, to the pixel. `save_pretrained` writes its code next to the configuration, so that
     `AutoImageProcessor` loads it with evit_hf imported, or with `trust_remote_code=True`.
+
+    For a model that takes one input channel (`num_channels=1`), the processor converts images to grayscale (PIL's
+    luma) and normalizes with the ImageNet mean and std averaged over the three channels. No other channel count
+    comes from a picture: it raises a `CheckpointConversionError`.
     """
     from transformers.image_utils import PILImageResampling
 
+    if num_channels not in (1, 3):
+        raise CheckpointConversionError(
+            f"the model takes {num_channels} input channels (patch_embed.proj.weight), but images have 3 (RGB) or 1 "
+            "(grayscale), so no image processor can feed it. Convert without an output folder "
+            "(evit_hf.convert_timm_checkpoint(path) returns the model) and save it with a processor of your own."
+        )
+    grayscale = num_channels == 1
     return EViTImageProcessor(
+        do_convert_grayscale=grayscale,
         do_resize=True,
         size={"shortest_edge": int(input_size / CROP_SHARE)},
         resample=PILImageResampling.BICUBIC,
@@ -259,8 +343,8 @@ def reference_image_processor(input_size: int):
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
+        image_mean=[sum(IMAGENET_MEAN) / 3] if grayscale else list(IMAGENET_MEAN),
+        image_std=[sum(IMAGENET_STD) / 3] if grayscale else list(IMAGENET_STD),
     )
 
 
@@ -281,14 +365,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(
             f"{path} does not exist or is not a file; give a .pth, .bin or .safetensors checkpoint."
         )
+    if path.stat().st_size == 0:
+        raise CheckpointConversionError(f"{path} is empty (0 bytes); give a .pth, .bin or .safetensors checkpoint.")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return load_file(path)
-        except (SafetensorError, OSError) as error:
-            raise CheckpointConversionError(f"cannot read {path} as a safetensors file: {error}") from None
+        except Exception as error:  # any failure to parse means the file is not a safetensors file
+            raise CheckpointConversionError(
+                f"cannot read {path} as a safetensors file ({_error_text(error)}); it is damaged or not a safetensors "
+                "file. A file written by torch.save needs a .pth or .bin name."
+            ) from None
     import pickle
 
     try:
@@ -299,19 +387,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         if found is None:
             # Not an object the safe unpickler refused, but bytes it cannot parse: not a torch.save file.
             detail = str(error).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
-            raise CheckpointConversionError(
-                f"cannot read {path} as a PyTorch checkpoint ({' '.join(detail.split())}); it is damaged or not a "
-                "file written by torch.save."
-            ) from None
+            raise CheckpointConversionError(_not_a_torch_file(path, " ".join(detail.split()))) from None
         raise CheckpointConversionError(
             f"refusing to read {path}: it holds Python objects other than tensors, containers and argparse.Namespace "
             f"(it needs {found.group(1)}), and unpickling them could run code from the file. If you trust the file, "
             "load it yourself and save only its weights, e.g. torch.save(checkpoint['model'], 'weights.pth')."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise CheckpointConversionError(
-            f"cannot read {path} as a PyTorch checkpoint: {' '.join(str(error).split())}"
-        ) from None
+    except Exception as error:  # the unpickler fails on foreign bytes with any kind of exception
+        raise CheckpointConversionError(_not_a_torch_file(path, _error_text(error))) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointConversionError(
             f"{path} holds a {type(checkpoint).__name__}, not a state dict or a training checkpoint (a dict)."
@@ -319,15 +402,86 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return checkpoint
 
 
-def _is_state_dict(value) -> bool:
-    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+def _not_a_torch_file(path: Path, detail: str) -> str:
+    with open(path, "rb") as file:
+        head = file.read(9)
+    hint = (
+        " It looks like a safetensors file: give it a .safetensors name."
+        if len(head) == 9 and head[8:9] == b"{"
+        else ""
+    )
+    return (
+        f"cannot read {path} as a PyTorch checkpoint ({detail}); it is damaged or not a file written by torch.save."
+        + hint
+    )
+
+
+def _error_text(error: BaseException) -> str:
+    """An exception's type and message on one line; only the type where the message says nothing (an empty
+    EOFError, a KeyError's bare key)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text and not isinstance(error, KeyError) else type(error).__name__
+
+
+def _state_dict_problem(value, where: str) -> str | None:
+    """Why `value` is not a state dict (parameter names to floating-point tensors with data), or None."""
+    if not isinstance(value, Mapping):
+        return f"{where} is a {type(value).__name__}, not a state dict (a dict of parameter names to tensors)"
+    if not value:
+        return f"{where} is empty: it holds no weights"
+    not_names = [repr(key) for key in value if not isinstance(key, str)]
+    if not_names:
+        return (
+            f"{where} has keys that are not parameter names: {_listed(not_names)}; a state dict maps names such "
+            "as 'blocks.0.norm1.weight' to tensors"
+        )
+    not_tensors = [
+        f"{key} ({type(item).__name__})" for key, item in value.items() if not isinstance(item, torch.Tensor)
+    ]
+    if not_tensors:
+        return f"{where} has entries that are not tensors: {_listed(not_tensors)}"
+    without_data = [key for key, tensor in value.items() if tensor.is_meta]
+    if without_data:
+        return f"{where} has tensors without data (on the meta device): {_listed(without_data)}"
+    not_float = [f"{key} ({tensor.dtype})" for key, tensor in value.items() if not tensor.is_floating_point()]
+    if not_float:
+        return f"{where} has weights that are not floating-point numbers: {_listed(not_float)}"
+    return None
+
+
+def _listed(names: list[str], shown: int = 10) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _nested_state_dicts(value, path: str = "checkpoint", depth: int = 3) -> list[str]:
+    """Where state dicts sit inside `value` (as `checkpoint['state_dict']`), looking `depth` levels down."""
+    if depth == 0 or not isinstance(value, Mapping):
+        return []
+    found = []
+    for key, item in value.items():
+        inner = f"{path}[{key!r}]"
+        if isinstance(item, Mapping) and _state_dict_problem(item, inner) is None:
+            found.append(inner)
+        else:
+            found += _nested_state_dicts(item, inner, depth - 1)
+    return found
+
+
+def _nested_hint(value, path: str = "checkpoint") -> str:
+    found = _nested_state_dicts(value, path)
+    if not found:
+        return ""
+    return (
+        f" It holds a state dict at {found[0]}: save that alone, e.g. torch.save({found[0]}, 'weights.pth'), and "
+        "convert that file."
+    )
 
 
 def split_checkpoint(checkpoint: Mapping, use_ema: bool = False) -> tuple[dict, argparse.Namespace | None, str]:
     """The state dict to convert, the training arguments (or None) and a description of what was taken.
 
     A training checkpoint holds the state dict under `"model"` (and the EMA weights under `"model_ema"`); a bare
-    state dict is taken as it is.
+    state dict is taken as it is. Anything else raises a `CheckpointConversionError` that says what the file holds.
     """
     if "model" in checkpoint and not isinstance(checkpoint["model"], torch.Tensor):
         key = "model_ema" if use_ema else "model"
@@ -337,8 +491,9 @@ def split_checkpoint(checkpoint: Mapping, use_ema: bool = False) -> tuple[dict, 
                 f"(it has: {', '.join(map(str, checkpoint))}). Leave out --use_ema to convert 'model'."
             )
         state_dict = checkpoint[key]
-        if not _is_state_dict(state_dict):
-            raise CheckpointConversionError(f"the checkpoint's {key!r} entry is not a state dict of tensors.")
+        problem = _state_dict_problem(state_dict, f"the checkpoint's {key!r} entry")
+        if problem:
+            raise CheckpointConversionError(f"{problem}.{_nested_hint(state_dict, f'checkpoint[{key!r}]')}")
         args = checkpoint.get("args")
         if args is not None and not isinstance(args, argparse.Namespace):
             raise CheckpointConversionError(
@@ -353,11 +508,14 @@ def split_checkpoint(checkpoint: Mapping, use_ema: bool = False) -> tuple[dict, 
             "--use_ema (use_ema=True) asks for the EMA weights, but the file is a bare state dict with no "
             "'model_ema' entry. Leave out --use_ema."
         )
-    if not _is_state_dict(checkpoint):
+    if not any(isinstance(value, torch.Tensor) for value in checkpoint.values()):
         raise CheckpointConversionError(
             "the file is neither a state dict of tensors nor a checkpoint holding one under 'model' "
-            f"(its entries: {', '.join(map(str, list(checkpoint)[:10]))})."
+            f"(its entries: {_listed([str(key) for key in checkpoint]) or 'none'}).{_nested_hint(checkpoint)}"
         )
+    problem = _state_dict_problem(checkpoint, "the state dict")
+    if problem:
+        raise CheckpointConversionError(f"{problem}.")
     return dict(checkpoint), None, "state dict"
 
 
@@ -372,10 +530,17 @@ def _read_id2label(id2label, num_labels: int) -> dict[int, str]:
             raise CheckpointConversionError(f"cannot read the id2label file {source}: {error.strerror}") from None
         except json.JSONDecodeError as error:
             raise CheckpointConversionError(f"the id2label file {source} is not valid JSON ({error})") from None
+        except UnicodeDecodeError:
+            raise CheckpointConversionError(
+                f"the id2label file {source} is not UTF-8 text; save it as UTF-8 JSON"
+            ) from None
     if isinstance(id2label, list):
         id2label = dict(enumerate(id2label))
     try:
-        labels = {int(index): str(name) for index, name in dict(id2label).items()}
+        items = dict(id2label).items()
+        # Names are text (numbers are taken as their text); a list or a mapping in a name's place is a layout error.
+        labels = {int(index): str(name) for index, name in items if isinstance(name, (str, int, float))}
+        labels = labels if len(labels) == len(items) else None
     except (TypeError, ValueError):
         labels = None
     if labels is None or sorted(labels) != list(range(len(labels))):
@@ -514,16 +679,22 @@ def convert_timm_checkpoint(
 
     architecture = timm_architecture(state_dict, num_attention_heads=num_attention_heads)
     distilled = architecture.pop("distilled")
+    # The folder's image processor must make the pixels the model takes: made (and refused) before any work.
+    image_processor = (
+        reference_image_processor(architecture["image_size"], architecture["num_channels"])
+        if output_dir is not None
+        else None
+    )
     hf_state_dict = timm_to_hf_state_dict(state_dict, distilled=distilled)
     depth, num_labels, image_size = (architecture[k] for k in ("num_hidden_layers", "num_labels", "image_size"))
     if from_args.get("num_labels", num_labels) != num_labels:
         raise CheckpointConversionError(
-            f"the checkpoint's args.nb_classes is {from_args['num_labels']}, but its head has {num_labels} classes; "
+            f"the checkpoint's args.nb_classes is {from_args['num_labels']!r}, but its head has {num_labels} classes; "
             "the checkpoint is inconsistent."
         )
     if from_args.get("input_size", image_size) != image_size:
         raise CheckpointConversionError(
-            f"the checkpoint's args.input_size is {from_args['input_size']}, but its position embeddings are for "
+            f"the checkpoint's args.input_size is {from_args['input_size']!r}, but its position embeddings are for "
             f"{image_size} px images ({image_size // architecture['patch_size']} x "
             f"{image_size // architecture['patch_size']} patches); the checkpoint is inconsistent."
         )
@@ -591,7 +762,7 @@ def convert_timm_checkpoint(
     if output_dir is not None:
         output_dir = Path(output_dir)
         model.save_pretrained(output_dir)
-        reference_image_processor(image_size).save_pretrained(output_dir)
+        image_processor.save_pretrained(output_dir)
         _model_card(
             model,
             repo_id=output_dir.resolve().name,

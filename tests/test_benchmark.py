@@ -1,10 +1,12 @@
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import ViTConfig
 
+from evit_hf import benchmark as benchmark_module
 from evit_hf import count_macs
 from evit_hf.benchmark import (
     BenchmarkSettings,
@@ -16,6 +18,9 @@ from evit_hf.benchmark import (
     run_benchmark,
 )
 from evit_hf.benchmark import main as benchmark_main
+from evit_hf.cli import main as cli_main
+
+from .fake_clock import FakeClock
 
 
 # Two layers, 4 px patches: reduction layers 0 and 1 by the depth rule.
@@ -60,16 +65,6 @@ def test_compiled_benchmark_runs(tmp_path):
         (True, "stock", None), (True, "evit", 0.5)
     ]  # fmt: skip
     assert all(row["images_per_s"] > 0 for row in rows) and rows[1]["macs_ratio"] > 1
-
-
-def test_training_step_of_a_checkpoint_folder_draws_labels_of_its_head(tmp_path):
-    ViTConfig(**TWO_LAYERS, num_labels=3).save_pretrained(tmp_path)
-    settings = BenchmarkSettings(
-        model=str(tmp_path), keep_rates=[0.5], batch_sizes=[8], image_sizes=[16], modes=["train"], rounds=1, warmup=1,
-        measure_memory=False,
-    )  # fmt: skip
-    rows = run_benchmark(settings, progress=False)["rows"]
-    assert [row["variant"] for row in rows] == ["stock", "evit"] and all(row["images_per_s"] > 0 for row in rows)
 
 
 def test_reorganization_overhead_is_a_share():
@@ -123,3 +118,62 @@ def test_benchmark_refuses_what_a_family_cannot_run(capsys):
     with pytest.raises(SystemExit):
         benchmark_main(["--model", "dinov2-small", "--overhead"])
     assert "argument --overhead: measures ViT shapes only; dinov2-small" in capsys.readouterr().err
+
+
+def test_train_mode_draws_labels_from_the_models_classes(tmp_path, capsys):
+    # A checkpoint folder with 3 classes: labels drawn up to 1000 would fail the loss ("Target 625 is out of bounds").
+    ViTConfig(**TWO_LAYERS, num_labels=3).save_pretrained(tmp_path / "three_classes")
+    cli_main(
+        ["benchmark", "--model", str(tmp_path / "three_classes"), "--modes", "train", "--keep-rates", "0.5",
+         "--batch-sizes", "8", "--image-sizes", "16", "--rounds", "1", "--warmup", "0", "--no-memory", "--no-progress"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| train | cpu | float32 | False | 8 | 16 | stock |  |" in out
+    assert "| train | cpu | float32 | False | 8 | 16 | evit | 0.5 |" in out
+
+
+def test_images_per_s_is_each_variants_own_step_time(tmp_path, monkeypatch):
+    # Each step costs a known time, and building the models a long one: images/s must be the batch over the step's
+    # own time, neither the time of all variants' steps nor the wall time with the loading.
+    ViTConfig(**TWO_LAYERS).save_pretrained(tmp_path)
+    clock = FakeClock()
+    monkeypatch.setattr(benchmark_module, "time", SimpleNamespace(perf_counter=clock))
+    step_seconds = {None: 0.4, 0.7: 0.25, 0.5: 0.125}
+    build = benchmark_module.build_models
+
+    def slow_build(*args, **kwargs):
+        clock.advance(1000.0)
+        return build(*args, **kwargs)
+
+    def timed_step(model, pixel_values, labels, mode, keep_rate):
+        return lambda: clock.advance(step_seconds[keep_rate])
+
+    monkeypatch.setattr(benchmark_module, "build_models", slow_build)
+    monkeypatch.setattr(benchmark_module, "_step_function", timed_step)
+    settings = BenchmarkSettings(
+        model=str(tmp_path), keep_rates=[0.7, 0.5], batch_sizes=[4], image_sizes=[16], rounds=3, warmup=1,
+        measure_memory=False,
+    )  # fmt: skip
+    rows = run_benchmark(settings, progress=False)["rows"]
+    assert [row["keep_rate"] for row in rows] == [None, 0.7, 0.5]
+    for row in rows:
+        seconds = step_seconds[row["keep_rate"]]
+        assert row["images_per_s"] == row["images_per_s_min"] == row["images_per_s_max"] == pytest.approx(4 / seconds)
+        assert row["latency_ms"] == pytest.approx(1000 * seconds)
+        assert row["speedup"] == pytest.approx(0.4 / seconds)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("hidden_size", 0), ("num_attention_heads", 0), ("intermediate_size", -4), ("num_labels", 0)]
+)
+def test_checkpoint_folders_describing_no_classifier_are_refused(field, value, tmp_path, capsys):
+    config = ViTConfig(**TWO_LAYERS).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({**config, field: value, "id2label": {}, "label2id": {}}))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["benchmark", "--model", str(tmp_path), "--image-sizes", "16", "--no-progress"])
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (
+        f"evit-hf benchmark: error: argument --model: {tmp_path}/config.json has {field}={value}, where a ViT "
+        "classifier needs a whole number >= 1; give a folder written by save_pretrained"
+    )

@@ -3,6 +3,7 @@
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -31,6 +32,12 @@ def files(tmp_path_factory):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / "image.png")
     (root / "not_an_image.png").write_bytes(b"these bytes are no picture")
     (root / "a_file").write_text("a file where a folder is expected")
+    # A checkpoint whose own image processor is damaged, and a one-channel model saved without a processor.
+    shutil.copytree(root / "checkpoint", root / "damaged_processor")
+    (root / "damaged_processor" / "preprocessor_config.json").write_text("{not json")
+    _, grayscale = stock_and_evit("vit-classifier", shape={**TINY, "num_channels": 1})
+    grayscale.save_pretrained(root / "grayscale")
+    (root / "benchmark_out" / "benchmark.json").mkdir(parents=True)  # a folder where the results file goes
     return root
 
 
@@ -87,6 +94,10 @@ BENCHMARK_ERRORS = {
     "not-vit": (["--model", "@convnext"], "holds a 'convnext' model; the benchmark builds ViT models"),
     "attention": (["--attn-implementations", "sdpa", "fast"], "argument --attn-implementations: cannot use 'fast'"),
     "output-dir": (["--output-dir", "@a_file/results"], "argument --output-dir: cannot write into"),
+    "output-dir-is-a-file": (["--output-dir", "@a_file"], "a_file is a file, not a folder"),
+    "output-dir-empty": (["--output-dir", ""], "argument --output-dir: give a folder name"),
+    "output-dir-not-writable": (["--output-dir", "/proc/evit-hf/results"], "cannot create files in /proc"),
+    "output-file-is-a-folder": (["--output-dir", "@benchmark_out"], "benchmark.json: it is a folder or not writable"),
     "dtype": (["--dtypes", "int8"], "argument --dtypes: invalid choice: 'int8'"),
 }
 
@@ -107,7 +118,14 @@ VISUALIZE_ERRORS = {
     "missing-folder": (["--model", "@missing"], "argument --model: ", "is not a folder; give a checkpoint folder"),
     "no-config": (["--model", "@empty"], "argument --model: ", "has no config.json"),
     "output-folder": (["--output", "@a_file/kept.png"], "argument --output: cannot write ", "is a file, not a folder"),
-    "output-format": (["--output", "@kept.txt"], "argument --output: cannot write a picture named", ".png or .jpg"),
+    "output-format": (["--output", "@kept.txt"], "argument --output: cannot write a picture named", ".png, .jpg"),
+    # PIL registers a writer for XBM, but for 1-bit images only: the picture would fail once the model has run.
+    "output-xbm": (["--output", "@kept.xbm"], "argument --output: cannot write a picture named", "extensions .png"),
+    "output-no-extension": (["--output", "@kept"], "argument --output: cannot write a picture named", ".png, .jpg"),
+    "output-is-a-folder": (["--output", "@empty"], "argument --output: ", "is a folder; give a file name"),
+    "output-not-writable": (["--output", "/proc/evit-hf/kept.png"], "argument --output: cannot write", "in /proc"),
+    "damaged-processor": (["--model", "@damaged_processor"], "argument --model: cannot load the image processor", ""),
+    "channels": (["--model", "@grayscale"], "argument --image-processor: the image processor makes 3-channel", ""),
     "processor": (["--image-processor", "@empty"], "argument --image-processor: cannot load an image processor", ""),
 }
 
@@ -186,3 +204,52 @@ def test_console_script_answers_without_traceback(tmp_path):
         "evit-hf benchmark: error: argument --batch-sizes: a batch size is a whole number >= 1, got 0"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_visualize_with_damaged_weights_answers_in_one_line(files, tmp_path, capsys):
+    shutil.copytree(files / "checkpoint", tmp_path / "damaged")
+    weights = tmp_path / "damaged" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    line = error_line(capsys, ["visualize", "--model", str(tmp_path / "damaged"), "--image", "@image.png",
+                               "--output", str(tmp_path / "kept.png")], files)  # fmt: skip
+    assert line.startswith("evit-hf visualize: error: argument --model: cannot load the model from ")
+    assert not (tmp_path / "kept.png").exists()
+
+
+def test_benchmark_out_of_memory_answers_in_one_line(files, capsys):
+    # Ten trillion images of 32 x 32 px: the allocation fails at once, and the answer names the flags to lower.
+    line = error_line(capsys, ["benchmark", "--model", "@checkpoint", "--image-sizes", "32", "--batch-sizes",
+                               "10000000000000", "--rounds", "1", "--warmup", "0", "--no-memory", "--no-progress"],
+                      files)  # fmt: skip
+    assert "out of memory with batch sizes 10000000000000 and image sizes 32: give smaller --batch-sizes" in line
+
+
+def test_console_script_refuses_a_malformed_checkpoint_in_one_line(tmp_path):
+    # A state dict with an integer key: the unpatched command, as a user runs it, answers in one line and writes
+    # nothing. (The other malformed checkpoints go through the same code in-process, in test_conversion.py.)
+    torch.save({"cls_token": torch.zeros(1, 1, 8), 7: torch.zeros(3)}, tmp_path / "integer_key.pth")
+    script = os.path.join(os.path.dirname(sys.executable), "evit-hf")
+    result = subprocess.run(
+        [script, "convert", str(tmp_path / "integer_key.pth"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "evit-hf convert: error: the state dict has keys that are not parameter names: 7;"
+    ), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_visualize_pixels_smaller_than_a_patch_answer_in_one_line(files, tmp_path, capsys):
+    from transformers import ViTImageProcessor
+
+    ViTImageProcessor(size={"height": 2, "width": 2}).save_pretrained(tmp_path / "two_pixels")  # patches are 4 px
+    argv = ["visualize", "--model", "@checkpoint", "--image", "@image.png", "--image-processor",
+            str(tmp_path / "two_pixels"), "--output", str(tmp_path / "kept.png")]  # fmt: skip
+    line = error_line(capsys, argv, files)
+    assert line.startswith("evit-hf visualize: error: argument --image-processor: ")
+    assert "cannot run on the processed image of shape [1, 3, 2, 2]" in line
+    assert not (tmp_path / "kept.png").exists()

@@ -4,6 +4,7 @@ the literal implementation in spec_reference.py."""
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -252,9 +253,10 @@ def test_folder_loads_as_remote_code_without_evit_hf(checkpoint_file, tmp_path, 
         torch.testing.assert_close(result["logits"], model(pixels).logits, rtol=0, atol=0)
 
 
-def evaluation_transform(image: Image.Image, input_size: int, crop_offset) -> torch.Tensor:
+def evaluation_transform(image: Image.Image, input_size: int, crop_offset, grayscale=False) -> torch.Tensor:
     """The reference's evaluation transform by hand: shorter side to int(input_size / 0.875) with PIL bicubic (the
-    longer side scaled and truncated), a center crop at `crop_offset(margin)`, ImageNet mean and std."""
+    longer side scaled and truncated), a center crop at `crop_offset(margin)`, ImageNet mean and std (their means
+    over the channels for a grayscale image)."""
     width, height = image.size
     short = int(input_size / 0.875)
     if width <= height:
@@ -264,7 +266,11 @@ def evaluation_transform(image: Image.Image, input_size: int, crop_offset) -> to
     resized = image.resize(size, Image.BICUBIC)
     left, top = crop_offset(size[0] - input_size), crop_offset(size[1] - input_size)
     crop = np.asarray(resized.crop((left, top, left + input_size, top + input_size)), dtype=np.float32) / 255
-    crop = (crop - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    if grayscale:
+        mean, std = np.float32(np.mean([0.485, 0.456, 0.406])), np.float32(np.mean([0.229, 0.224, 0.225]))
+        crop = (crop[:, :, None] - mean) / std
+    else:
+        crop = (crop - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
     return torch.from_numpy(crop).permute(2, 0, 1)
 
 
@@ -310,6 +316,32 @@ def test_image_processor_crops_where_the_reference_crops(photo, processor_folder
     expected = evaluation_transform(photo, 224, reference_crop_offset)
     torch.testing.assert_close(pixel_values, expected, rtol=0, atol=1e-5)
     assert not torch.allclose(pixel_values, evaluation_transform(photo, 224, floor_crop_offset), atol=1e-2)
+
+
+def half_up_crop_offset(margin: int) -> int:
+    return math.floor(margin / 2 + 0.5)
+
+
+# Sizes whose margin after the resize is odd on one axis (the shorter side goes to 256 px, the crop is 224 px): 157
+# (half 78.5: the reference's half to even gives 78, half up 79) and 159 (half 79.5: 80, flooring 79).
+ODD_MARGINS = {
+    "landscape-157": ((447, 300), half_up_crop_offset),
+    "landscape-159": ((449, 300), floor_crop_offset),
+    "portrait-157": ((300, 447), half_up_crop_offset),
+    "portrait-159": ((300, 449), floor_crop_offset),
+}
+
+
+@pytest.mark.parametrize("case", ODD_MARGINS)
+def test_image_processor_rounds_each_axis_as_the_reference(photo, processor_folder, case):
+    size, other_rounding = ODD_MARGINS[case]
+    processor = AutoImageProcessor.from_pretrained(processor_folder)
+    image = photo.resize(size, Image.BICUBIC)
+    pixel_values = processor(images=image, return_tensors="pt").pixel_values[0]
+    expected = evaluation_transform(image, 224, reference_crop_offset)
+    torch.testing.assert_close(pixel_values, expected, rtol=0, atol=1e-5)
+    # The other rounding crops one pixel elsewhere on this axis, so a processor rounding that way would fail above.
+    assert not torch.allclose(pixel_values, evaluation_transform(image, 224, other_rounding), atol=1e-2)
 
 
 def test_imagenet_labels_ship_with_the_package():
@@ -419,11 +451,23 @@ REFUSALS = {
         "has 3 names, but the checkpoint's head has 5 classes",
     ),
     "id2label-not-json": (lambda tmp: timm_state_dict(), ["--id2label", "@bad.json"], "is not valid JSON"),
+    "id2label-not-utf8": (lambda tmp: timm_state_dict(), ["--id2label", "@latin1.json"], "is not UTF-8 text"),
+    "id2label-names-not-text": (
+        lambda tmp: timm_state_dict(),
+        ["--id2label", "@lists.json"],
+        "must map the class indices 0 to N-1 to names",
+    ),
     "id2label-missing": (lambda tmp: timm_state_dict(), ["--id2label", "@nothing.json"], "does not exist"),
     "bad-drop-loc": (
         lambda tmp: training_checkpoint(reference_args(drop_loc="layers three and six")),
         [],
         "args.drop_loc is 'layers three and six'; expected 0-based layer indices such as '(3, 6, 9)'",
+    ),
+    # A falsy setting is a setting: keep rate 0 is refused, not replaced by the default 0.7.
+    "args-keep-rate-0": (
+        lambda tmp: training_checkpoint(reference_args(base_keep_rate=0.0)),
+        [],
+        "got 0.0. (from the checkpoint args)",
     ),
     "drop-loc-past-depth": (
         lambda tmp: training_checkpoint(reference_args(drop_loc="(3, 6, 9)")),
@@ -457,20 +501,95 @@ REFUSALS = {
     "not-a-checkpoint": (lambda tmp: [torch.zeros(2)], [], "holds a list, not a state dict or a training checkpoint"),
     "no-state-dict": (lambda tmp: {"epoch": 3, "note": "x"}, [], "neither a state dict of tensors nor a checkpoint"),
     "missing-file": (None, [], "checkpoint.pth does not exist or is not a file"),
-    "not-a-pickle": ("garbage", [], "cannot read"),
+    "not-a-pickle": (b"not a checkpoint at all", [], "cannot read"),
+    "text-file": (b"hello", [], "as a PyTorch checkpoint (KeyError); it is damaged or not a file written by torch"),
+    "empty-file": (b"", [], "checkpoint.pth is empty (0 bytes)"),
+    "0-d-tensor-file": (lambda tmp: torch.tensor(3.0), [], "holds a Tensor, not a state dict or a training"),
+    "0-d-cls-token": (
+        lambda tmp: {**timm_state_dict(), "cls_token": torch.tensor(1.0)},
+        [],
+        "cls_token has shape []; a timm VisionTransformer's cls_token is [1, 1, width]",
+    ),
+    "0-d-block-weight": (
+        lambda tmp: {**timm_state_dict(), "blocks.1.attn.qkv.weight": torch.tensor(1.0)},
+        [],
+        "1 weight(s) do not fit a 4-layer ViT/DeiT of width 32 with 5 classes (read from cls_token, blocks.N, "
+        "blocks.0.mlp.fc1 and head): blocks.1.attn.qkv.weight [] (expected [96, 32])",
+    ),
+    "0-d-head": (lambda tmp: {**timm_state_dict(), "head.weight": torch.tensor(1.0)}, [], "head.weight has shape []"),
+    "width-mismatch": (
+        lambda tmp: {**timm_state_dict(), "norm.weight": torch.ones(16)},
+        [],
+        "norm.weight [16] (expected [32])",
+    ),
+    "no-classes": (
+        lambda tmp: {**timm_state_dict(), "head.weight": torch.zeros(0, WIDTH), "head.bias": torch.zeros(0)},
+        [],
+        "head.weight has shape [0, 32]; a timm VisionTransformer's head.weight is [classes, width]",
+    ),
+    "integer-key": (
+        lambda tmp: {**timm_state_dict(), 7: torch.zeros(3)},
+        [],
+        "the state dict has keys that are not parameter names: 7; a state dict maps names such as",
+    ),
+    "non-tensor-values": (
+        lambda tmp: {**timm_state_dict(), "norm.weight": [1.0] * WIDTH, "epoch": 3},
+        [],
+        "the state dict has entries that are not tensors: norm.weight (list), epoch (int)",
+    ),
+    "integer-weights": (
+        lambda tmp: {**timm_state_dict(), "cls_token": torch.zeros(1, 1, WIDTH, dtype=torch.int64)},
+        [],
+        "weights that are not floating-point numbers: cls_token (torch.int64)",
+    ),
+    "non-tensor-in-model": (
+        lambda tmp: {"model": {**timm_state_dict(), "n_averaged": 3}},
+        [],
+        "the checkpoint's 'model' entry has entries that are not tensors: n_averaged (int)",
+    ),
+    "model-not-a-dict": (lambda tmp: {"model": "vit_small"}, [], "the checkpoint's 'model' entry is a str, not a"),
+    "model-empty": (lambda tmp: {"model": {}}, [], "the checkpoint's 'model' entry is empty: it holds no weights"),
+    "nested-under-state_dict": (
+        lambda tmp: {"state_dict": timm_state_dict(), "epoch": 3},
+        [],
+        "(its entries: state_dict, epoch). It holds a state dict at checkpoint['state_dict']: save that alone, e.g. "
+        "torch.save(checkpoint['state_dict'], 'weights.pth')",
+    ),
+    "nested-under-model-model": (
+        lambda tmp: {"model": {"model": timm_state_dict()}},
+        [],
+        "It holds a state dict at checkpoint['model']['model']",
+    ),
+    "qkv-bias-in-some-blocks": (
+        lambda tmp: {k: v for k, v in timm_state_dict().items() if k != "blocks.1.attn.qkv.bias"},
+        [],
+        "blocks 0, 2, 3 have a qkv bias (attn.qkv.bias) and blocks 1 do not",
+    ),
+    "four-channels": (
+        lambda tmp: {**timm_state_dict(), "patch_embed.proj.weight": torch.zeros(WIDTH, 4, PATCH, PATCH)},
+        [],
+        "the model takes 4 input channels (patch_embed.proj.weight), but images have 3 (RGB) or 1 (grayscale)",
+    ),
 }
+
+
+def write_checkpoint(make, path):
+    """Writes a `REFUSALS` case's file: what `make` builds, saved with torch.save, or `make` itself as bytes."""
+    if callable(make):
+        torch.save(make(path.parent), path)
+    elif isinstance(make, bytes):
+        path.write_bytes(make)
 
 
 @pytest.mark.parametrize("case", REFUSALS)
 def test_refusals(case, tmp_path, capsys):
     make, extra, message = REFUSALS[case]
     checkpoint = tmp_path / "checkpoint.pth"
-    if callable(make):
-        torch.save(make(tmp_path), checkpoint)
-    elif make == "garbage":
-        checkpoint.write_bytes(b"not a checkpoint at all")
+    write_checkpoint(make, checkpoint)
     (tmp_path / "labels3.json").write_text(json.dumps(["a", "b", "c"]))
     (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "latin1.json").write_bytes('{"0": "caf\xe9"}'.encode("latin-1"))
+    (tmp_path / "lists.json").write_text(json.dumps([[name] for name in "abcde"]))
     output = tmp_path / "out"
     argv = [checkpoint, output] + (["--num_attention_heads", str(HEADS)] if extra is not None else [])
     argv += [str(tmp_path / value[1:]) if value.startswith("@") else value for value in extra or []]
@@ -498,3 +617,96 @@ def test_api_refusals_raise_value_errors(tmp_path):
         evit_hf.convert_timm_checkpoint(unmapped(["fc_norm.weight"]), tmp_path / "out", num_attention_heads=HEADS)
     assert not (tmp_path / "out").exists()
     assert issubclass(CheckpointConversionError, ValueError)
+
+
+# Refusals that come from the conversion itself (not from the command's own argument checks).
+LIBRARY_REFUSALS = [case for case, (make, extra, _) in REFUSALS.items() if make is not None and not extra]
+
+
+@pytest.mark.parametrize("case", LIBRARY_REFUSALS)
+def test_library_users_get_the_message_of_the_command(case, tmp_path, capsys):
+    make, extra, message = REFUSALS[case]
+    checkpoint = tmp_path / "checkpoint.pth"
+    write_checkpoint(make, checkpoint)
+    heads = {"num_attention_heads": HEADS} if extra is not None else {}
+    with pytest.raises(CheckpointConversionError) as error:
+        evit_hf.convert_timm_checkpoint(checkpoint, tmp_path / "out", **heads)
+    assert message in str(error.value)
+    assert not (tmp_path / "out").exists()
+    argv = [checkpoint, tmp_path / "out"] + (["--num_attention_heads", HEADS] if extra is not None else [])
+    assert refusal(capsys, argv, tmp_path / "out") == f"evit-hf convert: error: {' '.join(str(error.value).split())}"
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [("a_file", "cannot write {tmp}/a_file: {tmp}/a_file is a file, not a folder"),
+     ("a_file/converted", "{tmp}/a_file is a file, not a folder"),
+     ("/proc/evit-hf/converted", "cannot create files in /proc")],
+    ids=["a-file", "inside-a-file", "not-writable"],
+)  # fmt: skip
+def test_refuses_an_output_folder_it_cannot_write(output, message, checkpoint_file, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    output = output if output.startswith("/") else str(tmp_path / output)
+    line = refusal(capsys, [checkpoint_file, output, "--num_attention_heads", HEADS], tmp_path / "converted")
+    assert line.startswith("evit-hf convert: error: argument output_dir: cannot write ")
+    assert message.format(tmp=tmp_path) in line
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("content", [b"", b"not a safetensors file"], ids=["empty", "text"])
+def test_refuses_a_safetensors_file_that_is_none(content, tmp_path, capsys):
+    (tmp_path / "weights.safetensors").write_bytes(content)
+    line = refusal(capsys, [tmp_path / "weights.safetensors", tmp_path / "out"], tmp_path / "out")
+    assert ("is empty (0 bytes)" if not content else "cannot read") in line
+
+
+def test_falsy_args_values_are_the_checkpoints_settings(tmp_path, pixels):
+    # fuse_token=False and drop_loc=0 are settings like any other: they must not fall back to the defaults (fused,
+    # the paper's layers), which would convert the model as one it was not trained as.
+    args = reference_args(base_keep_rate=0.5, drop_loc=0, fuse_token=False)
+    torch.save(training_checkpoint(args, with_ema=False), tmp_path / "checkpoint.pth")
+    folder = tmp_path / "converted"
+    convert([tmp_path / "checkpoint.pth", folder, "--num_attention_heads", HEADS])
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    config = model.config
+    assert (config.keep_rate, config.reduction_layers, config.fuse_inattentive_tokens) == (0.5, [0], False)
+    assert_matches_reference(model, training_checkpoint()["model"], pixels, 0.5, [0], False)
+    card = (folder / "README.md").read_text()
+    assert "| inattentive tokens | dropped | checkpoint args |" in card
+    assert "| reduction layers (0-based) | 0 | checkpoint args |" in card
+
+
+def test_checkpoint_without_qkv_bias(tmp_path, pixels):
+    # timm's qkv_bias=False models have no blocks.N.attn.qkv.bias: the configuration says so, and the logits are the
+    # method's on those weights.
+    state_dict = {key: value for key, value in timm_state_dict(seed=5).items() if not key.endswith("attn.qkv.bias")}
+    save_file(state_dict, tmp_path / "no_qkv_bias.safetensors")
+    folder = tmp_path / "converted"
+    with pytest.warns(UserWarning, match="no id2label"):
+        convert([tmp_path / "no_qkv_bias.safetensors", folder, "--num_attention_heads", HEADS])
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    assert model.config.qkv_bias is False
+    assert model.vit.layers[0].attention.q_proj.bias is None
+    assert_matches_reference(model, state_dict, pixels, 0.7, DEFAULT_LAYERS, True)
+
+
+def test_one_channel_checkpoint_gets_a_grayscale_processor(tmp_path, photo):
+    # A patch embedding with one input channel: the folder's processor turns a colour photo into the one channel the
+    # model takes (PIL's luma, the ImageNet mean and std averaged over the channels), as the model expects it.
+    state_dict = timm_state_dict(seed=6)
+    state_dict["patch_embed.proj.weight"] = state_dict["patch_embed.proj.weight"][:, :1].clone()
+    torch.save(state_dict, tmp_path / "grayscale.pth")
+    folder = tmp_path / "converted"
+    with pytest.warns(UserWarning, match="no id2label"):
+        convert([tmp_path / "grayscale.pth", folder, "--num_attention_heads", HEADS])
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    processor = AutoImageProcessor.from_pretrained(folder)
+    assert model.config.num_channels == 1
+    pixel_values = processor(images=photo, return_tensors="pt").pixel_values
+    assert pixel_values.shape == (1, 1, IMAGE_SIZE, IMAGE_SIZE)
+    expected = evaluation_transform(photo.convert("L"), IMAGE_SIZE, reference_crop_offset, grayscale=True)
+    torch.testing.assert_close(pixel_values[0], expected, rtol=0, atol=1e-5)
+    # Arrays (as data pipelines pass them) are converted with the same weights.
+    from_array = processor(images=np.asarray(photo), return_tensors="pt").pixel_values
+    torch.testing.assert_close(from_array, pixel_values, rtol=0, atol=2 / 255 / 0.226)
+    assert_matches_reference(model, state_dict, pixel_values, 0.7, DEFAULT_LAYERS, True)

@@ -1,11 +1,16 @@
+from types import SimpleNamespace
+
 import datasets
 import numpy as np
 import pytest
 import torch
 
 from evit_hf import count_macs, evaluate_keep_rates
+from evit_hf import evaluation as evaluation_module
+from evit_hf.data import collate_images
 from evit_hf.evaluation import _shard_for_this_process
 
+from .fake_clock import FakeClock
 from .model_builders import TINY, stock_and_evit
 
 
@@ -140,3 +145,72 @@ def test_processes_split_the_data_into_disjoint_parts_that_cover_it(kind, world_
         parts.append([part[i]["index"] for i in sampler] if sampler is not None else [e["index"] for e in part])
     assert sorted(index for part in parts for index in part) == list(range(size))  # each sample exactly once
     assert max(map(len, parts)) - min(map(len, parts)) <= (1 if kind != "stream-3-shards" else 4)
+
+
+FORWARD_SECONDS = {1.0: 0.5, 0.5: 0.25, 0.25: 0.125}  # per batch, at each keep rate
+
+
+def timed_evaluation(model, items, clock, seconds_per_batch, **kwargs):
+    """`evaluate_keep_rates` where each forward pass takes `seconds_per_batch[keep_rate]` and each batch's loading
+    7 s of the fake clock."""
+
+    def load(batch_items):
+        clock.advance(7.0)
+        return collate_images(batch_items)
+
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: clock.advance(seconds_per_batch[kwargs["keep_rate"]]), with_kwargs=True
+    )
+    try:
+        return evaluate_keep_rates(
+            model, items, keep_rates=KEEP_RATES, batch_size=8, collate_fn=load, progress=False, **kwargs
+        )
+    finally:
+        hook.remove()
+
+
+def test_images_per_s_is_each_keep_rates_own_forward_time(evaluated, monkeypatch):
+    # 32 images in 4 batches: images/s at a keep rate is 32 over its 4 forward passes, neither over the passes at all
+    # keep rates nor over the wall time with the loading.
+    evit, pixel_values, labels, rows = evaluated
+    clock = FakeClock()
+    monkeypatch.setattr(evaluation_module, "time", SimpleNamespace(perf_counter=clock))
+    timed = timed_evaluation(evit, as_items(pixel_values, labels), clock, FORWARD_SECONDS)
+    assert comparable(timed) == comparable(rows)
+    for row in timed:
+        assert row["images_per_s"] == pytest.approx(32 / (4 * FORWARD_SECONDS[row["keep_rate"]]))
+
+
+def test_images_per_s_across_processes_is_all_images_over_the_slowest(evaluated, monkeypatch):
+    # Two processes, simulated in turn: rank 1 (16 images, 2 batches) runs three times slower than rank 0. Every
+    # rank gets all 32 images over rank 1's forward time, not its own. The collectives are those of a real group:
+    # rank 1's call records its tensors, rank 0's call reduces them with its own.
+    evit, pixel_values, labels, rows = evaluated
+    items = as_items(pixel_values, labels)
+    clock = FakeClock()
+    monkeypatch.setattr(evaluation_module, "time", SimpleNamespace(perf_counter=clock))
+    rank = {"value": 1}
+    sent = {}
+
+    def all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
+        if rank["value"] == 1:
+            sent.setdefault(str(op), []).append(tensor.clone())
+            return
+        peer = sent[str(op)].pop(0)
+        if op == torch.distributed.ReduceOp.SUM:
+            tensor += peer
+        else:
+            assert op == torch.distributed.ReduceOp.MAX
+            torch.maximum(tensor, peer, out=tensor)
+
+    for name, value in {"is_available": lambda: True, "is_initialized": lambda: True,
+                        "get_rank": lambda: rank["value"], "get_world_size": lambda: 2,
+                        "get_backend": lambda group=None: "gloo", "all_reduce": all_reduce}.items():  # fmt: skip
+        monkeypatch.setattr(torch.distributed, name, value)
+    slower = {keep_rate: 3 * seconds for keep_rate, seconds in FORWARD_SECONDS.items()}
+    timed_evaluation(evit, items, clock, slower, distributed=True)  # rank 1
+    rank["value"] = 0
+    timed = timed_evaluation(evit, items, clock, FORWARD_SECONDS, distributed=True)
+    assert comparable(timed) == comparable(rows)  # all 32 images, counted once
+    for row in timed:
+        assert row["images_per_s"] == pytest.approx(32 / (2 * slower[row["keep_rate"]]))
