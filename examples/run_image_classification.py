@@ -470,6 +470,11 @@ class EViTRunSettings(TrainerCallback, ExportableState):
     def state(self) -> dict:
         return {"args": {"settings": self.settings}, "attributes": {}}
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # The state of a checkpoint from before this record has no entry for it, and Trainer's next checkpoint
+        # would fail on the missing key.
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
+
 
 def run_settings(model_config, model_args: ModelArguments) -> dict:
     """This run's EViT settings, as recorded in its checkpoints. A new setting joins by being added here."""

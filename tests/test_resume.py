@@ -286,6 +286,8 @@ def test_continuing_a_run_with_other_evit_settings_is_refused(finished_run, smal
     state_file.write_text(json.dumps(state))
     with pytest.raises(ValueError, match=r"reduction_layers \[1, 2, 3\] there, \[2\] here"):
         run_image_classification.main(resume_args(small_vit, killed, "--max_steps", "4", "--reduction_layers", "2"))
+    run_image_classification.main(resume_args(small_vit, killed, "--max_steps", "4"))  # its own settings: resumes
+    assert largest_difference(weights(killed), weights(output_dir)) <= 1e-6
 
     # A finished run is not taken for one of other settings either.
     with pytest.raises(ValueError, match=f"The finished run in {output_dir} .*keep_rate 0.7 there, 0.5 here"):
