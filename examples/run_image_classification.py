@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass, field
 
 import datasets
@@ -395,12 +396,20 @@ def read_trainer_state(folder: str) -> dict:
     return state
 
 
-def checkpoint_problem(checkpoint: str) -> str | None:
-    """Why `checkpoint` cannot be resumed from (half-written or damaged), or None when it can."""
+def checkpoint_problem(checkpoint: str, world_size: int = 1) -> str | None:
+    """Why `checkpoint` cannot be resumed from (half-written or damaged), or None when it can. `world_size`: the
+    processes of the run that wrote it."""
     try:
         read_trainer_state(checkpoint)
     except ValueError as error:
         return str(error)
+    if world_size > 1:
+        # Each process writes its own random state, and nothing makes the others finish before the main process
+        # writes trainer_state.json: a killed job can leave a checkpoint that has the state but lacks one of them.
+        for rank in range(world_size):
+            name = f"rng_state_{rank}.pth"
+            if not zipfile.is_zipfile(os.path.join(checkpoint, name)):  # torch.save writes zip archives
+                return f"its {name} is missing or incomplete (the job stopped while writing it)"
     weight_files = []
     index_file = os.path.join(checkpoint, "model.safetensors.index.json")
     if os.path.isfile(index_file):
@@ -421,12 +430,12 @@ def checkpoint_problem(checkpoint: str) -> str | None:
     return None
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
+def last_complete_checkpoint(output_dir: str, world_size: int = 1) -> str | None:
     """The newest checkpoint-N folder that can be resumed from. Newer ones, half-written by a killed run (Trainer
     writes trainer_state.json last) or damaged (a truncated weights or state file), are skipped with a warning that
     names them."""
     for _, checkpoint in reversed(checkpoint_steps(output_dir)):
-        problem = checkpoint_problem(checkpoint)
+        problem = checkpoint_problem(checkpoint, world_size)
         if problem is None:
             return checkpoint
         logger.warning(f"Skipping {checkpoint}: {problem}. Resuming from an earlier checkpoint, if there is one.")
@@ -551,11 +560,11 @@ def training_start(trainer: Trainer, training_args: TrainingArguments, settings:
     target_steps = trainer.set_initial_training_values(training_args, trainer.get_train_dataloader())[-1]
     if training_args.resume_from_checkpoint is not None:
         checkpoint = training_args.resume_from_checkpoint
-        problem = checkpoint_problem(checkpoint)
+        problem = checkpoint_problem(checkpoint, training_args.world_size)
         if problem is not None:
             raise ValueError(f"--resume_from_checkpoint {checkpoint}: {problem}. Pass another checkpoint.")
     else:
-        checkpoint = last_complete_checkpoint(output_dir)
+        checkpoint = last_complete_checkpoint(output_dir, training_args.world_size)
         trained_steps = finished_training_steps(output_dir)
         if trained_steps is not None:
             check_same_settings(output_dir, settings, "The finished run in")

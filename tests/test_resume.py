@@ -17,17 +17,18 @@ from transformers import Trainer, TrainingArguments
 from .test_examples import EXAMPLES, run_image_classification, save_small_vit
 
 
-# The example with every training step slowed down, so that a signal can land while the run is in progress. The
-# sleep changes no number: the weights depend only on the data, the seed and the steps taken.
-SLOWED_RUN = """
+# The example as a command that stops in its third step, once checkpoint-2 is written, until a signal ends it: the
+# signal lands at the same point of every run, whatever the machine's load. The stop changes no number.
+STOPPED_RUN = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 import transformers
 training_step = transformers.Trainer.training_step
-def slow_training_step(*args, **kwargs):
-    time.sleep(0.25)
-    return training_step(*args, **kwargs)
-transformers.Trainer.training_step = slow_training_step
+def stopping_training_step(trainer, *args, **kwargs):
+    if trainer.state.global_step >= 2:
+        time.sleep(600)
+    return training_step(trainer, *args, **kwargs)
+transformers.Trainer.training_step = stopping_training_step
 import run_image_classification
 run_image_classification.main(sys.argv[2:])
 """
@@ -61,23 +62,34 @@ def largest_difference(first: dict, second: dict) -> float:
     return max((first[name] - second[name]).abs().max().item() for name in first)
 
 
+def checkpoint_written(checkpoint) -> bool:
+    """Whether Trainer has written `checkpoint` to its end: its trainer_state.json (the last file) reads. The file
+    exists from the moment Trainer opens it, before its contents are written."""
+    try:
+        return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] >= 0
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def kill_after_first_checkpoint(args, output_dir, signal_number) -> str:
-    """Starts the example in a process of its own, sends it `signal_number` once checkpoint-2 is complete, and
-    returns what it printed."""
+    """Starts the example in a process of its own, sends it `signal_number` once checkpoint-2 is written (while it
+    waits in step 3), and returns what it printed."""
     process = subprocess.Popen(
-        [sys.executable, "-c", SLOWED_RUN, EXAMPLES, *args],
+        [sys.executable, "-c", STOPPED_RUN, EXAMPLES, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    state_file = os.path.join(output_dir, "checkpoint-2", "trainer_state.json")  # the last file a checkpoint gets
     deadline = time.monotonic() + 120
-    while not os.path.exists(state_file) and process.poll() is None and time.monotonic() < deadline:
+    while not checkpoint_written(output_dir / "checkpoint-2") and process.poll() is None:
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"checkpoint-2 was not written in time:\n{process.communicate()[0]}")
         time.sleep(0.02)
     process.send_signal(signal_number)
     output, _ = process.communicate(timeout=60)
     assert process.returncode != 0, f"the run ended before it could be interrupted:\n{output}"
-    assert not os.path.exists(os.path.join(output_dir, "model.safetensors")), "the run got to its end"
+    assert not os.path.exists(os.path.join(output_dir, "checkpoint-4")), "the run went on past step 2"
     return output
 
 
@@ -349,6 +361,18 @@ def test_the_newest_readable_checkpoint_by_step_number_is_resumed(tmp_path):
     assert run_image_classification.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
     truncate(tmp_path / "checkpoint-10" / "model.safetensors")
     assert run_image_classification.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-9")
+
+
+def test_a_checkpoint_of_several_processes_needs_the_random_state_of_each(tmp_path):
+    for step in (2, 4):
+        fake_checkpoint(tmp_path / f"checkpoint-{step}", step)
+        torch.save({"cpu": torch.random.get_rng_state()}, tmp_path / f"checkpoint-{step}" / "rng_state_0.pth")
+    torch.save({"cpu": torch.random.get_rng_state()}, tmp_path / "checkpoint-2" / "rng_state_1.pth")
+    # Process 1 was killed before writing its random state into checkpoint-4, after the main process wrote the rest.
+    assert run_image_classification.last_complete_checkpoint(str(tmp_path), 2) == str(tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-4" / "rng_state_1.pth").write_bytes(b"PK\x03\x04")  # begun, not finished
+    assert run_image_classification.last_complete_checkpoint(str(tmp_path), 2) == str(tmp_path / "checkpoint-2")
+    assert run_image_classification.last_complete_checkpoint(str(tmp_path), 1) == str(tmp_path / "checkpoint-4")
 
 
 class EpochRecorder(torch.utils.data.Dataset):
