@@ -14,6 +14,7 @@ import pytest
 from evit_hf.run_lock import LOCK_FILE, OutputDirInUse, OutputDirLock
 
 from .test_examples import EXAMPLES, evaluate_keep_rates, run_image_classification, save_small_vit, training_args
+from .test_resume import STOPPED_RUN, checkpoint_written
 
 
 SCRIPT = os.path.join(EXAMPLES, "run_image_classification.py")
@@ -172,37 +173,23 @@ def test_one_process_holds_one_lock_on_a_folder(tmp_path):
     OutputDirLock(str(tmp_path / "run")).acquire().release()
 
 
-# The example run as a command that stops in its third step, after checkpoint-2, until it is killed.
-STOPPED_RUN = """
-import sys, time
-import transformers
-training_step = transformers.Trainer.training_step
-def stopping_training_step(trainer, *args, **kwargs):
-    if trainer.state.global_step >= 2:
-        time.sleep(600)
-    return training_step(trainer, *args, **kwargs)
-transformers.Trainer.training_step = stopping_training_step
-sys.argv = sys.argv[1:]
-exec(compile(open(sys.argv[0]).read(), sys.argv[0], "exec"))
-"""
-
-
 def test_killed_run_leaves_no_stale_lock_and_a_second_command_is_refused(small_vit, tmp_path):
-    """Real command lines: a run, a second one into its folder (refused at once), `kill -9` of the first, and the
-    same command again, which proceeds at once and resumes."""
+    """Real processes: a run that stops in its third step, `python examples/run_image_classification.py` into its
+    folder (refused at once), `kill -9` of the first, and the same command again, which proceeds at once and
+    resumes."""
     output_dir = tmp_path / "run"
     args = [
         "--model_name_or_path", small_vit, "--output_dir", str(output_dir), "--do_train", "--max_steps", "4",
         "--per_device_train_batch_size", "16", "--max_train_samples", "40", "--save_strategy", "steps",
         "--save_steps", "2", "--report_to", "none", "--disable_tqdm", "true",
     ]  # fmt: skip
-    first = subprocess.Popen([sys.executable, "-c", STOPPED_RUN, SCRIPT, *args], stdout=subprocess.DEVNULL)
+    first = subprocess.Popen([sys.executable, "-c", STOPPED_RUN, EXAMPLES, *args], stdout=subprocess.DEVNULL)
     try:
-        checkpoint_state = output_dir / "checkpoint-2" / "trainer_state.json"
         deadline = time.monotonic() + 120
-        while not checkpoint_state.exists() and first.poll() is None and time.monotonic() < deadline:
+        while not checkpoint_written(output_dir / "checkpoint-2") and time.monotonic() < deadline:
+            assert first.poll() is None, "the first run ended before its first checkpoint"
             time.sleep(0.02)
-        assert first.poll() is None, "the first run ended before it could be looked at"
+        assert checkpoint_written(output_dir / "checkpoint-2"), "checkpoint-2 was not written in time"
         second = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=120)
         assert second.returncode != 0
         assert f"--output_dir {output_dir} is in use by another run (pid {first.pid} on " in second.stderr
