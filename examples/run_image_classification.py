@@ -206,21 +206,26 @@ def check_arguments(model_args, data_args, training_args, run_args) -> None:
     check_data_arguments(data_args)
     check_output_dir(training_args.output_dir)
     if run_args.overwrite_output_dir and training_args.do_train:
-        check_starting_model_survives_overwrite(model_args.model_name_or_path, training_args.output_dir)
+        for flag, start in (
+            ("--model_name_or_path", model_args.model_name_or_path),
+            ("--resume_from_checkpoint", training_args.resume_from_checkpoint),
+        ):
+            if start is not None:
+                check_start_survives_overwrite(flag, start, training_args.output_dir)
 
 
-def check_starting_model_survives_overwrite(model_name_or_path: str, output_dir: str) -> None:
-    """--overwrite_output_dir deletes what an earlier run left in --output_dir: never the model this run starts
-    from. Paths are compared as the file system resolves them (relative paths, symbolic links)."""
-    if not os.path.exists(model_name_or_path):
+def check_start_survives_overwrite(flag: str, start: str, output_dir: str) -> None:
+    """--overwrite_output_dir deletes what an earlier run left in --output_dir: never the model or checkpoint this
+    run starts from. Paths are compared as the file system resolves them (relative paths, symbolic links)."""
+    if not os.path.exists(start):
         return  # a Hub id
-    model, output = os.path.realpath(model_name_or_path), os.path.realpath(output_dir)
-    if os.path.commonpath([model, output]) != output:
+    start_path, output = os.path.realpath(start), os.path.realpath(output_dir)
+    if os.path.commonpath([start_path, output]) != output:
         return
-    where = "is --output_dir itself" if model == output else f"is inside --output_dir {output_dir}"
+    where = "is --output_dir itself" if start_path == output else f"is inside --output_dir {output_dir}"
     raise ValueError(
-        f"--model_name_or_path {model_name_or_path} {where}, whose earlier run --overwrite_output_dir deletes before "
-        f"training: copy the model out of {output_dir} and pass the copy, or choose another --output_dir."
+        f"{flag} {start} {where}, whose earlier run --overwrite_output_dir deletes before training: copy the model "
+        f"out of {output_dir} and pass the copy, or choose another --output_dir."
     )
 
 

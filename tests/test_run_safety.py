@@ -131,6 +131,15 @@ def test_overwrite_never_deletes_the_model_the_run_starts_from(tmp_path, monkeyp
     assert model_files(output_dir) == model_files(output_dir / "checkpoint-3") == {"model.safetensors", "config.json"}
 
 
+def test_overwrite_never_deletes_the_checkpoint_the_run_resumes_from(small_vit, tmp_path, no_work):
+    output_dir = tmp_path / "run"
+    save_small_vit(output_dir / "checkpoint-3")
+    args = training_args(small_vit, output_dir, "--overwrite_output_dir", "--resume_from_checkpoint")
+    message = refusal(run_image_classification.main, [*args, str(output_dir / "checkpoint-3")])
+    assert message.startswith(f"--resume_from_checkpoint {output_dir / 'checkpoint-3'} is inside --output_dir")
+    assert model_files(output_dir / "checkpoint-3") == {"model.safetensors", "config.json"}
+
+
 HOLD_THE_LOCK = """
 import sys, time
 from evit_hf.run_lock import OutputDirLock
