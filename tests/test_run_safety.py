@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from evit_hf import run_lock
 from evit_hf.run_lock import LOCK_FILE, OutputDirInUse, OutputDirLock
 
 from .test_examples import EXAMPLES, evaluate_keep_rates, run_image_classification, save_small_vit, training_args
@@ -140,10 +141,13 @@ def test_overwrite_never_deletes_the_checkpoint_the_run_resumes_from(small_vit, 
     assert model_files(output_dir / "checkpoint-3") == {"model.safetensors", "config.json"}
 
 
+# Loads run_lock.py alone (not the package, which imports transformers): the holder is ready in a moment.
 HOLD_THE_LOCK = """
-import sys, time
-from evit_hf.run_lock import OutputDirLock
-OutputDirLock(sys.argv[1]).acquire()
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("run_lock", sys.argv[2])
+run_lock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run_lock)
+run_lock.OutputDirLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(600)
 """
@@ -152,7 +156,7 @@ time.sleep(600)
 def test_a_second_run_into_a_locked_folder_is_refused_at_once(small_vit, tmp_path):
     output_dir = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_THE_LOCK, str(output_dir)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD_THE_LOCK, str(output_dir), run_lock.__file__], stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout.readline() == "locked\n"
