@@ -29,12 +29,14 @@ from transformers import HfArgumentParser
 import evit_hf
 from evit_hf.data import collate_images, image_transforms
 from evit_hf.evaluation import default_num_workers, resolve_dtype
+from evit_hf.run_lock import OutputDirLock, check_output_dir
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_image_classification import (  # noqa: E402
     DataTrainingArguments,
     ModelArguments,
+    check_data_arguments,
     evit_class_for,
     head_label_mismatch,
     label_names,
@@ -110,7 +112,23 @@ def main(args=None) -> list[dict]:
         model_args, data_args, eval_args = parser.parse_json_file(json_file=os.path.abspath(args[0]))
     else:
         model_args, data_args, eval_args = parser.parse_args_into_dataclasses(args=args)
+    # Impossible arguments, refused before any data or model is loaded.
+    check_data_arguments(data_args)
+    if eval_args.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1; got {eval_args.batch_size}.")
+    check_output_dir(eval_args.output_dir)
+    # The main process writes the results: it holds --output_dir for the whole evaluation (see
+    # evit_hf.run_lock), from before any work, so that a second evaluation into it is refused at once.
+    output_lock = OutputDirLock(eval_args.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        output_lock.acquire()
+    try:
+        return evaluate(model_args, data_args, eval_args)
+    finally:
+        output_lock.release()
 
+
+def evaluate(model_args, data_args, eval_args) -> list[dict]:
     # torchrun and accelerate launch set WORLD_SIZE; each process evaluates its part of the data.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(eval_args.device)

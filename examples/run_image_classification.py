@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass, field
 
 import datasets
@@ -32,12 +33,16 @@ import transformers
 from datasets import ClassLabel, load_dataset
 from huggingface_hub import HfApi
 from huggingface_hub.utils import filter_repo_objects
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     HfArgumentParser,
     Trainer,
+    TrainerCallback,
+    TrainerState,
     TrainingArguments,
 )
+from transformers.trainer_callback import ExportableState
 
 import evit_hf
 from evit_hf.data import (
@@ -48,6 +53,7 @@ from evit_hf.data import (
     scan_image_folder,
     with_sample_index,
 )
+from evit_hf.run_lock import OutputDirLock, check_output_dir
 from evit_hf.visualization import load_image_processor_or_default
 
 
@@ -103,7 +109,11 @@ class DataTrainingArguments:
     train_dir: str | None = field(default=None, metadata={"help": "A folder of training images (imagefolder)."})
     validation_dir: str | None = field(default=None, metadata={"help": "A folder of validation images."})
     train_val_split: float = field(
-        default=0.15, metadata={"help": "Share of the training split held out when there is no validation split."}
+        default=0.15,
+        metadata={
+            "help": "Share of the training split held out for validation when there is no validation split, in "
+            "[0, 1); 0 holds nothing out (no validation split)."
+        },
     )
     image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column_name: str = field(default="label", metadata={"help": "Column holding the labels."})
@@ -161,6 +171,62 @@ def parse_arguments(args=None):
     if values is not None:
         return parser.parse_dict(values)
     return parser.parse_args_into_dataclasses(args=args)
+
+
+def check_data_arguments(data_args: DataTrainingArguments) -> None:
+    """Refuses sample counts and a split share that no run can use, with one line naming the flag."""
+    for flag, value in (
+        ("--max_train_samples", data_args.max_train_samples),
+        ("--max_eval_samples", data_args.max_eval_samples),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1 (leave it out to use the whole split); got {value}.")
+    if not 0 <= data_args.train_val_split < 1:
+        raise ValueError(
+            "--train_val_split is the share of the training split held out for validation: it must be in [0, 1) "
+            f"(0: no validation split); got {data_args.train_val_split}."
+        )
+
+
+def check_arguments(model_args, data_args, training_args, run_args) -> None:
+    """Impossible arguments, refused before any data or model is loaded (one line naming the flag)."""
+    if training_args.do_train:
+        if training_args.max_steps == 0 or training_args.max_steps < -1:
+            raise ValueError(
+                "--max_steps must be a positive number of optimizer steps, or -1 (the default) to train for "
+                f"--num_train_epochs; got {training_args.max_steps}."
+            )
+        if training_args.max_steps < 0 and not training_args.num_train_epochs > 0:
+            raise ValueError(
+                f"--num_train_epochs must be above 0 (or pass --max_steps); got {training_args.num_train_epochs}."
+            )
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        if getattr(training_args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1; got {getattr(training_args, flag)}.")
+    check_data_arguments(data_args)
+    check_output_dir(training_args.output_dir)
+    if run_args.overwrite_output_dir and training_args.do_train:
+        for flag, start in (
+            ("--model_name_or_path", model_args.model_name_or_path),
+            ("--resume_from_checkpoint", training_args.resume_from_checkpoint),
+        ):
+            if start is not None:
+                check_start_survives_overwrite(flag, start, training_args.output_dir)
+
+
+def check_start_survives_overwrite(flag: str, start: str, output_dir: str) -> None:
+    """--overwrite_output_dir deletes what an earlier run left in --output_dir: never the model or checkpoint this
+    run starts from. Paths are compared as the file system resolves them (relative paths, symbolic links)."""
+    if not os.path.exists(start):
+        return  # a Hub id
+    start_path, output = os.path.realpath(start), os.path.realpath(output_dir)
+    if os.path.commonpath([start_path, output]) != output:
+        return
+    where = "is --output_dir itself" if start_path == output else f"is inside --output_dir {output_dir}"
+    raise ValueError(
+        f"{flag} {start} {where}, whose earlier run --overwrite_output_dir deletes before training: copy the model "
+        f"out of {output_dir} and pass the copy, or choose another --output_dir."
+    )
 
 
 def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int):
@@ -309,30 +375,87 @@ def holds_model(folder: str) -> bool:
     return any(os.path.isfile(os.path.join(folder, name)) for name in MODEL_FILES)
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint-N folder written to its end; newer ones that a killed run left half-written are skipped
-    with a warning (Trainer writes trainer_state.json last)."""
+def checkpoint_steps(output_dir: str) -> list[tuple[int, str]]:
+    """The checkpoint-N folders of `output_dir` as `(N, path)`, oldest first (by N as a number: 9 before 10)."""
     if not os.path.isdir(output_dir):
-        return None
-    steps = sorted(
+        return []
+    return sorted(
         (int(match.group(1)), os.path.join(output_dir, name))
         for name in os.listdir(output_dir)
         if (match := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(output_dir, name))
     )
-    for _, checkpoint in reversed(steps):
-        if os.path.isfile(os.path.join(checkpoint, TRAINER_STATE)):
+
+
+def read_trainer_state(folder: str) -> dict:
+    """The trainer_state.json of `folder`; a `ValueError` saying why when it is missing or does not read."""
+    path = os.path.join(folder, TRAINER_STATE)
+    try:
+        with open(path) as handle:
+            state = json.load(handle)
+    except FileNotFoundError:
+        raise ValueError(f"it has no {TRAINER_STATE} (the run stopped while writing it)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"its {TRAINER_STATE} does not read ({error})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise ValueError(f"its {TRAINER_STATE} holds no global_step")
+    return state
+
+
+def checkpoint_problem(checkpoint: str, world_size: int = 1) -> str | None:
+    """Why `checkpoint` cannot be resumed from (half-written or damaged), or None when it can. `world_size`: the
+    processes of the run that wrote it."""
+    try:
+        read_trainer_state(checkpoint)
+    except ValueError as error:
+        return str(error)
+    if world_size > 1:
+        # Each process writes its own random state, and nothing makes the others finish before the main process
+        # writes trainer_state.json: a killed job can leave a checkpoint that has the state but lacks one of them.
+        for rank in range(world_size):
+            name = f"rng_state_{rank}.pth"
+            if not zipfile.is_zipfile(os.path.join(checkpoint, name)):  # torch.save writes zip archives
+                return f"its {name} is missing or incomplete (the job stopped while writing it)"
+    weight_files = []
+    index_file = os.path.join(checkpoint, "model.safetensors.index.json")
+    if os.path.isfile(index_file):
+        try:
+            with open(index_file) as handle:
+                weight_files = sorted(set(json.load(handle)["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+            return f"its model.safetensors.index.json does not read ({error})"
+    elif os.path.isfile(os.path.join(checkpoint, "model.safetensors")):
+        weight_files = ["model.safetensors"]
+    for name in weight_files:
+        try:
+            # The header lists every tensor's byte range: a truncated file does not cover them and fails here.
+            with safe_open(os.path.join(checkpoint, name), "pt"):
+                pass
+        except (OSError, SafetensorError) as error:
+            return f"its {name} does not read ({error})"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str, world_size: int = 1) -> str | None:
+    """The newest checkpoint-N folder that can be resumed from. Newer ones, half-written by a killed run (Trainer
+    writes trainer_state.json last) or damaged (a truncated weights or state file), are skipped with a warning that
+    names them."""
+    for _, checkpoint in reversed(checkpoint_steps(output_dir)):
+        problem = checkpoint_problem(checkpoint, world_size)
+        if problem is None:
             return checkpoint
-        logger.warning(f"Skipping {checkpoint}: it is incomplete (the run stopped while writing it).")
+        logger.warning(f"Skipping {checkpoint}: {problem}. Resuming from an earlier checkpoint, if there is one.")
     return None
 
 
 def finished_training_steps(output_dir: str) -> int | None:
     """The steps of the training that ended in `output_dir` (its model and final state are there), else None."""
-    state_file = os.path.join(output_dir, TRAINER_STATE)
-    if not (os.path.isfile(state_file) and holds_model(output_dir)):
+    if not (os.path.isfile(os.path.join(output_dir, TRAINER_STATE)) and holds_model(output_dir)):
         return None
-    with open(state_file) as handle:
-        return json.load(handle)["global_step"]
+    try:
+        return read_trainer_state(output_dir)["global_step"]
+    except ValueError as error:
+        logger.warning(f"{output_dir}: {error}; its model is not taken for a finished run.")
+        return None
 
 
 def clear_earlier_run(output_dir: str) -> None:
@@ -350,34 +473,134 @@ def clear_earlier_run(output_dir: str) -> None:
         logger.info(f"--overwrite_output_dir: deleted {path}.")
 
 
-def training_start(trainer: Trainer, training_args: TrainingArguments) -> tuple[str | None, bool]:
-    """Where training starts: `(checkpoint or None, finished)`. `finished` is True when `output_dir` holds a run that
-    already reached this run's step count: there is nothing to train, and nothing is overwritten."""
-    if training_args.resume_from_checkpoint is not None:
-        return training_args.resume_from_checkpoint, False
-    output_dir = training_args.output_dir
-    checkpoint = last_complete_checkpoint(output_dir)
-    trained_steps = finished_training_steps(output_dir)
-    if trained_steps is not None:
-        # The step count Trainer will aim for, from --max_steps or the epochs over this data.
-        target_steps = trainer.set_initial_training_values(training_args, trainer.get_train_dataloader())[-1]
-        if target_steps <= trained_steps:
-            return None, True
-        if checkpoint is None:
-            raise ValueError(
-                f"{output_dir} holds a model trained for {trained_steps} steps, and this run asks for "
-                f"{target_steps}, but there is no checkpoint to continue from (--save_strategy no). Pass "
-                "--overwrite_output_dir to train again from --model_name_or_path, replacing it, or choose another "
-                "--output_dir."
-            )
-    elif checkpoint is None and holds_model(output_dir):
+class EViTRunSettings(TrainerCallback, ExportableState):
+    """The settings that make a run's steps what they are, recorded in every checkpoint: Trainer stores the state of
+    `ExportableState` callbacks in trainer_state.json, the file it writes last, so a complete checkpoint has them.
+    A resumed run compares its own settings with them (see `settings_differences`)."""
+
+    def __init__(self, settings: dict | None = None):
+        self.settings = dict(settings or {})
+
+    def state(self) -> dict:
+        return {"args": {"settings": self.settings}, "attributes": {}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # The state of a checkpoint from before this record has no entry for it, and Trainer's next checkpoint
+        # would fail on the missing key.
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
+
+
+def run_settings(model_config, model_args: ModelArguments) -> dict:
+    """This run's EViT settings, as recorded in its checkpoints. A new setting joins by being added here."""
+    has_schedule = bool(model_args.keep_rate_warmup or model_args.keep_rate_shrink)
+    settings = {
+        "model_type": model_config.model_type,  # evit_deit: with a distillation token
+        "image_size": model_config.image_size,
+        "reduction_layers": list(model_config.reduction_layers),
+        "fuse_inattentive_tokens": bool(model_config.fuse_inattentive_tokens),
+        "keep_rate": model_args.keep_rate,
+        "keep_rate_warmup": model_args.keep_rate_warmup,
+        "keep_rate_shrink": model_args.keep_rate_shrink,
+        "keep_rate_schedule_unit": model_args.keep_rate_schedule_unit if has_schedule else None,
+    }
+    return json.loads(json.dumps(settings))  # as a checkpoint reads them back: tuples as lists
+
+
+def recorded_settings(folder: str, settings: dict) -> dict:
+    """The settings of the run that wrote `folder` (a checkpoint, or a finished run's output folder): those its
+    trainer_state.json records, else (an earlier version's run) what its config.json says of `settings`' keys."""
+    recorded = read_trainer_state(folder).get("stateful_callbacks", {}).get(EViTRunSettings.__name__)
+    if isinstance(recorded, dict):
+        return recorded.get("args", {}).get("settings", {})
+    try:
+        with open(os.path.join(folder, "config.json")) as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    # A keep-rate schedule changes the config's keep_rate from step to step: only a constant one is comparable.
+    constant_keep_rate = not (settings["keep_rate_warmup"] or settings["keep_rate_shrink"])
+    return {
+        name: config[name]
+        for name in settings
+        if name in config and (name != "keep_rate" or constant_keep_rate) and not name.startswith("keep_rate_")
+    }
+
+
+def settings_differences(folder: str, settings: dict) -> list[str]:
+    """How this run's `settings` differ from those of the run that wrote `folder`: 'name: X there, Y here'."""
+    recorded = recorded_settings(folder, settings)
+    return [
+        f"{name} {recorded[name]!r} there, {value!r} here"
+        for name, value in settings.items()
+        if name in recorded and recorded[name] != value
+    ]
+
+
+def check_same_settings(folder: str, settings: dict, what: str) -> None:
+    differences = settings_differences(folder, settings)
+    if differences:
         raise ValueError(
-            f"{output_dir} already holds a model, and no checkpoint or finished training of a run here. Choose "
-            "another --output_dir, or pass --overwrite_output_dir to replace it."
+            f"{what} {folder} was trained with other EViT settings than this run's: {'; '.join(differences)}. Pass "
+            "its settings to continue it, --overwrite_output_dir to start over (deleting the earlier run), or "
+            "another --output_dir."
         )
-    if checkpoint is not None:
-        logger.info(f"Resuming from {checkpoint}.")
-    return checkpoint, False
+
+
+@dataclass
+class TrainingStart:
+    """Where training starts. `finished`: `output_dir` holds a finished run that already reached this run's step
+    count; nothing is trained or written. `checkpoint_at_end`: `checkpoint` is at this run's last step (a run killed
+    after saving it); its weights end the run, with no step trained."""
+
+    checkpoint: str | None = None
+    finished: bool = False
+    checkpoint_at_end: bool = False
+
+
+def training_start(trainer: Trainer, training_args: TrainingArguments, settings: dict) -> TrainingStart:
+    """Where training starts (see `TrainingStart`); a refusal when the folder's run had other settings than
+    `settings`, or holds a model that no run there trained."""
+    output_dir = training_args.output_dir
+    # The step count Trainer will aim for, from --max_steps or the epochs over this data.
+    target_steps = trainer.set_initial_training_values(training_args, trainer.get_train_dataloader())[-1]
+    if training_args.resume_from_checkpoint is not None:
+        checkpoint = training_args.resume_from_checkpoint
+        problem = checkpoint_problem(checkpoint, training_args.world_size)
+        if problem is not None:
+            raise ValueError(f"--resume_from_checkpoint {checkpoint}: {problem}. Pass another checkpoint.")
+    else:
+        checkpoint = last_complete_checkpoint(output_dir, training_args.world_size)
+        trained_steps = finished_training_steps(output_dir)
+        if trained_steps is not None:
+            check_same_settings(output_dir, settings, "The finished run in")
+            if target_steps <= trained_steps:
+                return TrainingStart(finished=True)
+            if checkpoint is None:
+                raise ValueError(
+                    f"{output_dir} holds a model trained for {trained_steps} steps, and this run asks for "
+                    f"{target_steps}, but there is no checkpoint to continue from (--save_strategy no). Pass "
+                    "--overwrite_output_dir to train again from --model_name_or_path, replacing it, or choose "
+                    "another --output_dir."
+                )
+        elif checkpoint is None and holds_model(output_dir):
+            raise ValueError(
+                f"{output_dir} already holds a model, and no checkpoint or finished training of a run here. Choose "
+                "another --output_dir, or pass --overwrite_output_dir to replace it."
+            )
+    if checkpoint is None:
+        return TrainingStart()
+    check_same_settings(checkpoint, settings, "The checkpoint")
+    checkpoint_step = read_trainer_state(checkpoint)["global_step"]
+    if checkpoint_step > target_steps:
+        raise ValueError(
+            f"{checkpoint} is past the end of this run ({checkpoint_step} steps, this run asks for {target_steps}): "
+            f"pass --max_steps {checkpoint_step} or more to continue it, or --overwrite_output_dir to start over."
+        )
+    if checkpoint_step == target_steps:
+        logger.info(f"{checkpoint} is at this run's last step ({target_steps}): finishing the run with its weights.")
+        return TrainingStart(checkpoint, checkpoint_at_end=True)
+    logger.info(f"Resuming from {checkpoint}.")
+    return TrainingStart(checkpoint)
 
 
 def load_image_processor(model_args: ModelArguments, config):
@@ -393,6 +616,19 @@ def load_image_processor(model_args: ModelArguments, config):
 
 def main(args=None) -> dict:
     model_args, data_args, training_args, run_args = parse_arguments(args)
+    check_arguments(model_args, data_args, training_args, run_args)
+    # One run at a time in --output_dir, for the whole run: the processes that write into it hold the lock (in a job
+    # of several processes, the one that saves), and the system releases it when the process ends, killed or not.
+    output_lock = OutputDirLock(training_args.output_dir)
+    if training_args.should_save:
+        output_lock.acquire()
+    try:
+        return run(model_args, data_args, training_args, run_args)
+    finally:
+        output_lock.release()
+
+
+def run(model_args, data_args, training_args, run_args) -> dict:
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         handlers=[logging.StreamHandler(sys.stdout)],
@@ -449,6 +685,7 @@ def main(args=None) -> dict:
         **evit_settings,
     )
     image_processor = load_image_processor(model_args, model.config)
+    settings = run_settings(model.config, model_args)
 
     # Each sample's crop and flip come from (seed, epoch, sample index): resumed runs augment as uninterrupted ones.
     augmentation_randomness = AugmentationRandomness(training_args.seed)
@@ -488,14 +725,15 @@ def main(args=None) -> dict:
         compute_metrics=evit_hf.classification_metrics(len(labels)),
         processing_class=image_processor,
         data_collator=collate,
-        callbacks=[augmentation_randomness] + ([keep_rate_scheduler] if keep_rate_scheduler is not None else []),
+        callbacks=[augmentation_randomness, EViTRunSettings(settings)]
+        + ([keep_rate_scheduler] if keep_rate_scheduler is not None else []),
     )
 
-    checkpoint, finished = training_start(trainer, training_args) if training_args.do_train else (None, False)
-    if finished:
+    start = training_start(trainer, training_args, settings) if training_args.do_train else TrainingStart()
+    if start.finished:
         results = finished_run_results(output_dir, training_args.do_eval)
     else:
-        results = train_and_evaluate(trainer, model_args, training_args, checkpoint)
+        results = train_and_evaluate(trainer, model_args, training_args, start)
         if trainer.is_world_process_zero():
             write_results(trainer, results, model_args, data_args, training_args, push_to_hub, keeps_folder_model)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -526,16 +764,27 @@ def finished_run_results(output_dir: str, do_eval: bool) -> dict:
     return results
 
 
-def train_and_evaluate(trainer, model_args, training_args, checkpoint: str | None) -> dict:
+def finish_from_checkpoint(trainer: Trainer, checkpoint: str) -> dict:
+    """A checkpoint at the run's last step ends the run: its weights and state, no step trained. (Trainer, resumed
+    there, would train one step past the end when the last step falls inside an epoch.)"""
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE))
+    return {"epoch": trainer.state.epoch, "total_flos": trainer.state.total_flos}
+
+
+def train_and_evaluate(trainer, model_args, training_args, start: TrainingStart) -> dict:
     results = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        if start.checkpoint_at_end:
+            train_metrics = finish_from_checkpoint(trainer, start.checkpoint)
+        else:
+            train_metrics = trainer.train(resume_from_checkpoint=start.checkpoint).metrics
         trainer.model.config.keep_rate = model_args.keep_rate  # the target, whatever the schedule ended on
         trainer.save_model()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
         trainer.save_state()
-        results.update(train_result.metrics)
+        results.update(train_metrics)
     if training_args.do_eval:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)

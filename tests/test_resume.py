@@ -11,22 +11,24 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainingArguments
 
 from .test_examples import EXAMPLES, run_image_classification, save_small_vit
 
 
-# The example with every training step slowed down, so that a signal can land while the run is in progress. The
-# sleep changes no number: the weights depend only on the data, the seed and the steps taken.
-SLOWED_RUN = """
+# The example as a command that stops in its third step, once checkpoint-2 is written, until a signal ends it: the
+# signal lands at the same point of every run, whatever the machine's load. The stop changes no number.
+STOPPED_RUN = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 import transformers
 training_step = transformers.Trainer.training_step
-def slow_training_step(*args, **kwargs):
-    time.sleep(0.25)
-    return training_step(*args, **kwargs)
-transformers.Trainer.training_step = slow_training_step
+def stopping_training_step(trainer, *args, **kwargs):
+    if trainer.state.global_step >= 2:
+        time.sleep(600)
+    return training_step(trainer, *args, **kwargs)
+transformers.Trainer.training_step = stopping_training_step
 import run_image_classification
 run_image_classification.main(sys.argv[2:])
 """
@@ -60,23 +62,34 @@ def largest_difference(first: dict, second: dict) -> float:
     return max((first[name] - second[name]).abs().max().item() for name in first)
 
 
+def checkpoint_written(checkpoint) -> bool:
+    """Whether Trainer has written `checkpoint` to its end: its trainer_state.json (the last file) reads. The file
+    exists from the moment Trainer opens it, before its contents are written."""
+    try:
+        return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] >= 0
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def kill_after_first_checkpoint(args, output_dir, signal_number) -> str:
-    """Starts the example in a process of its own, sends it `signal_number` once checkpoint-2 is complete, and
-    returns what it printed."""
+    """Starts the example in a process of its own, sends it `signal_number` once checkpoint-2 is written (while it
+    waits in step 3), and returns what it printed."""
     process = subprocess.Popen(
-        [sys.executable, "-c", SLOWED_RUN, EXAMPLES, *args],
+        [sys.executable, "-c", STOPPED_RUN, EXAMPLES, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    state_file = os.path.join(output_dir, "checkpoint-2", "trainer_state.json")  # the last file a checkpoint gets
     deadline = time.monotonic() + 120
-    while not os.path.exists(state_file) and process.poll() is None and time.monotonic() < deadline:
+    while not checkpoint_written(output_dir / "checkpoint-2") and process.poll() is None:
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"checkpoint-2 was not written in time:\n{process.communicate()[0]}")
         time.sleep(0.02)
     process.send_signal(signal_number)
     output, _ = process.communicate(timeout=60)
     assert process.returncode != 0, f"the run ended before it could be interrupted:\n{output}"
-    assert not os.path.exists(os.path.join(output_dir, "model.safetensors")), "the run got to its end"
+    assert not os.path.exists(os.path.join(output_dir, "checkpoint-4")), "the run went on past step 2"
     return output
 
 
@@ -134,12 +147,13 @@ def test_rerunning_a_finished_command_changes_nothing(finished_run, caplog):
     assert rerun["eval_accuracy"] == results["eval_accuracy"]
 
 
-def test_an_evaluation_only_run_leaves_a_trained_model_and_its_results(finished_run, small_vit):
+def test_an_evaluation_only_run_leaves_a_trained_model_and_its_results_even_with_overwrite(finished_run, small_vit):
     output_dir, _, _ = finished_run
     before = snapshot(output_dir)
+    # --overwrite_output_dir deletes an earlier run only to train a new one.
     run_image_classification.main(
         ["--model_name_or_path", small_vit, "--output_dir", str(output_dir), "--do_eval", "--max_eval_samples", "16",
-         "--report_to", "none", "--card_keep_rates", "1.0", "0.5"]
+         "--report_to", "none", "--card_keep_rates", "1.0", "0.5", "--overwrite_output_dir"]
     )  # fmt: skip
     after = snapshot(output_dir)
     written = json.loads(after.pop("eval_only_results.json"))
@@ -230,3 +244,169 @@ def test_augmentation_draws_depend_on_seed_epoch_and_index_only(num_workers):
     assert draws(0) == epoch_0  # whatever was drawn in between
     assert [AugmentationRandomness(seed=3).generator(index).random() for index in range(6)] == epoch_0
     assert AugmentationRandomness(seed=4).generator(0).random() != epoch_0[0]
+
+
+def copy_checkpoints(finished_output_dir, folder, names) -> None:
+    """`folder` as a run killed after writing the checkpoints `names` of the finished run left it."""
+    folder.mkdir()
+    for name in names:
+        shutil.copytree(finished_output_dir / name, folder / name)
+
+
+def test_a_run_killed_after_its_last_checkpoint_ends_with_that_checkpoint(finished_run, small_vit, tmp_path):
+    output_dir, _, results = finished_run
+    killed = tmp_path / "killed"
+    copy_checkpoints(output_dir, killed, ["checkpoint-2", "checkpoint-4"])  # step 4 is inside the second epoch
+    args = resume_args(small_vit, killed, "--max_steps", "4", "--do_eval", "--max_eval_samples", "16")
+    rerun = run_image_classification.main([*args, "--card_keep_rates", "1.0"])
+    final_state = json.loads((killed / "trainer_state.json").read_text())
+    assert final_state["global_step"] == 4  # no step past the end
+    checkpoint_state = json.loads((killed / "checkpoint-4" / "trainer_state.json").read_text())
+    assert final_state["log_history"] == checkpoint_state["log_history"]
+    assert largest_difference(weights(killed), weights(killed / "checkpoint-4")) == 0.0
+    assert largest_difference(weights(killed), weights(output_dir)) == 0.0
+    written = json.loads((killed / "all_results.json").read_text())
+    assert written["eval_accuracy"] == rerun["eval_accuracy"] == results["eval_accuracy"]
+    assert (killed / "README.md").exists() and (killed / "keep_rate_results.json").exists()
+
+
+def test_continuing_a_run_with_other_evit_settings_is_refused(finished_run, small_vit, tmp_path):
+    output_dir, finished_args, _ = finished_run
+    killed = tmp_path / "killed"
+    copy_checkpoints(output_dir, killed, ["checkpoint-2"])
+    other_settings = ["--keep_rate", "0.5", "--reduction_layers", "2", "--no_fuse_inattentive_tokens",
+                      "--keep_rate_shrink", "3", "--keep_rate_schedule_unit", "step"]  # fmt: skip
+    with pytest.raises(ValueError) as error:
+        run_image_classification.main(resume_args(small_vit, killed, "--max_steps", "4", *other_settings))
+    message = str(error.value)
+    assert message.startswith(f"The checkpoint {killed / 'checkpoint-2'} was trained with other EViT settings")
+    for difference in (
+        "keep_rate 0.7 there, 0.5 here",
+        "reduction_layers [1, 2, 3] there, [2] here",
+        "fuse_inattentive_tokens True there, False here",
+        "keep_rate_shrink 0.0 there, 3.0 here",
+        "keep_rate_schedule_unit None there, 'step' here",
+    ):
+        assert difference in message
+    assert "--overwrite_output_dir" in message
+    assert not (killed / "model.safetensors").exists()  # nothing trained
+
+    # A checkpoint of an earlier version, without recorded settings: its config.json tells the model's settings.
+    state_file = killed / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"]["EViTRunSettings"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"reduction_layers \[1, 2, 3\] there, \[2\] here"):
+        run_image_classification.main(resume_args(small_vit, killed, "--max_steps", "4", "--reduction_layers", "2"))
+    run_image_classification.main(resume_args(small_vit, killed, "--max_steps", "4"))  # its own settings: resumes
+    assert largest_difference(weights(killed), weights(output_dir)) <= 1e-6
+
+    # A finished run is not taken for one of other settings either.
+    with pytest.raises(ValueError, match=f"The finished run in {output_dir} .*keep_rate 0.7 there, 0.5 here"):
+        run_image_classification.main([*finished_args, "--keep_rate", "0.5"])
+
+
+def test_overwrite_output_dir_starts_over_with_other_settings(small_vit, tmp_path):
+    output_dir = tmp_path / "run"
+    run_image_classification.main(resume_args(small_vit, output_dir, "--max_steps", "2"))
+    run_image_classification.main(
+        resume_args(small_vit, output_dir, "--max_steps", "2", "--keep_rate", "0.5", "--overwrite_output_dir")
+    )
+    assert json.loads((output_dir / "config.json").read_text())["keep_rate"] == 0.5
+    recorded = json.loads((output_dir / "trainer_state.json").read_text())["stateful_callbacks"]["EViTRunSettings"]
+    assert recorded["args"]["settings"]["keep_rate"] == 0.5
+
+
+def truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda checkpoint: truncate(checkpoint / "model.safetensors"), "its model.safetensors does not read"),
+        (lambda checkpoint: truncate(checkpoint / "trainer_state.json"), "its trainer_state.json does not read"),
+        (
+            lambda checkpoint: (checkpoint / "trainer_state.json").write_text("[]"),
+            "its trainer_state.json holds no global_step",
+        ),
+    ],
+    ids=["truncated-weights", "truncated-state", "invalid-state"],
+)
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(finished_run, small_vit, tmp_path, caplog, damage,
+                                                               problem):  # fmt: skip
+    output_dir, _, _ = finished_run
+    killed = tmp_path / "killed"
+    copy_checkpoints(output_dir, killed, ["checkpoint-2", "checkpoint-4"])
+    damage(killed / "checkpoint-4")
+    with caplog.at_level("INFO"):
+        run_image_classification.main(resume_args(small_vit, killed, "--max_steps", "4"))
+    assert f"Skipping {killed / 'checkpoint-4'}: {problem}" in caplog.text
+    assert f"Resuming from {killed / 'checkpoint-2'}." in caplog.text
+    assert json.loads((killed / "trainer_state.json").read_text())["global_step"] == 4
+    assert largest_difference(weights(killed), weights(output_dir)) <= 1e-6
+
+
+def fake_checkpoint(folder, step: int) -> None:
+    folder.mkdir(parents=True)
+    save_file({"weight": torch.zeros(2)}, folder / "model.safetensors")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+def test_the_newest_readable_checkpoint_by_step_number_is_resumed(tmp_path):
+    for step in (2, 9, 10):
+        fake_checkpoint(tmp_path / f"checkpoint-{step}", step)
+    (tmp_path / "checkpoint-11").mkdir()  # half-written
+    assert run_image_classification.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    truncate(tmp_path / "checkpoint-10" / "model.safetensors")
+    assert run_image_classification.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-9")
+
+
+def test_a_checkpoint_of_several_processes_needs_the_random_state_of_each(tmp_path):
+    for step in (2, 4):
+        fake_checkpoint(tmp_path / f"checkpoint-{step}", step)
+        torch.save({"cpu": torch.random.get_rng_state()}, tmp_path / f"checkpoint-{step}" / "rng_state_0.pth")
+    torch.save({"cpu": torch.random.get_rng_state()}, tmp_path / "checkpoint-2" / "rng_state_1.pth")
+    # Process 1 was killed before writing its random state into checkpoint-4, after the main process wrote the rest.
+    assert run_image_classification.last_complete_checkpoint(str(tmp_path), 2) == str(tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-4" / "rng_state_1.pth").write_bytes(b"PK\x03\x04")  # begun, not finished
+    assert run_image_classification.last_complete_checkpoint(str(tmp_path), 2) == str(tmp_path / "checkpoint-2")
+    assert run_image_classification.last_complete_checkpoint(str(tmp_path), 1) == str(tmp_path / "checkpoint-4")
+
+
+class EpochRecorder(torch.utils.data.Dataset):
+    """Four samples that record the epoch the augmentation randomness is at when each is fetched."""
+
+    def __init__(self, randomness):
+        self.randomness = randomness
+        self.epochs = []
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        self.epochs.append(self.randomness.epoch)
+        return {"inputs": torch.full((2,), float(index)), "labels": torch.tensor(1.0)}
+
+
+class TinyRegression(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 1)
+
+    def forward(self, inputs, labels):
+        return {"loss": (self.linear(inputs).squeeze(-1) - labels).square().mean()}
+
+
+def test_augmentation_randomness_follows_the_epochs_of_a_real_trainer(tmp_path):
+    from evit_hf.data import AugmentationRandomness
+
+    randomness = AugmentationRandomness(seed=3)
+    recorder = EpochRecorder(randomness)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=3, per_device_train_batch_size=2, save_strategy="no",
+        report_to="none", disable_tqdm=True, use_cpu=True,
+    )  # fmt: skip
+    Trainer(model=TinyRegression(), args=args, train_dataset=recorder, callbacks=[randomness]).train()
+    assert recorder.epochs == [0] * 4 + [1] * 4 + [2] * 4
