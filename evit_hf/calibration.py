@@ -241,6 +241,24 @@ def _greedy(search: _ScheduleSearch, target_macs: float, search_images: int) -> 
         rates, current = best
 
 
+def cheapest_schedule_macs(config, candidate_layers: Sequence[int] | None = None) -> int:
+    """A lower bound of what any schedule `calibrate_schedule` may choose costs: the vision tower of `config` (stock or
+    EViT, of any family) at the smallest keep rate in every candidate layer. From the configuration alone, so that an
+    unreachable budget is refused before a model is loaded."""
+    from .families import family_for_model_type
+
+    vision_config = _vision_config(config)
+    family = family_for_model_type(vision_config.model_type)
+    if family is None:
+        raise ValueError(f"model_type {vision_config.model_type!r} is of no EViT family (evit_hf.FAMILIES).")
+    num_layers = vision_config.num_hidden_layers
+    layers = sorted(set(candidate_layers if candidate_layers is not None else range(1, num_layers)))
+    settings = {"keep_rate": 1.0, "reduction_layers": layers}
+    cheapest = family.config_classes[0].from_dict({**vision_config.to_dict(), **settings})
+    cheapest.keep_rate = [SMALLEST_KEEP_RATE] * len(layers)
+    return count_macs(cheapest)
+
+
 def calibrate_schedule(
     model: nn.Module,
     pixel_values_batches: Iterable[torch.Tensor],
@@ -355,5 +373,5 @@ def calibrate_schedule(
     )
 
 
-__all__ = ["CalibrationCandidate", "CalibrationResult", "calibrate_schedule"]
+__all__ = ["CalibrationCandidate", "CalibrationResult", "calibrate_schedule", "cheapest_schedule_macs"]
 

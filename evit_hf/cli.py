@@ -310,23 +310,157 @@ def convert(argv):
     return model
 
 
-COMMANDS = {"visualize": visualize, "benchmark": benchmark, "convert": convert}
+def macs_argument(text: str) -> float:
+    """argparse type of a MACs budget: a positive number, optionally with a K, M or G suffix (3.03G = 3.03e9)."""
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:].upper(), 1.0)
+    number = text[:-1] if scale != 1.0 else text
+    try:
+        value = float(number) * scale
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"a MACs budget is a positive number of multiply-accumulates per image, such as 3.03e9 or 3.03G; got "
+            f"{text!r}"
+        )
+    return value
+
+
+def whole_number_argument(text: str) -> int:
+    """argparse type of a count: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+# Files `evit-hf calibrate` reads as images (upper or lower case).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def image_files(folder: str) -> list[str]:
+    """The image files of `folder` and its sub-folders (a flat folder or one sub-folder per class), sorted."""
+    found = []
+    for root, folders, names in os.walk(folder, followlinks=True):
+        folders.sort()
+        found += [os.path.join(root, name) for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS)]
+    return found
+
+
+def calibrate(argv) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="evit-hf calibrate",
+        description="Choose reduction layers and per-layer keep rates for a MACs budget on unlabeled images, without "
+        "training, and write the model folder with that schedule and a report of every schedule tried.",
+    )
+    parser.add_argument("--model", required=True, help="Folder or Hub id of a checkpoint of any supported family.")
+    parser.add_argument("--images", required=True, help="Folder of images, flat or one sub-folder per class.")
+    parser.add_argument("--macs", required=True, type=macs_argument, help="MACs per image, such as 3.03G.")
+    parser.add_argument("--output-dir", required=True, help="New folder for the calibrated model and report.")
+    parser.add_argument("--max-images", type=whole_number_argument, default=256, help="Images used (default 256).")
+    parser.add_argument(
+        "--search-images", type=whole_number_argument, default=64, help="Images the search scores on (default 64)."
+    )
+    parser.add_argument("--batch-size", type=whole_number_argument, default=32, help="Images per forward pass.")
+    args = parser.parse_args(argv)
+
+    if not os.path.isdir(args.images):
+        parser.error(f"argument --images: {args.images} is not a folder")
+    paths = image_files(args.images)[: args.max_images]
+    if not paths:
+        parser.error(
+            f"argument --images: {args.images} holds no images ({', '.join(IMAGE_EXTENSIONS)}, in it or in its "
+            "sub-folders)"
+        )
+    problem = writable_folder_problem(args.output_dir)
+    if problem:
+        parser.error(f"argument --output-dir: cannot write into {args.output_dir}: {problem}")
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+        parser.error(
+            f"argument --output-dir: {args.output_dir} is not empty; give a new folder (nothing is overwritten)"
+        )
+    config = _load_config(parser, args.model)
+
+    import json
+
+    import torch
+    from PIL import Image, ImageOps
+
+    from .calibration import calibrate_schedule, cheapest_schedule_macs
+    from .patch import apply_evit
+    from .visualization import load_image_processor_or_default
+
+    try:
+        cheapest = cheapest_schedule_macs(config)
+    except ValueError as error:
+        parser.error(f"argument --model: {args.model}: {one_line(error)}")
+    if cheapest > args.macs:
+        parser.error(
+            f"argument --macs: no schedule of {args.model} reaches {args.macs:,.0f} MACs: keep rate 0.1 in every "
+            f"layer but the first costs {cheapest:,}; give a larger budget"
+        )
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as opened:
+                images.append(ImageOps.exif_transpose(opened).convert("RGB"))
+        except (OSError, ValueError) as error:
+            parser.error(f"argument --images: cannot read {path} as an image ({one_line(error)})")
+
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    classifier = any(name.endswith("ForImageClassification") for name in config.architectures or [])
+    auto_class = AutoModelForImageClassification if classifier else AutoModel
+    try:
+        model = apply_evit(auto_class.from_pretrained(args.model)).eval()
+    except (OSError, ValueError, TypeError) as error:
+        parser.error(f"argument --model: cannot load {args.model} as EViT: {one_line(error)}")
+    processor = load_image_processor_or_default(args.model, model.config)
+    batches = [
+        processor(images=images[start : start + args.batch_size], return_tensors="pt").pixel_values
+        for start in range(0, len(images), args.batch_size)
+    ]
+    try:
+        with torch.no_grad():
+            result = calibrate_schedule(model, batches, args.macs, search_images=args.search_images)
+    except ValueError as error:
+        parser.error(f"argument --macs: {one_line(error)}")
+    model.save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
+    report = {"model": args.model, "images": args.images, **result.to_dict()}
+    with open(os.path.join(args.output_dir, "calibration.json"), "w") as handle:
+        json.dump(report, handle, indent=2)
+    print(
+        f"wrote {args.output_dir}: reduction layers {result.reduction_layers}, keep rates {result.keep_rate}, "
+        f"{result.macs:,} MACs (budget {result.target_macs:,}), {result.objective_name} {result.objective:.4g} on "
+        f"{result.num_images} images; every schedule tried is in calibration.json"
+    )
+    return report
+
+
+COMMANDS = {"visualize": visualize, "benchmark": benchmark, "convert": convert, "calibrate": calibrate}
 
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
         prog="evit-hf",
-        usage="evit-hf {visualize,benchmark,convert} [options]",
+        usage="evit-hf {visualize,benchmark,convert,calibrate} [options]",
         description="EViT for transformers. `evit-hf COMMAND --help` lists a command's options.",
         epilog="visualize: draw the patches an EViT model keeps. benchmark: time EViT against the stock model. "
-        "convert: turn a timm-layout ViT/DeiT checkpoint into an evit_hf folder.",
+        "convert: turn a timm-layout ViT/DeiT checkpoint into an evit_hf folder. calibrate: choose reduction layers "
+        "and keep rates for a MACs budget on unlabeled images.",
     )
     if argv and argv[0] in ("-h", "--help"):
         parser.print_help()
         raise SystemExit(0)
     if not argv:
-        parser.error("give a command: visualize, benchmark or convert (evit-hf COMMAND --help for its options)")
+        parser.error(
+            "give a command: visualize, benchmark, convert or calibrate (evit-hf COMMAND --help for its options)"
+        )
     if argv[0] not in COMMANDS:
         parser.error(f"unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)}")
     COMMANDS[argv[0]](argv[1:])

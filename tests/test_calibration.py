@@ -1,4 +1,6 @@
 import copy
+import json
+import re
 
 import pytest
 import torch
@@ -91,3 +93,66 @@ def test_impossible_requests_are_refused_and_leave_the_model_as_it_was(classifie
         calibrate_schedule(model, _batches(count=1), 0)
     with pytest.raises(ValueError, match="at least one"):
         calibrate_schedule(model, [], 1e6)
+
+
+@pytest.fixture
+def calibration_folders(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for index in range(24):  # class sub-folders; calibration ignores the labels
+        folder = tmp_path / "images" / str(digits.target[index])
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (digits.images[index] * 16).astype(np.uint8)
+        Image.fromarray(pixels).resize((32, 32)).save(folder / f"{index}.PNG")
+    evit_hf.apply_evit(tiny_stock_model("vit-classifier")).save_pretrained(tmp_path / "model")
+    return tmp_path
+
+
+def test_the_calibrate_command_writes_the_calibrated_folder_and_its_report(calibration_folders, capsys):
+    from evit_hf.cli import main
+
+    model_dir, output_dir = calibration_folders / "model", calibration_folders / "out"
+    budget = evit_hf.count_macs(evit_hf.EViTConfig.from_pretrained(model_dir), keep_rate=0.5)
+    main(["calibrate", "--model", str(model_dir), "--images", str(calibration_folders / "images"),
+          "--macs", str(budget), "--output-dir", str(output_dir), "--search-images", "8"])  # fmt: skip
+    report = json.loads((output_dir / "calibration.json").read_text())
+    calibrated = evit_hf.EViTForImageClassification.from_pretrained(output_dir)
+    assert (calibrated.config.reduction_layers, calibrated.config.keep_rate) == (
+        report["reduction_layers"], report["keep_rate"]
+    )
+    assert report["num_images"] == 24 and report["macs"] <= budget
+    assert all({"reduction_layers", "keep_rate", "macs", "objective"} <= set(row) for row in report["candidates"])
+    assert "every schedule tried is in calibration.json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--macs": "0"}, "argument --macs: a MACs budget is a positive number"),
+        ({"--macs": "lots"}, "argument --macs: a MACs budget is a positive number"),
+        ({"--macs": "10"}, "argument --macs: no schedule of .* reaches 10 MACs"),
+        ({"--images": "missing"}, "argument --images: .*missing is not a folder"),
+        ({"--images": "empty"}, "argument --images: .*empty holds no images"),
+        ({"--output-dir": "model"}, "argument --output-dir: .*model is not empty"),
+        ({"--max-images": "0"}, "argument --max-images: expected a whole number >= 1"),
+    ],
+)
+def test_the_calibrate_command_refuses_bad_input_in_one_line(calibration_folders, capsys, change, message):
+    from evit_hf.cli import main
+
+    (calibration_folders / "empty").mkdir()
+    arguments = {"--model": "model", "--images": "images", "--macs": "2M", "--output-dir": "out"}
+    arguments.update(change)
+    argv = ["calibrate"]
+    for flag, value in arguments.items():
+        argv += [flag, value if flag in ("--macs", "--max-images") else str(calibration_folders / value)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("evit-hf calibrate: error: ")
+    assert re.search(message, error), error
+    assert not (calibration_folders / "out").exists()

@@ -140,8 +140,9 @@ def test_visualize_rejects(argv, start, end, files, capsys, no_model_is_built):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [([], "evit-hf: error: give a command: visualize, benchmark or convert"),
-     (["train"], "evit-hf: error: unknown command 'train'; the commands are visualize, benchmark, convert")],
+    [([], "evit-hf: error: give a command: visualize, benchmark, convert or calibrate"),
+     (["train"],
+      "evit-hf: error: unknown command 'train'; the commands are visualize, benchmark, convert, calibrate")],
     ids=["none", "unknown"],
 )  # fmt: skip
 def test_evit_hf_rejects(argv, message, files, capsys):
