@@ -106,7 +106,7 @@ VARYING_LENGTHS_DOC = """
 @dataclass
 class EViTModelOutput(BaseModelOutputWithPooling):
     __doc__ = (
-        "Output of [`EViTModel`] and [`EViTDeiTModel`]: `BaseModelOutputWithPooling` plus the kept tokens.\n"
+        "Output of the EViT base models: `BaseModelOutputWithPooling` plus the kept tokens.\n"
         + KEPT_TOKEN_INDICES_DOC
         + VARYING_LENGTHS_DOC
     )

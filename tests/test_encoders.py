@@ -423,3 +423,18 @@ def test_dinov3_backbone_is_refused_with_the_reason():
         TypeError, match="does not convert DINOv3ViTBackbone: it returns feature maps on the full patch"
     ):
         evit_hf.apply_evit(backbone)
+
+
+def test_dinov3_checkpoints_with_the_layers_at_the_top_load_every_weight(tmp_path, pixel_values):
+    # DINOv3 checkpoints name the layers `layer.N...` (transformers keeps them under `model.` and saves the old names
+    # back); transformers renames them by model type, and the EViT model gets the same renaming.
+    stock = encoder_stock_model("dinov3-registers")
+    stock.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "model.safetensors").keys()
+    assert any(key.startswith("layer.") for key in keys) and not any(key.startswith("model.") for key in keys)
+    evit, info = evit_hf.EViTDINOv3ViTModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            evit(pixel_values, keep_rate=1.0).last_hidden_state, stock(pixel_values).last_hidden_state, rtol=0, atol=0
+        )
