@@ -125,6 +125,25 @@ class EViTImageClassifierOutput(ImageClassifierOutput):
     kept_token_indices: tuple[torch.LongTensor, ...] | None = None
 
 
+LABELS_DOC = """
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Labels for the classification loss.
+"""
+
+
+def classifier_output(model, logits, labels, outputs, **loss_kwargs) -> EViTImageClassifierOutput:
+    """An EViT classifier's output: the loss (given labels), the logits, and the recorded outputs and kept tokens of
+    its base model's `outputs`."""
+    loss = None if labels is None else model.loss_function(labels, logits, model.config, **loss_kwargs)
+    return EViTImageClassifierOutput(
+        loss=loss,
+        logits=logits,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+        kept_token_indices=outputs.kept_token_indices,
+    )
+
+
 class _ClassAttentionMixin:
     """Attention that can also return the class-token attention row that EViT scores tokens with.
 
@@ -351,4 +370,10 @@ class _TokenReductionEncoderMixin(_EViTModuleMixin):
         return hidden_states, tuple(kept_token_indices)
 
 
-__all__ = ["EViTImageClassifierOutput", "EViTModelOutput", "convert_layers_to_evit", "convert_to_evit"]
+__all__ = [
+    "EViTImageClassifierOutput",
+    "EViTModelOutput",
+    "classifier_output",
+    "convert_layers_to_evit",
+    "convert_to_evit",
+]
