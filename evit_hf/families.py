@@ -192,6 +192,17 @@ class EViTFamily:
         }
 
     @property
+    def layers_and_attention(self) -> dict[type, tuple[str, str]]:
+        """EViT class that runs the layer loop -> (path of its layers in it, attribute of each layer's attention):
+        where the conversion changes classes. The model files hold them (`layers_name`, `attention_block`)."""
+        classes = [*self.models.values(), *self.submodels.values()]
+        return {
+            model_class: (model_class.layers_name, model_class.layer_class.attention_block[1])
+            for model_class in classes
+            if hasattr(model_class, "layer_class")
+        }
+
+    @property
     def benchmark_classes(self) -> tuple[type, type, type, type] | None:
         """(stock configuration, stock model, EViT configuration, EViT model) of the benchmark's models."""
         if self.benchmark_models is None:

@@ -3,7 +3,7 @@
 from collections.abc import Iterable
 
 from .configuration_evit_base import check_keep_rate, default_reduction_layers, keep_rates_by_layer
-from .families import family_for_model_type
+from .families import FAMILIES, family_for_model_type
 from .token_reorganization import num_kept_tokens
 
 
@@ -41,7 +41,8 @@ def count_macs(
     family = family_for_model_type(config.model_type)
     if family is None:
         raise ValueError(
-            f"count_macs counts the families in evit_hf.FAMILIES; model_type {config.model_type!r} is none of them."
+            f"count_macs counts the models of the families in evit_hf.FAMILIES; model_type {config.model_type!r} "
+            f"is none of them: pass the configuration of a {', '.join(f.display_name for f in FAMILIES)} model."
         )
     # CLIP: the vision tower, where the EViT settings live too.
     vision_config = getattr(config, "vision_config", None) or config

@@ -18,12 +18,14 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_evit import EViTConfig
 from .modeling_evit_base import (
+    LABELS_DOC,
     EViTImageClassifierOutput,
     EViTModelOutput,
     _ClassAttentionMixin,
     _EViTModuleMixin,
     _ReductionLayerMixin,
     _TokenReductionEncoderMixin,
+    classifier_output,
     register_stock_key_renaming,
 )
 
@@ -128,22 +130,9 @@ class _ClassTokenClassifierMixin:
             **kwargs,
         )
         logits = self.classifier(outputs.last_hidden_state[:, 0, :])
-        loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
-        return EViTImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            kept_token_indices=outputs.kept_token_indices,
-        )
+        return classifier_output(self, logits, labels, outputs, **kwargs)
 
-    forward.__doc__ = (
-        BASE_FORWARD_DOC
-        + """
-            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-                Labels for the classification loss.
-"""
-    )
+    forward.__doc__ = BASE_FORWARD_DOC + LABELS_DOC
 
 
 class EViTForImageClassification(_ClassTokenClassifierMixin, _EViTModuleMixin, ViTForImageClassification):

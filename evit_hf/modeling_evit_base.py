@@ -106,7 +106,7 @@ VARYING_LENGTHS_DOC = """
 @dataclass
 class EViTModelOutput(BaseModelOutputWithPooling):
     __doc__ = (
-        "Output of [`EViTModel`] and [`EViTDeiTModel`]: `BaseModelOutputWithPooling` plus the kept tokens.\n"
+        "Output of the EViT base models: `BaseModelOutputWithPooling` plus the kept tokens.\n"
         + KEPT_TOKEN_INDICES_DOC
         + VARYING_LENGTHS_DOC
     )
@@ -123,6 +123,25 @@ class EViTImageClassifierOutput(ImageClassifierOutput):
     )
 
     kept_token_indices: tuple[torch.LongTensor, ...] | None = None
+
+
+LABELS_DOC = """
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Labels for the classification loss.
+"""
+
+
+def classifier_output(model, logits, labels, outputs, **loss_kwargs) -> EViTImageClassifierOutput:
+    """An EViT classifier's output: the loss (given labels), the logits, and the recorded outputs and kept tokens of
+    its base model's `outputs`."""
+    loss = None if labels is None else model.loss_function(labels, logits, model.config, **loss_kwargs)
+    return EViTImageClassifierOutput(
+        loss=loss,
+        logits=logits,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+        kept_token_indices=outputs.kept_token_indices,
+    )
 
 
 class _ClassAttentionMixin:
@@ -352,4 +371,10 @@ class _TokenReductionEncoderMixin(_EViTModuleMixin):
         return hidden_states, tuple(kept_token_indices)
 
 
-__all__ = ["EViTImageClassifierOutput", "EViTModelOutput", "convert_layers_to_evit", "convert_to_evit"]
+__all__ = [
+    "EViTImageClassifierOutput",
+    "EViTModelOutput",
+    "classifier_output",
+    "convert_layers_to_evit",
+    "convert_to_evit",
+]

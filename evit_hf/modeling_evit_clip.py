@@ -26,6 +26,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_evit_clip import EViTCLIPConfig, EViTCLIPVisionConfig
 from .modeling_evit_base import (
     KEPT_TOKEN_INDICES_DOC,
+    LABELS_DOC,
     VARYING_LENGTHS_DOC,
     EViTImageClassifierOutput,
     EViTModelOutput,
@@ -33,6 +34,7 @@ from .modeling_evit_base import (
     _EViTModuleMixin,
     _ReductionLayerMixin,
     _TokenReductionEncoderMixin,
+    classifier_output,
     register_stock_key_renaming,
 )
 
@@ -241,22 +243,9 @@ class _CLIPClassifierMixin(_EViTModuleMixin):
         )
         prefix = self.vision_model.num_prefix_tokens
         logits = self.classifier(outputs.last_hidden_state[:, prefix:].mean(dim=1))
-        loss = None if labels is None else self.loss_function(labels, logits, self.config)
-        return EViTImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            kept_token_indices=outputs.kept_token_indices,
-        )
+        return classifier_output(self, logits, labels, outputs)
 
-    forward.__doc__ = (
-        CLIP_FORWARD_DOC
-        + """
-            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-                Labels for the classification loss.
-"""
-    )
+    forward.__doc__ = CLIP_FORWARD_DOC + LABELS_DOC
 
 
 class EViTCLIPAttention(_CLIPAttentionMixin, CLIPAttention):

@@ -28,12 +28,14 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_evit_dinov2 import EViTDinov2Config, EViTDinov2WithRegistersConfig
 from .modeling_evit_base import (
+    LABELS_DOC,
     EViTImageClassifierOutput,
     EViTModelOutput,
     _ClassAttentionMixin,
     _EViTModuleMixin,
     _ReductionLayerMixin,
     _TokenReductionEncoderMixin,
+    classifier_output,
     register_stock_key_renaming,
 )
 
@@ -202,22 +204,9 @@ class _Dinov2ClassifierMixin(_EViTModuleMixin):
         prefix = self.base_model.encoder.num_prefix_tokens
         linear_input = torch.cat([sequence_output[:, 0], sequence_output[:, prefix:].mean(dim=1)], dim=1)
         logits = self.classifier(linear_input)
-        loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
-        return EViTImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            kept_token_indices=outputs.kept_token_indices,
-        )
+        return classifier_output(self, logits, labels, outputs, **kwargs)
 
-    forward.__doc__ = (
-        DINOV2_FORWARD_DOC
-        + """
-            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-                Labels for the classification loss.
-"""
-    )
+    forward.__doc__ = DINOV2_FORWARD_DOC + LABELS_DOC
 
 
 class EViTDinov2ForImageClassification(_Dinov2ClassifierMixin, Dinov2ForImageClassification):

@@ -16,9 +16,9 @@ def _refusal(model: nn.Module) -> str:
     """The `TypeError` message for a model apply_evit does not convert: what it supports, and why not this one."""
     if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
         return (
-            f"apply_evit got a compiled wrapper (torch.compile's OptimizedModule around a "
-            f"{type(model._orig_mod).__name__}): its graphs were traced for the stock layers. Apply EViT before "
-            "compiling: `apply_evit(model)`, then `torch.compile(model)`."
+            f"apply_evit converts a model, not a compiled wrapper (torch.compile's OptimizedModule around a "
+            f"{type(model._orig_mod).__name__}). Apply EViT before compiling: `apply_evit(model)`, then "
+            "`torch.compile(model)`."
         )
     for family in FAMILIES:
         reason = family.refused_models.get(type(model))

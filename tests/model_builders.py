@@ -232,6 +232,12 @@ ENCODER_FAMILIES = {
 }
 
 
+# MetaCLIP 2's vision tower and projection run CLIP's code (the same mixins on classes of the same layout): the
+# heavy per-builder tests (spec, stock equality, publishing) run on CLIP's builders, MetaCLIP 2's model and classifier.
+RUN_BY_CLIPS_TESTS = ("metaclip-2-vision", "metaclip-2-vision-projection")
+SPEC_TESTED_ENCODERS = [family for family in ENCODER_FAMILIES if family not in RUN_BY_CLIPS_TESTS]
+
+
 def encoder_stock_model(family: str, seed: int = 0, attn_implementation: str = "sdpa"):
     """A random stock CLIP/DINOv2 model of `family` in eval mode. Registers start at zero: they get random values, so
     that they are tokens of their own."""

@@ -214,6 +214,20 @@ def test_constructors_take_the_path_of_apply_evit(family):
         assert built.state_dict().keys() == converted.state_dict().keys()
 
 
+@pytest.mark.parametrize("family", evit_hf.FAMILIES, ids=lambda family: family.name)
+def test_layers_and_attention_are_where_the_table_says(family):
+    for builder in FAMILY_TESTERS[family.name]:
+        model = evit_hf.apply_evit(tiny_stock_model(builder), keep_rate=0.5)
+        loops = [module for module in model.modules() if type(module) in family.layers_and_attention]
+        assert loops, builder  # every model has a module that runs the layer loop
+        for module in loops:
+            layers_path, attention_name = family.layers_and_attention[type(module)]
+            layers = module.get_submodule(layers_path)
+            assert len(layers) == module.config.num_hidden_layers
+            assert all(type(layer) is module.layer_class for layer in layers)
+            assert all(type(getattr(layer, attention_name)) is module.layer_class.attention_class for layer in layers)
+
+
 def test_compiled_models_are_refused_with_the_reason():
     model = torch.compile(tiny_stock_model("vit-classifier"))
     with pytest.raises(

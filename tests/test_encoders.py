@@ -29,6 +29,7 @@ import evit_hf
 from .encoder_reference import reference_dinov3, reference_outputs
 from .model_builders import (
     ENCODER_FAMILIES,
+    SPEC_TESTED_ENCODERS,
     TINY,
     TINY_CLIP_TEXT,
     TINY_CLIP_VISION,
@@ -62,7 +63,7 @@ def vision_hidden_states(output):
     return getattr(output, "vision_model_output", output).hidden_states
 
 
-@pytest.mark.parametrize("family", ENCODER_FAMILIES)
+@pytest.mark.parametrize("family", SPEC_TESTED_ENCODERS)
 @pytest.mark.parametrize("keep_rate, fuse", [(0.7, True), (0.5, False)], ids=["0.7-fused", "0.5-dropped"])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_forward_matches_the_spec(family, keep_rate, fuse, attn_implementation, pixel_values):
@@ -81,7 +82,7 @@ def test_forward_matches_the_spec(family, keep_rate, fuse, attn_implementation, 
         assert kept.tolist() == [per_image[layer] for per_image in expected_kept]
 
 
-@pytest.mark.parametrize("family", ENCODER_FAMILIES)
+@pytest.mark.parametrize("family", SPEC_TESTED_ENCODERS)
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_keep_rate_one_is_the_stock_model(family, attn_implementation, pixel_values):
     stock, evit = encoder_stock_and_evit(family, attn_implementation=attn_implementation)
@@ -140,7 +141,7 @@ def test_sdpa_reduction_layers_never_build_the_full_attention_matrix(
         assert [shape[2] for shape in product_shapes] == [1] * 3
 
 
-@pytest.mark.parametrize("family", ENCODER_FAMILIES)
+@pytest.mark.parametrize("family", SPEC_TESTED_ENCODERS)
 def test_apply_evit_converts_in_place(family, pixel_values):
     stock, reference = encoder_stock_and_evit(
         family, attn_implementation="eager", keep_rate=0.5, reduction_layers=[0, 2], fuse_inattentive_tokens=False
@@ -224,7 +225,7 @@ def test_apply_evit_refuses_models_it_cannot_reduce(build, reason):
     assert not any(type(m).__name__.startswith("EViT") for m in model.modules())  # nothing changed
 
 
-@pytest.mark.parametrize("family", ENCODER_FAMILIES)
+@pytest.mark.parametrize("family", SPEC_TESTED_ENCODERS)
 def test_saved_folders_load_as_evit_and_into_the_stock_class(family, tmp_path, pixel_values):
     stock, evit = encoder_stock_and_evit(family, keep_rate=0.5, reduction_layers=[1, 3])
     evit.save_pretrained(tmp_path)
@@ -352,7 +353,7 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 
 def test_remote_code_loads_every_family_without_evit_hf(tmp_path, pixel_values):
     models, families = {}, []
-    for family in ENCODER_FAMILIES:
+    for family in SPEC_TESTED_ENCODERS:
         _, models[family] = encoder_stock_and_evit(family, keep_rate=0.5)
         models[family].save_pretrained(tmp_path / family)
         families.append((family, str(tmp_path / family), AUTO_CLASSES[family].__name__))
@@ -423,3 +424,18 @@ def test_dinov3_backbone_is_refused_with_the_reason():
         TypeError, match="does not convert DINOv3ViTBackbone: it returns feature maps on the full patch"
     ):
         evit_hf.apply_evit(backbone)
+
+
+def test_dinov3_checkpoints_with_the_layers_at_the_top_load_every_weight(tmp_path, pixel_values):
+    # DINOv3 checkpoints name the layers `layer.N...` (transformers keeps them under `model.` and saves the old names
+    # back); transformers renames them by model type, and the EViT model gets the same renaming.
+    stock = encoder_stock_model("dinov3-registers")
+    stock.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "model.safetensors").keys()
+    assert any(key.startswith("layer.") for key in keys) and not any(key.startswith("model.") for key in keys)
+    evit, info = evit_hf.EViTDINOv3ViTModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            evit(pixel_values, keep_rate=1.0).last_hidden_state, stock(pixel_values).last_hidden_state, rtol=0, atol=0
+        )

@@ -241,3 +241,11 @@ def test_dinov2_macs_by_hand(family, prefix):
     mlp_tokens = [prefix + n for n in (64, 33, 18, 10)]
     expected = macs_by_hand(attention_tokens, mlp_tokens, [64, 33, 18], 2, 32, 128, 64 * 3 * 4 * 4 * 32, 5)
     assert count_macs(config, keep_rate=0.5) == expected
+
+
+def test_configurations_of_other_families_are_refused_with_the_reason():
+    from transformers import ConvNextConfig
+
+    with pytest.raises(ValueError, match="'convnext' is none of them: pass the configuration of a ViT, DeiT"):
+        count_macs(ConvNextConfig())
+
