@@ -15,20 +15,12 @@ import evit_hf
 from evit_hf.planning import keep_rate_for_macs
 from evit_hf.resolution import resize_position_embeddings
 
+from .model_builders import DEIT_SMALL as DEIT_SMALL_SHAPE
+from .model_builders import TINY
 
-TINY_SHAPE = dict(
-    hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=4
-)
-DEIT_SMALL = dict(
-    hidden_size=384,
-    num_hidden_layers=12,
-    num_attention_heads=6,
-    intermediate_size=1536,
-    image_size=224,
-    patch_size=16,
-    num_labels=1000,
-    architectures=["DeiTForImageClassification"],
-)
+
+TINY_SHAPE = {key: value for key, value in TINY.items() if key not in ("num_labels", "initializer_range")}
+DEIT_SMALL = {**DEIT_SMALL_SHAPE, "num_labels": 1000, "architectures": ["DeiTForImageClassification"]}
 
 
 def test_keep_rate_for_the_macs_of_keep_0_7_is_0_7():

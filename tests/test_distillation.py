@@ -8,17 +8,10 @@ from transformers import TrainingArguments
 import evit_hf
 from evit_hf.distillation import DistillationTrainer, distillation_loss
 
+from .model_builders import TINY
 
-TINY_VIT = dict(
-    hidden_size=32,
-    num_hidden_layers=4,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=32,
-    patch_size=4,
-    num_labels=5,
-    initializer_range=0.2,
-)
+
+TINY_VIT = TINY
 
 
 def test_distillation_loss_by_hand():
