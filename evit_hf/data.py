@@ -95,7 +95,7 @@ def _decode_error(path: str) -> str | None:
         return f"a symbolic link to {os.readlink(path)}, which does not exist"
     try:
         with Image.open(path) as image:
-            if image.format == "JPEG":
+            if image.format in ("JPEG", "MPO"):  # MPO: the multi-picture JPEGs of some cameras
                 image.draft("L" if image.mode == "RGB" else image.mode, (1, 1))
             image.load()
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
@@ -261,7 +261,7 @@ def check_images(
             num_threads or min(32, (os.cpu_count() or 1) + 4),
             description=f"Checking the images of {folder}",
         )
-        seconds = time.perf_counter() - started
+        seconds = max(time.perf_counter() - started, 1e-9)
         for index, error in zip(to_decode, decoded, strict=True):
             errors[index] = error
         logger.info(
