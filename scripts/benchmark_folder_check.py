@@ -121,6 +121,7 @@ def main(argv=None) -> dict:
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_average": os.getloadavg()[0],
         "first_check_images_per_s": images / first_s,
+        "first_check_images_per_s_best": images / min(first),  # the round least slowed by other work
         # CPU time (user + system, all threads) per image: what the check costs whatever else the machine runs.
         "first_check_cpu_ms_per_image": 1000 * statistics.median(first_cpu) / images,
         "cached_check_s": cached_s,
@@ -131,7 +132,8 @@ def main(argv=None) -> dict:
     if full:
         summary["full_decode_images_per_s"] = images / statistics.median(full)
     print(f"\n| {images} JPEGs, 400 x 300 | median of {args.rounds} |\n|---|---|")
-    print(f"| first check | {first_s:.2f} s, {summary['first_check_images_per_s']:.0f} images/s |")
+    print(f"| first check | {first_s:.2f} s, {summary['first_check_images_per_s']:.0f} images/s "
+          f"(best round {summary['first_check_images_per_s_best']:.0f}) |")  # fmt: skip
     print(f"| CPU time of the first check | {summary['first_check_cpu_ms_per_image']:.2f} ms per image |")
     print(f"| cached check | {cached_s:.3f} s ({100 * summary['cached_share_of_first']:.1f}% of the first) |")
     if full:
