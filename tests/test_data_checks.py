@@ -334,22 +334,28 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_the_check_shows_its_progress_on_a_terminal_only(tmp_path, monkeypatch):
+@pytest.fixture
+def progress_bars_on(monkeypatch):
+    """transformers' and datasets' progress bars on, whatever the environment says, for the test only."""
+    from transformers.utils import logging as transformers_logging
+
+    monkeypatch.setattr(sys.modules["datasets.utils.tqdm"], "_hf_datasets_progress_bars_disabled", False)
+    monkeypatch.setattr(transformers_logging, "_tqdm_active", True)
+    return transformers_logging
+
+
+def test_the_check_shows_its_progress_on_a_terminal_only(tmp_path, monkeypatch, progress_bars_on):
+    transformers_logging = progress_bars_on
     root = good_folder(tmp_path / "train")
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     scan_image_folder(str(root), use_cache=False)
     assert f"Checking the images of {root}" in terminal.getvalue() and "images/s" in terminal.getvalue()
 
-    from transformers.utils import logging as transformers_logging
-
     terminal.seek(0)
     terminal.truncate()
-    transformers_logging.disable_progress_bar()
-    try:
-        scan_image_folder(str(root), use_cache=False)
-    finally:
-        transformers_logging.enable_progress_bar()
+    monkeypatch.setattr(transformers_logging, "_tqdm_active", False)  # transformers.logging.disable_progress_bar()
+    scan_image_folder(str(root), use_cache=False)
     assert terminal.getvalue() == ""
     not_a_terminal = io.StringIO()
     monkeypatch.setattr(sys, "stderr", not_a_terminal)
