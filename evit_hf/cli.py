@@ -109,13 +109,15 @@ def visualize(argv) -> str:
 
     from PIL import Image
 
+    from .images import load_rgb_image
+
     # Cheap local checks first: a typo in --image or --output should not wait for a model to load.
     if not os.path.isfile(args.image):
         parser.error(f"argument --image: {args.image} does not exist or is not a file")
     try:
-        with Image.open(args.image) as opened:
-            opened.load()  # decodes every byte: a truncated file fails here, not after the model is built
-            image = opened.convert("RGB")
+        # Decodes every byte (a truncated file fails here, not after the model is built); upright and 8-bit RGB as
+        # in training and evaluation.
+        image = load_rgb_image(args.image)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         parser.error(f"argument --image: cannot read {args.image} as an image ({one_line(error)})")
     if os.path.isdir(args.output) or not os.path.basename(args.output):

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .images import to_rgb
+
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ def _pixel_values(model, image_or_pixel_values, image_processor) -> torch.Tensor
                 "visualize_kept_tokens needs the model's image processor for a PIL image: pass "
                 "image_processor=AutoImageProcessor.from_pretrained(...), or pass pixel_values instead."
             )
-        return image_processor(images=image_or_pixel_values.convert("RGB"), return_tensors="pt").pixel_values
+        # Upright and 8-bit RGB as in training and evaluation (`evit_hf.images.to_rgb`).
+        return image_processor(images=to_rgb(image_or_pixel_values), return_tensors="pt").pixel_values
     raise TypeError(f"Expected a PIL image or a pixel_values tensor, got {type(image_or_pixel_values).__name__}.")
 
 

@@ -49,6 +49,7 @@ from evit_hf.data import (
     AugmentationRandomness,
     collate_images,
     digits_dataset,
+    image_folder_dataset,
     image_transforms,
     scan_image_folder,
     with_sample_index,
@@ -258,8 +259,10 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
 
 
 def load_image_folders(data_args: DataTrainingArguments, cache_dir: str | None = None):
-    """The --train_dir / --validation_dir folders as an imagefolder dataset, every image checked first (see
-    `evit_hf.data.scan_image_folder`): bad layouts and files are reported all at once, before any model is loaded."""
+    """The --train_dir / --validation_dir folders as a dataset with imagefolder's columns, every image checked first
+    (see `evit_hf.data.scan_image_folder`; the results are cached in `cache_dir`, by default the datasets cache): bad
+    layouts and files are reported all at once, before any model is loaded. The dataset holds exactly the files the
+    check found (names are never read as patterns), labelled by one class list shared by both splits."""
     folders = {
         "train": ("--train_dir", data_args.train_dir),
         "validation": ("--validation_dir", data_args.validation_dir),
@@ -269,7 +272,9 @@ def load_image_folders(data_args: DataTrainingArguments, cache_dir: str | None =
         if folder is None:
             continue
         try:
-            contents[split] = scan_image_folder(folder, skip_unreadable=data_args.skip_unreadable_images)
+            contents[split] = scan_image_folder(
+                folder, skip_unreadable=data_args.skip_unreadable_images, cache_dir=cache_dir
+            )
         except ValueError as error:
             problems.append(f"{argument}: {error}")
     if problems:
@@ -287,8 +292,7 @@ def load_image_folders(data_args: DataTrainingArguments, cache_dir: str | None =
                 f"Skipped {len(found.unreadable)} unreadable file(s) in {found.folder} (--skip_unreadable_images):\n"
                 + "\n".join(f"  {path}: {error}" for path, error in found.unreadable)
             )
-    data_files = {split: found.images for split, found in contents.items()}
-    return load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
+    return image_folder_dataset(contents)
 
 
 def label_names(dataset, label_column: str) -> list[str]:
