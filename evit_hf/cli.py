@@ -389,9 +389,9 @@ def calibrate(argv) -> dict:
     import json
 
     import torch
-    from PIL import Image, ImageOps
 
     from .calibration import calibrate_schedule, cheapest_schedule_macs
+    from .images import load_rgb_image
     from .patch import apply_evit
     from .visualization import load_image_processor_or_default
 
@@ -407,8 +407,7 @@ def calibrate(argv) -> dict:
     images = []
     for path in paths:
         try:
-            with Image.open(path) as opened:
-                images.append(ImageOps.exif_transpose(opened).convert("RGB"))
+            images.append(load_rgb_image(path))  # upright (EXIF) and 8-bit RGB, as in training
         except (OSError, ValueError) as error:
             parser.error(f"argument --images: cannot read {path} as an image ({one_line(error)})")
 

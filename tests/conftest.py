@@ -1,7 +1,15 @@
+import os
+import tempfile
+
 import pytest
 import torch
 
-from .model_builders import TINY
+
+# Image-folder checks are cached in the datasets cache: the suite (and the runs it starts) writes its own, never the
+# user's. Set before datasets is imported, which reads it once.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="evit-hf-tests-datasets-cache-")
+
+from .model_builders import TINY  # noqa: E402  (after the cache folder is set)
 
 
 def pytest_addoption(parser):
