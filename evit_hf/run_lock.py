@@ -56,7 +56,8 @@ def _holder(lock_path: str) -> str:
 class OutputDirLock:
     """An exclusive lock on `output_dir`, taken at once or refused with `OutputDirInUse`.
 
-    `acquire()` creates the folder if needed; `release()` (or the end of the process) gives the lock back. Only the
+    `acquire()` creates the folder if needed; `release()` (or the end of the process) gives the lock back, and removes
+    the folder again if it created it and nothing was written there. Only the
     processes that write into the folder take it: in a job of several processes, the one that saves.
     """
 
@@ -65,10 +66,12 @@ class OutputDirLock:
         self.flag = flag
         self.path = os.path.join(output_dir, LOCK_FILE)
         self._descriptor = None
+        self._created_folder = False
 
     def acquire(self) -> "OutputDirLock":
         if self._descriptor is not None:
             return self
+        self._created_folder = not os.path.isdir(self.output_dir)
         os.makedirs(self.output_dir, exist_ok=True)
         while True:
             descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -103,6 +106,10 @@ class OutputDirLock:
             os.remove(self.path)
         os.close(self._descriptor)
         self._descriptor = None
+        if self._created_folder:
+            # A run that stopped before writing anything leaves no empty folder behind (rmdir fails on a full one).
+            with contextlib.suppress(OSError):
+                os.rmdir(self.output_dir)
 
     @property
     def held(self) -> bool:
