@@ -29,6 +29,7 @@ TWO_LAYERS = dict(
 )
 
 
+@pytest.mark.slow  # 145 s on a loaded 2-core machine
 def test_benchmark_rows_and_files(tmp_path):
     results = benchmark_main(
         ["--model", "deit-tiny", "--batch-sizes", "2", "--image-sizes", "64", "--keep-rates", "0.7", "0.5",
