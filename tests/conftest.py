@@ -26,6 +26,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """A test that changes torch's thread count changes the numbers of every later test in the process: a different
+    split of the work sums in another order. Each test starts with the thread count the process started with."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def pixel_values():
     return torch.randn(3, 3, TINY["image_size"], TINY["image_size"], generator=torch.Generator().manual_seed(1))

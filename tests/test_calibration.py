@@ -22,9 +22,13 @@ def _kl(reference_logits, logits):
     ).sum(-1)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest and steady on a busy machine; restored after
+
+
 @pytest.fixture(scope="module")
 def classifier():
-    torch.set_num_threads(1)  # tiny matrices: one thread is fastest and steady on a busy machine
     return evit_hf.apply_evit(tiny_stock_model("vit-classifier"))
 
 
