@@ -38,6 +38,11 @@ run_image_classification.main(sys.argv[3:])
 """
 
 
+def stopped_run_command(args) -> list[str]:
+    """The command line of the example that stops in its third step (`STOPPED_RUN`), with the test's thread count."""
+    return [sys.executable, "-c", STOPPED_RUN, EXAMPLES, str(torch.get_num_threads()), *args]
+
+
 def resume_args(model, output_dir, *extra):
     return [
         "--model_name_or_path", str(model),
@@ -79,7 +84,7 @@ def kill_after_first_checkpoint(args, output_dir, signal_number) -> str:
     """Starts the example in a process of its own, sends it `signal_number` once checkpoint-2 is written (while it
     waits in step 3), and returns what it printed."""
     process = subprocess.Popen(
-        [sys.executable, "-c", STOPPED_RUN, EXAMPLES, str(torch.get_num_threads()), *args],
+        stopped_run_command(args),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -15,7 +15,7 @@ from evit_hf import run_lock
 from evit_hf.run_lock import LOCK_FILE, OutputDirInUse, OutputDirLock
 
 from .test_examples import EXAMPLES, evaluate_keep_rates, run_image_classification, save_small_vit, training_args
-from .test_resume import STOPPED_RUN, checkpoint_written
+from .test_resume import checkpoint_written, stopped_run_command
 
 
 SCRIPT = os.path.join(EXAMPLES, "run_image_classification.py")
@@ -196,7 +196,7 @@ def test_killed_run_leaves_no_stale_lock_and_a_second_command_is_refused(small_v
         "--per_device_train_batch_size", "16", "--max_train_samples", "40", "--save_strategy", "steps",
         "--save_steps", "2", "--report_to", "none", "--disable_tqdm", "true",
     ]  # fmt: skip
-    first = subprocess.Popen([sys.executable, "-c", STOPPED_RUN, EXAMPLES, *args], stdout=subprocess.DEVNULL)
+    first = subprocess.Popen(stopped_run_command(args), stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while not checkpoint_written(output_dir / "checkpoint-2") and time.monotonic() < deadline:
