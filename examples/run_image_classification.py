@@ -433,7 +433,7 @@ def evit_class_for(model_name_or_path: str, model_args: ModelArguments):
 
 
 def _reads_model_type(config_class, model_type: str) -> bool:
-    return model_type in (config_class.model_type, *config_class.source_model_types)
+    return model_type in (config_class.model_type, *getattr(config_class, "source_model_types", ()))
 
 
 def _tower_config_key(evit_class, model_type: str) -> str | None:
