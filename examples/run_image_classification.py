@@ -515,6 +515,16 @@ def check_image_size(model_args: ModelArguments, config) -> None:
             raise ValueError(f"{flag} {value} is smaller than one patch of the model ({patch_size} px): pass more.")
 
 
+def resize_to_image_size(model, image_size: int | None):
+    """`model` with its position embeddings resized once to `image_size` px inputs (see
+    `evit_hf.resolution.resize_position_embeddings`) and the size in its configuration; unchanged for None or its own
+    size."""
+    if image_size is not None and image_size != settings_config(model.config).image_size:
+        resize_position_embeddings(model, image_size)
+        logger.info(f"Position embeddings resized to {image_size} px inputs.")
+    return model
+
+
 def keep_rate_matching_macs(config, image_size: int | None, matched_image_size: int) -> float:
     """The largest keep rate (to 0.01) whose MACs at `image_size` (None: the configuration's) do not exceed the
     unreduced model's at `matched_image_size`."""
@@ -936,9 +946,7 @@ def run(model_args, data_args, training_args, distillation_args, run_args) -> di
     config.id2label = dict(enumerate(labels))
     config.label2id = {label: i for i, label in enumerate(labels)}
     model = load_evit_classifier(model_args, config, evit_class, checkpoint_config)
-    if model_args.image_size is not None and model_args.image_size != settings_config(model.config).image_size:
-        resize_position_embeddings(model, model_args.image_size)
-        logger.info(f"Position embeddings resized to {model_args.image_size} px inputs.")
+    resize_to_image_size(model, model_args.image_size)
     image_processor = load_image_processor(model_args, model.config)
     settings = run_settings(model.config, model_args, distillation_args)
     # The teacher is the starting checkpoint, unreduced and frozen; a resumed run rebuilds it the same way, before
