@@ -485,15 +485,26 @@ def evit_classifier_config(model_args: ModelArguments, checkpoint_config, evit_c
 
 def load_evit_classifier(model_args: ModelArguments, config, evit_class, checkpoint_config):
     """`evit_class` with the checkpoint's weights and `config` (see `evit_classifier_config`). From a CLIP-style
-    vision tower checkpoint, the classifier gets the tower's weights and a new head."""
+    vision tower checkpoint, the classifier gets the tower's weights and a new head; from another classifier of the
+    family, its head where the family's record maps it (`EViTFamily.classifier_key_mapping`)."""
     hub = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token)
     if _tower_config_key(evit_class, checkpoint_config.model_type) is None:
-        return evit_class.from_pretrained(
+        # A distilled DeiT saves its class head under another name: the classifier starts from it.
+        key_mapping = dict(family_for_model_type(checkpoint_config.model_type).classifier_key_mapping)
+        model = evit_class.from_pretrained(
             model_args.model_name_or_path,
             config=config,
             ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            key_mapping=key_mapping or None,
             **hub,
         )
+        if not key_mapping:
+            return model
+        # A model loaded with a key mapping saves its weights under the checkpoint's names again, which the
+        # classifier would not read back: a model built afresh with these weights saves the classifier's own names.
+        rebuilt = evit_class(model.config)
+        rebuilt.load_state_dict(model.state_dict())
+        return rebuilt
     model = evit_class(config)
     # The classifier's one sub-model is the tower; its class loads the tower checkpoint (with or without projection).
     tower_name, tower = next((n, child) for n, child in model.named_children() if isinstance(child, PreTrainedModel))

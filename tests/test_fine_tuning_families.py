@@ -11,7 +11,13 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ViTForImageClassification
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    ViTForImageClassification,
+)
 
 import evit_hf
 from evit_hf.families import FAMILIES
@@ -19,7 +25,7 @@ from evit_hf.macs import count_macs
 from evit_hf.resolution import resize_position_embeddings
 
 from .image_files import good_folder, image_check_cache  # noqa: F401  (autouse: the test's own image-check cache)
-from .model_builders import FAMILY_TESTERS, tiny_stock_model
+from .model_builders import FAMILY_TESTERS, stock_config, tiny_stock_model
 from .test_examples import run_image_classification, save_small_vit
 from .test_resume import kill_after_first_checkpoint, largest_difference, resume_args, weights
 
@@ -94,6 +100,21 @@ def test_every_family_fine_tunes_and_reloads_as_an_image_classifier(family, buil
     assert 0 < moved.item() < 1e-2
     logits = reloaded(torch.randn(2, 3, tower_config.image_size, tower_config.image_size)).logits
     assert logits.shape == (2, 2)
+
+
+def test_a_distilled_deit_fine_tunes_from_its_class_head(image_folders, tmp_path):
+    torch.manual_seed(0)
+    labels = dict(id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1})
+    start = DeiTForImageClassificationWithTeacher(stock_config("deit-teacher", num_labels=2, **labels)).eval()
+    start.save_pretrained(tmp_path / "start")
+    # Evaluation only, into an empty folder: the model is saved as it starts.
+    run_image_classification.main(
+        folder_args(tmp_path / "start", tmp_path / "out", image_folders, "--do_train", "false", "--keep_rate", "1.0")
+    )
+    saved = AutoModelForImageClassification.from_pretrained(tmp_path / "out")
+    assert torch.equal(saved.classifier.weight, start.cls_classifier.weight)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(saved(pixel_values).logits, start(pixel_values).cls_logits)
 
 
 REMOTE_CODE_LOAD = """
