@@ -422,10 +422,10 @@ def evit_class_for(model_name_or_path: str, model_args: ModelArguments):
     family = family_for_model_type(config.model_type)
     classifiers = family.auto_classes.get(CLASSIFIER_AUTO_CLASS) if family is not None else None
     if not classifiers:
-        what = f"a {family.display_name} model, a family without an image classifier" if family else "not a model"
+        what = f"{family.display_name} has no image classifier in" if family else "of no family in"
         supported = ", ".join(f.display_name for f in classifier_families())
         raise ValueError(
-            f"{model_name_or_path} is a {config.model_type!r} model ({what} of evit_hf.FAMILIES); this script "
+            f"{model_name_or_path} is a {config.model_type!r} model, {what} evit_hf.FAMILIES; this script "
             f"fine-tunes image classifiers of {supported}: pass a checkpoint of one of them."
         )
     # The distillation head of a distilled DeiT is inference-only in transformers: fine-tuning trains the class head.
