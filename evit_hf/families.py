@@ -156,6 +156,9 @@ class EViTFamily:
         kept_token_picture_model: the classifier `evit-hf visualize` loads a folder of the family with, if it draws
             the family's kept tokens.
         refused_models: models of the family that `apply_evit` refuses -> the reason.
+        classifier_key_mapping: checkpoint key pattern -> key in the family's first image classifier, for a head that
+            another of its classifiers saves under another name (the class head of a distilled DeiT), so that
+            fine-tuning starts from it (`from_pretrained(..., key_mapping=...)`).
     """
 
     name: str
@@ -172,6 +175,7 @@ class EViTFamily:
     reference_image_processor: bool = False
     kept_token_picture_model: type | None = None
     refused_models: Mapping[type, str] = field(default_factory=dict)
+    classifier_key_mapping: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def model_types(self) -> tuple[str, ...]:
@@ -273,6 +277,7 @@ FAMILIES: tuple[EViTFamily, ...] = (
         head_macs=_deit_head_macs,
         reference_image_processor=True,
         kept_token_picture_model=EViTDeiTForImageClassificationWithTeacher,
+        classifier_key_mapping=MappingProxyType({r"^cls_classifier\.": "classifier."}),
     ),
     EViTFamily(
         name="clip",

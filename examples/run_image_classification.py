@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tune a ViT, DeiT or EViT checkpoint as EViT for image classification with `Trainer`.
+"""Fine-tune an image classifier of any EViT family (ViT, DeiT, CLIP, MetaCLIP 2, DINOv2, ...) as EViT with `Trainer`.
 
     # a Hub dataset
     python examples/run_image_classification.py --model_name_or_path facebook/deit-small-patch16-224 \
@@ -13,11 +13,17 @@
     python examples/run_image_classification.py --model_name_or_path MODEL_FOLDER --output_dir outputs/digits \
         --do_train --do_eval
 
+    # DeiT-S at 288 px for the cost of 224 px, distilled from the unreduced starting model
+    python examples/run_image_classification.py --model_name_or_path facebook/deit-small-patch16-224 \
+        --dataset_name beans --output_dir outputs/evit-288 --do_train --do_eval --image_size 288 \
+        --match_macs_of_image_size 224 --distillation_alpha 0.5
+
 Arguments can also come from one JSON file: `python examples/run_image_classification.py args.json`. Multi-GPU and
 multi-process runs go through `torchrun` or `accelerate launch`; DeepSpeed and FSDP through Trainer's own
 `--deepspeed` / `--fsdp` flags.
 """
 
+import copy
 import json
 import logging
 import os
@@ -37,6 +43,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     HfArgumentParser,
+    PreTrainedModel,
     Trainer,
     TrainerCallback,
     TrainerState,
@@ -51,9 +58,15 @@ from evit_hf.data import (
     digits_dataset,
     image_folder_dataset,
     image_transforms,
+    processor_size,
     scan_image_folder,
     with_sample_index,
 )
+from evit_hf.distillation import DistillationTrainer, check_distillation_settings
+from evit_hf.families import FAMILIES, family_for_model_type
+from evit_hf.macs import count_macs
+from evit_hf.planning import keep_rate_for_macs
+from evit_hf.resolution import resize_position_embeddings
 from evit_hf.run_lock import OutputDirLock, check_output_dir
 from evit_hf.visualization import load_image_processor_or_default
 
@@ -66,19 +79,48 @@ PUBLISHED_PATTERNS = ["*.safetensors", "*.json", "*.py", "README.md", "*.png"]
 UNPUBLISHED_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.bin", "*.pt", "*.pth", "*.pkl"]
 
 
+# The keep rate of a run that names none (the paper's).
+DEFAULT_KEEP_RATE = 0.7
+# The Auto class whose models this script fine-tunes; a family's first model under it is the one trained.
+CLASSIFIER_AUTO_CLASS = "AutoModelForImageClassification"
+
+
 @dataclass
 class ModelArguments:
     """Which checkpoint to start from, and the EViT settings."""
 
     model_name_or_path: str = field(
-        metadata={"help": "Hub id or folder of a ViT, DeiT or EViT image-classification checkpoint."}
+        metadata={
+            "help": "Hub id or folder of a checkpoint of a family with an image classifier (ViT, DeiT, CLIP, "
+            "MetaCLIP 2, DINOv2, stock or EViT; a base model or CLIP vision tower gets a new head)."
+        }
     )
-    keep_rate: float = field(default=0.7, metadata={"help": "Target share of tokens each reduction layer keeps."})
+    keep_rate: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": f"Share of tokens each reduction layer keeps: one rate for all (default {DEFAULT_KEEP_RATE}), or "
+            "one per reduction layer in ascending layer order (--keep_rate 0.9 0.7 0.5)."
+        },
+    )
     reduction_layers: list[int] | None = field(
         default=None, metadata={"help": "0-based reduction layers (default: the checkpoint's, or the paper's)."}
     )
     fuse_inattentive_tokens: bool = field(
         default=True, metadata={"help": "Fuse the tokens that are not kept into one (--no_fuse_inattentive_tokens)."}
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Input side in pixels (default: the checkpoint's): the image processor resizes and crops to it "
+            "and the position embeddings are resized once (evit_hf.resolution.resize_position_embeddings)."
+        },
+    )
+    match_macs_of_image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Choose the largest keep rate whose MACs at --image_size do not exceed the unreduced model's at "
+            "this size (the paper's higher resolution at equal cost); instead of --keep_rate."
+        },
     )
     keep_rate_warmup: float = field(
         default=0.0, metadata={"help": "Span (see keep_rate_schedule_unit) during which every token is kept."}
@@ -99,6 +141,19 @@ class ModelArguments:
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the checkpoint."})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the stored login)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code in the checkpoint."})
+
+    def __post_init__(self):
+        # The command line gives a list (one rate or one per layer), a JSON file a number or a list: one rate is a
+        # number, so that it applies to every reduction layer.
+        if isinstance(self.keep_rate, (list, tuple)) and len(self.keep_rate) == 1:
+            self.keep_rate = self.keep_rate[0]
+        elif isinstance(self.keep_rate, tuple):
+            self.keep_rate = list(self.keep_rate)
+
+    @property
+    def target_keep_rate(self) -> float | list[float]:
+        """The keep rate this run trains for: --keep_rate, the one --match_macs_of_image_size chose, or the default."""
+        return DEFAULT_KEEP_RATE if self.keep_rate is None else self.keep_rate
 
 
 @dataclass
@@ -136,6 +191,22 @@ class DataTrainingArguments:
 
 
 @dataclass
+class DistillationArguments:
+    """Distillation from the unreduced starting model (evit_hf.distillation.DistillationTrainer)."""
+
+    distillation_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight in [0, 1] of the KL divergence to the frozen, unreduced starting checkpoint in the "
+            "training loss (0: plain fine-tuning)."
+        },
+    )
+    distillation_temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature of the teacher's and the student's distributions (> 0)."}
+    )
+
+
+@dataclass
 class RunArguments:
     """How a run treats what an earlier run left in --output_dir."""
 
@@ -154,7 +225,9 @@ def _cpu_processes() -> bool:
 
 
 def parse_arguments(args=None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, RunArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, TrainingArguments, DistillationArguments, RunArguments)
+    )
     args = sys.argv[1:] if args is None else list(args)
     if len(args) == 1 and args[0].endswith(".json"):
         with open(args[0]) as handle:
@@ -189,7 +262,29 @@ def check_data_arguments(data_args: DataTrainingArguments) -> None:
         )
 
 
-def check_arguments(model_args, data_args, training_args, run_args) -> None:
+def check_model_arguments(model_args: ModelArguments) -> None:
+    """Refuses image sizes and a keep-rate choice that no run can use, with one line naming the flag."""
+    for flag, value in (
+        ("--image_size", model_args.image_size),
+        ("--match_macs_of_image_size", model_args.match_macs_of_image_size),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} is an image side in pixels and must be at least 1; got {value}.")
+    if model_args.match_macs_of_image_size is not None and model_args.keep_rate is not None:
+        raise ValueError(
+            f"--match_macs_of_image_size {model_args.match_macs_of_image_size} chooses the keep rate, and --keep_rate "
+            f"{model_args.keep_rate} names one: pass only one of them."
+        )
+
+
+def check_distillation_arguments(distillation_args: DistillationArguments) -> None:
+    try:
+        check_distillation_settings(distillation_args.distillation_alpha, distillation_args.distillation_temperature)
+    except ValueError as error:
+        raise ValueError(f"--{error}") from None
+
+
+def check_arguments(model_args, data_args, training_args, distillation_args, run_args) -> None:
     """Impossible arguments, refused before any data or model is loaded (one line naming the flag)."""
     if training_args.do_train:
         if training_args.max_steps == 0 or training_args.max_steps < -1:
@@ -205,6 +300,8 @@ def check_arguments(model_args, data_args, training_args, run_args) -> None:
         if getattr(training_args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1; got {getattr(training_args, flag)}.")
     check_data_arguments(data_args)
+    check_model_arguments(model_args)
+    check_distillation_arguments(distillation_args)
     check_output_dir(training_args.output_dir)
     if run_args.overwrite_output_dir and training_args.do_train:
         for flag, start in (
@@ -306,8 +403,15 @@ def label_names(dataset, label_column: str) -> list[str]:
     )
 
 
+def classifier_families() -> list:
+    """The families of `evit_hf.FAMILIES` that have an image classifier, in the table's order."""
+    return [family for family in FAMILIES if family.auto_classes.get(CLASSIFIER_AUTO_CLASS)]
+
+
 def evit_class_for(model_name_or_path: str, model_args: ModelArguments):
-    """The EViT classifier class for a ViT, DeiT or EViT checkpoint; an error for anything else."""
+    """`(EViT classifier class, checkpoint configuration)` for a checkpoint of a family with an image classifier, as
+    `AutoModelForImageClassification` would pick it (the family's first classifier: the class head, for DeiT); a
+    one-line error for anything else."""
     config = AutoConfig.from_pretrained(
         model_name_or_path,
         cache_dir=model_args.cache_dir,
@@ -315,15 +419,151 @@ def evit_class_for(model_name_or_path: str, model_args: ModelArguments):
         token=model_args.token,
         trust_remote_code=model_args.trust_remote_code,
     )
-    if config.model_type in ("vit", "evit"):
-        return evit_hf.EViTForImageClassification, config
-    if config.model_type in ("deit", "evit_deit"):
-        # The distillation head is inference-only in transformers: fine-tuning trains the class head.
-        return evit_hf.EViTDeiTForImageClassification, config
-    raise ValueError(
-        f"{model_name_or_path} is a {config.model_type!r} model; this script fine-tunes ViT ('vit'), DeiT ('deit') "
-        "and EViT ('evit', 'evit_deit') checkpoints."
+    family = family_for_model_type(config.model_type)
+    classifiers = family.auto_classes.get(CLASSIFIER_AUTO_CLASS) if family is not None else None
+    if not classifiers:
+        what = f"{family.display_name} has no image classifier in" if family else "of no family in"
+        supported = ", ".join(f.display_name for f in classifier_families())
+        raise ValueError(
+            f"{model_name_or_path} is a {config.model_type!r} model, {what} evit_hf.FAMILIES; this script "
+            f"fine-tunes image classifiers of {supported}: pass a checkpoint of one of them."
+        )
+    # The distillation head of a distilled DeiT is inference-only in transformers: fine-tuning trains the class head.
+    return classifiers[0], config
+
+
+def _reads_model_type(config_class, model_type: str) -> bool:
+    return model_type in (config_class.model_type, *getattr(config_class, "source_model_types", ()))
+
+
+def _tower_config_key(evit_class, model_type: str) -> str | None:
+    """The sub-configuration of `evit_class`'s configuration that a checkpoint of `model_type` is (the vision tower of
+    a CLIP-style classifier), or None when the classifier's configuration reads the checkpoint itself."""
+    config_class = evit_class.config_class
+    if _reads_model_type(config_class, model_type):
+        return None
+    for key, sub_config_class in getattr(config_class, "sub_configs", {}).items():
+        if _reads_model_type(sub_config_class, model_type):
+            return key
+    raise ValueError(f"{evit_class.__name__} does not read checkpoints of model_type {model_type!r}.")
+
+
+def settings_config(config):
+    """The configuration that holds the EViT settings and the image size: the vision tower's, for CLIP-style
+    models."""
+    return getattr(config, "vision_config", None) or config
+
+
+def apply_evit_settings(config, keep_rate, reduction_layers=None, fuse_inattentive_tokens=True) -> None:
+    """Sets the EViT settings on `config`, each checked by the configuration (its one validation path): a keep-rate
+    list of the wrong length for the reduction layers is a one-line `ValueError` naming both lengths."""
+    if reduction_layers is not None:
+        config.keep_rate = 1.0  # any earlier per-layer list would not fit the new layers
+        config.reduction_layers = reduction_layers
+    config.keep_rate = keep_rate
+    config.fuse_inattentive_tokens = fuse_inattentive_tokens
+
+
+def evit_classifier_config(model_args: ModelArguments, checkpoint_config, evit_class):
+    """The configuration `evit_class` is built with from the checkpoint, with this run's EViT settings. A CLIP-style
+    vision tower checkpoint becomes the vision configuration of a classifier's (whose text tower is never built)."""
+    hub = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token)
+    tower_key = _tower_config_key(evit_class, checkpoint_config.model_type)
+    if tower_key is None:
+        config = evit_class.config_class.from_pretrained(model_args.model_name_or_path, **hub)
+    else:
+        tower_config = evit_class.config_class.sub_configs[tower_key].from_pretrained(
+            model_args.model_name_or_path, **hub
+        )
+        config = evit_class.config_class(**{tower_key: tower_config})
+    config.architectures = [evit_class.__name__]
+    apply_evit_settings(
+        config, model_args.target_keep_rate, model_args.reduction_layers, model_args.fuse_inattentive_tokens
     )
+    return config
+
+
+def load_evit_classifier(model_args: ModelArguments, config, evit_class, checkpoint_config):
+    """`evit_class` with the checkpoint's weights and `config` (see `evit_classifier_config`). From a CLIP-style
+    vision tower checkpoint, the classifier gets the tower's weights and a new head; from another classifier of the
+    family, its head where the family's record maps it (`EViTFamily.classifier_key_mapping`)."""
+    hub = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token)
+    if _tower_config_key(evit_class, checkpoint_config.model_type) is None:
+        # A distilled DeiT saves its class head under another name: the classifier starts from it.
+        key_mapping = dict(family_for_model_type(checkpoint_config.model_type).classifier_key_mapping)
+        model = evit_class.from_pretrained(
+            model_args.model_name_or_path,
+            config=config,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            key_mapping=key_mapping or None,
+            **hub,
+        )
+        if not key_mapping:
+            return model
+        # A model loaded with a key mapping saves its weights under the checkpoint's names again, which the
+        # classifier would not read back: a model built afresh with these weights saves the classifier's own names.
+        rebuilt = evit_class(model.config)
+        rebuilt.load_state_dict(model.state_dict())
+        return rebuilt
+    model = evit_class(config)
+    # The classifier's one sub-model is the tower; its class loads the tower checkpoint (with or without projection).
+    tower_name, tower = next((n, child) for n, child in model.named_children() if isinstance(child, PreTrainedModel))
+    loaded = type(tower).from_pretrained(model_args.model_name_or_path, config=tower.config, **hub)
+    getattr(model, tower_name).load_state_dict(loaded.state_dict())
+    logger.info(f"{model_args.model_name_or_path} is a vision tower: {evit_class.__name__} with a new head.")
+    return model
+
+
+def check_image_size(model_args: ModelArguments, config) -> None:
+    """--image_size and --match_macs_of_image_size against the model's patch size, before any data is loaded."""
+    patch_size = settings_config(config).patch_size
+    patch_size = patch_size if isinstance(patch_size, int) else max(patch_size)
+    for flag, value in (
+        ("--image_size", model_args.image_size),
+        ("--match_macs_of_image_size", model_args.match_macs_of_image_size),
+    ):
+        if value is not None and value < patch_size:
+            raise ValueError(f"{flag} {value} is smaller than one patch of the model ({patch_size} px): pass more.")
+
+
+def resize_to_image_size(model, image_size: int | None):
+    """`model` with its position embeddings resized once to `image_size` px inputs (see
+    `evit_hf.resolution.resize_position_embeddings`) and the size in its configuration; unchanged for None or its own
+    size."""
+    if image_size is not None and image_size != settings_config(model.config).image_size:
+        resize_position_embeddings(model, image_size)
+        logger.info(f"Position embeddings resized to {image_size} px inputs.")
+    return model
+
+
+def keep_rate_matching_macs(config, image_size: int | None, matched_image_size: int) -> float:
+    """The largest keep rate (to 0.01) whose MACs at `image_size` (None: the configuration's) do not exceed the
+    unreduced model's at `matched_image_size`."""
+    budget = count_macs(config, image_size=matched_image_size, keep_rate=1.0)
+    try:
+        return keep_rate_for_macs(config, budget, image_size=image_size)
+    except ValueError as error:
+        raise ValueError(f"--match_macs_of_image_size {matched_image_size}: {error}") from None
+
+
+def image_processor_at_size(image_processor, image_size: int):
+    """A copy of `image_processor` whose images are `image_size` x `image_size`: its crop where it center-crops (the
+    resize before it scaled by the same factor, as 256 -> 224 becomes 329 -> 288), else its resize."""
+    processor = copy.deepcopy(image_processor)
+    height, width = processor_size(image_processor)
+    size = processor.size
+    if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
+        processor.crop_size = {"height": image_size, "width": image_size}
+        scale = image_size / min(height, width)
+        if size.get("shortest_edge") is not None:
+            processor.size = {"shortest_edge": round(size["shortest_edge"] * scale)}
+        else:
+            processor.size = {"height": round(size["height"] * scale), "width": round(size["width"] * scale)}
+    elif size.get("shortest_edge") is not None:
+        processor.size = {"shortest_edge": image_size}
+    else:
+        processor.size = {"height": image_size, "width": image_size}
+    return processor
 
 
 def head_label_mismatch(config, labels: list[str]) -> str | None:
@@ -347,6 +587,18 @@ def head_label_mismatch(config, labels: list[str]) -> str | None:
     if len(checkpoint_labels) == len(labels):
         description += f"; they differ at {', '.join(differing[:5])}{', ...' if len(differing) > 5 else ''}"
     return description
+
+
+def check_teacher_predicts_labels(config, labels: list[str], model_name_or_path: str) -> None:
+    """Distillation compares predictions class by class: the starting checkpoint, the teacher, must be a classifier
+    of the dataset's labels."""
+    is_classifier = any("ForImageClassification" in name for name in (config.architectures or []))
+    mismatch = head_label_mismatch(config, labels) if is_classifier and config.id2label else "has no classifier"
+    if mismatch is not None:
+        raise ValueError(
+            f"--distillation_alpha distills the starting checkpoint, and the head of {model_name_or_path} "
+            f"{mismatch}: fine-tune it on the dataset first (--distillation_alpha 0), then distill from that model."
+        )
 
 
 def check_labels_match_head(config, labels: list[str], ignore_mismatched_sizes: bool, model_name_or_path: str):
@@ -494,18 +746,23 @@ class EViTRunSettings(TrainerCallback, ExportableState):
         state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
 
-def run_settings(model_config, model_args: ModelArguments) -> dict:
+def run_settings(model_config, model_args: ModelArguments, distillation_args: DistillationArguments) -> dict:
     """This run's EViT settings, as recorded in its checkpoints. A new setting joins by being added here."""
     has_schedule = bool(model_args.keep_rate_warmup or model_args.keep_rate_shrink)
+    tower_config = settings_config(model_config)
+    distilling = distillation_args.distillation_alpha > 0
     settings = {
         "model_type": model_config.model_type,  # evit_deit: with a distillation token
-        "image_size": model_config.image_size,
-        "reduction_layers": list(model_config.reduction_layers),
-        "fuse_inattentive_tokens": bool(model_config.fuse_inattentive_tokens),
-        "keep_rate": model_args.keep_rate,
+        "image_size": tower_config.image_size,
+        "reduction_layers": list(tower_config.reduction_layers),
+        "fuse_inattentive_tokens": bool(tower_config.fuse_inattentive_tokens),
+        "keep_rate": model_args.target_keep_rate,
+        "match_macs_of_image_size": model_args.match_macs_of_image_size,
         "keep_rate_warmup": model_args.keep_rate_warmup,
         "keep_rate_shrink": model_args.keep_rate_shrink,
         "keep_rate_schedule_unit": model_args.keep_rate_schedule_unit if has_schedule else None,
+        "distillation_alpha": distillation_args.distillation_alpha,
+        "distillation_temperature": distillation_args.distillation_temperature if distilling else None,
     }
     return json.loads(json.dumps(settings))  # as a checkpoint reads them back: tuples as lists
 
@@ -523,6 +780,7 @@ def recorded_settings(folder: str, settings: dict) -> dict:
         return {}
     # A keep-rate schedule changes the config's keep_rate from step to step: only a constant one is comparable.
     constant_keep_rate = not (settings["keep_rate_warmup"] or settings["keep_rate_shrink"])
+    config = config.get("vision_config") or config  # CLIP-style: the vision tower's settings
     return {
         name: config[name]
         for name in settings
@@ -608,31 +866,35 @@ def training_start(trainer: Trainer, training_args: TrainingArguments, settings:
 
 
 def load_image_processor(model_args: ModelArguments, config):
-    """The checkpoint's (or --image_processor_name's) image processor, or a default one at the model's size."""
-    return load_image_processor_or_default(
+    """The checkpoint's (or --image_processor_name's) image processor, or a default one at the model's size; at
+    --image_size when given."""
+    processor = load_image_processor_or_default(
         model_args.image_processor_name or model_args.model_name_or_path,
-        config,
+        settings_config(config),
         cache_dir=model_args.cache_dir,
         revision=model_args.model_revision,
         token=model_args.token,
     )
+    if model_args.image_size is not None and processor_size(processor) != (model_args.image_size,) * 2:
+        processor = image_processor_at_size(processor, model_args.image_size)
+    return processor
 
 
 def main(args=None) -> dict:
-    model_args, data_args, training_args, run_args = parse_arguments(args)
-    check_arguments(model_args, data_args, training_args, run_args)
+    model_args, data_args, training_args, distillation_args, run_args = parse_arguments(args)
+    check_arguments(model_args, data_args, training_args, distillation_args, run_args)
     # One run at a time in --output_dir, for the whole run: the processes that write into it hold the lock (in a job
     # of several processes, the one that saves), and the system releases it when the process ends, killed or not.
     output_lock = OutputDirLock(training_args.output_dir)
     if training_args.should_save:
         output_lock.acquire()
     try:
-        return run(model_args, data_args, training_args, run_args)
+        return run(model_args, data_args, training_args, distillation_args, run_args)
     finally:
         output_lock.release()
 
 
-def run(model_args, data_args, training_args, run_args) -> dict:
+def run(model_args, data_args, training_args, distillation_args, run_args) -> dict:
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         handlers=[logging.StreamHandler(sys.stdout)],
@@ -658,9 +920,24 @@ def run(model_args, data_args, training_args, run_args) -> dict:
 
     # Clear errors before anything heavy.
     evit_class, checkpoint_config = evit_class_for(model_args.model_name_or_path, model_args)
+    config = evit_classifier_config(model_args, checkpoint_config, evit_class)
+    check_image_size(model_args, config)
+    if model_args.match_macs_of_image_size is not None:
+        model_args.keep_rate = keep_rate_matching_macs(
+            config, model_args.image_size, model_args.match_macs_of_image_size
+        )
+        config.keep_rate = model_args.keep_rate
+        size = model_args.image_size or settings_config(config).image_size
+        logger.info(
+            f"Keep rate {model_args.keep_rate}: the largest whose MACs at {size} px "
+            f"({count_macs(config, image_size=size):,}) do not exceed the unreduced model's at "
+            f"{model_args.match_macs_of_image_size} px "
+            f"({count_macs(config, image_size=model_args.match_macs_of_image_size, keep_rate=1.0):,})."
+        )
+    distilling = training_args.do_train and distillation_args.distillation_alpha > 0
     if model_args.keep_rate_warmup or model_args.keep_rate_shrink:
         keep_rate_scheduler = evit_hf.KeepRateScheduler(
-            model_args.keep_rate,
+            model_args.target_keep_rate,
             warmup=model_args.keep_rate_warmup,
             shrink=model_args.keep_rate_shrink,
             unit=model_args.keep_rate_schedule_unit,
@@ -673,23 +950,22 @@ def run(model_args, data_args, training_args, run_args) -> dict:
     check_labels_match_head(
         checkpoint_config, labels, model_args.ignore_mismatched_sizes, model_args.model_name_or_path
     )
+    if distilling:
+        check_teacher_predicts_labels(checkpoint_config, labels, model_args.model_name_or_path)
 
-    evit_settings = {"keep_rate": model_args.keep_rate, "fuse_inattentive_tokens": model_args.fuse_inattentive_tokens}
-    if model_args.reduction_layers is not None:
-        evit_settings["reduction_layers"] = model_args.reduction_layers
-    model = evit_class.from_pretrained(
-        model_args.model_name_or_path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-        cache_dir=model_args.cache_dir,
-        revision=model_args.model_revision,
-        token=model_args.token,
-        **evit_settings,
-    )
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    model = load_evit_classifier(model_args, config, evit_class, checkpoint_config)
+    resize_to_image_size(model, model_args.image_size)
     image_processor = load_image_processor(model_args, model.config)
-    settings = run_settings(model.config, model_args)
+    settings = run_settings(model.config, model_args, distillation_args)
+    # The teacher is the starting checkpoint, unreduced and frozen; a resumed run rebuilds it the same way, before
+    # Trainer loads the checkpoint's weights into the student.
+    teacher = None
+    if distilling:
+        teacher = copy.deepcopy(model)
+        teacher.config.keep_rate = 1.0
 
     # Each sample's crop and flip come from (seed, epoch, sample index): resumed runs augment as uninterrupted ones.
     augmentation_randomness = AugmentationRandomness(training_args.seed)
@@ -721,8 +997,11 @@ def run(model_args, data_args, training_args, run_args) -> dict:
     def collate(examples):
         return collate_images(examples, data_args.label_column_name)
 
-    trainer = Trainer(
+    trainer = DistillationTrainer(
         model=model,
+        teacher_model=teacher,
+        distillation_alpha=distillation_args.distillation_alpha if distilling else 0.0,
+        distillation_temperature=distillation_args.distillation_temperature,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -739,7 +1018,16 @@ def run(model_args, data_args, training_args, run_args) -> dict:
     else:
         results = train_and_evaluate(trainer, model_args, training_args, start)
         if trainer.is_world_process_zero():
-            write_results(trainer, results, model_args, data_args, training_args, push_to_hub, keeps_folder_model)
+            write_results(
+                trainer,
+                results,
+                model_args,
+                data_args,
+                training_args,
+                distillation_args,
+                push_to_hub,
+                keeps_folder_model,
+            )
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Every process waits for the main one to write its files, then leaves the group: processes that exit with
         # the group still up can abort at shutdown (gloo).
@@ -783,7 +1071,7 @@ def train_and_evaluate(trainer, model_args, training_args, start: TrainingStart)
             train_metrics = finish_from_checkpoint(trainer, start.checkpoint)
         else:
             train_metrics = trainer.train(resume_from_checkpoint=start.checkpoint).metrics
-        trainer.model.config.keep_rate = model_args.keep_rate  # the target, whatever the schedule ended on
+        trainer.model.config.keep_rate = model_args.target_keep_rate  # the target, whatever the schedule ended on
         trainer.save_model()
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
@@ -798,14 +1086,16 @@ def train_and_evaluate(trainer, model_args, training_args, start: TrainingStart)
     return results
 
 
-def write_results(trainer, results, model_args, data_args, training_args, push_to_hub, keeps_folder_model) -> None:
+def write_results(
+    trainer, results, model_args, data_args, training_args, distillation_args, push_to_hub, keeps_folder_model
+) -> None:
     """The main process's files: keep-rate table, model card, the model of an evaluation-only run, the upload."""
     output_dir = training_args.output_dir
     evaluation_only = not training_args.do_train
     model = trainer.model
     keep_rate_rows = None
     if training_args.do_eval and data_args.card_keep_rates:
-        keep_rates = sorted(set(data_args.card_keep_rates) | {model.config.keep_rate}, reverse=True)
+        keep_rates = card_keep_rates(data_args.card_keep_rates, model.config.keep_rate)
         keep_rate_rows = evit_hf.evaluate_keep_rates(
             model,
             trainer.eval_dataset,
@@ -837,10 +1127,30 @@ def write_results(trainer, results, model_args, data_args, training_args, push_t
         dataset_id=data_args.dataset_name,
         results=keep_rate_rows,
         results_note="Accuracy on the evaluation split; images/s of the forward pass on the evaluation machine.",
+        training_settings=card_training_settings(model_args, distillation_args, training_args.do_train),
     )
     card.save(os.path.join(output_dir, "README.md"))
     if push_to_hub:
         publish(output_dir, repo_id, model_args.token, training_args.hub_private_repo)
+
+
+def card_keep_rates(keep_rates: list[float], target) -> list:
+    """The keep rates of the card's table: the requested ones and the model's target (a per-layer list is one row),
+    highest first."""
+    uniform = sorted({float(rate) for rate in keep_rates} | ({target} if not isinstance(target, list) else set()))
+    return ([target] if isinstance(target, list) else []) + uniform[::-1]
+
+
+def card_training_settings(model_args: ModelArguments, distillation_args: DistillationArguments, trained: bool):
+    """Rows of the card's settings table for the cost-budget options this run used."""
+    rows = {}
+    if model_args.match_macs_of_image_size is not None:
+        rows["keep rate chosen for the MACs of"] = f"the unreduced model at {model_args.match_macs_of_image_size} px"
+    if trained and distillation_args.distillation_alpha > 0:
+        rows["distillation from the unreduced model"] = (
+            f"alpha {distillation_args.distillation_alpha}, temperature {distillation_args.distillation_temperature}"
+        )
+    return rows
 
 
 def _folder_dataset_name(data_args: DataTrainingArguments) -> str:

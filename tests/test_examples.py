@@ -16,6 +16,7 @@ import evit_hf
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 sys.path.insert(0, EXAMPLES)
 
+import digits_budget_study  # noqa: E402
 import digits_demo  # noqa: E402
 import evaluate_keep_rates  # noqa: E402
 import run_image_classification  # noqa: E402
@@ -208,11 +209,11 @@ def test_labels_that_do_not_match_the_head(tmp_path):
     assert "eval_accuracy" in results
 
 
-def test_a_model_that_is_not_vit_deit_or_evit(tmp_path):
+def test_a_model_of_no_family_is_refused(tmp_path):
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
         tmp_path / "bert"
     )
-    with pytest.raises(ValueError, match="'bert' model; this script fine-tunes ViT"):
+    with pytest.raises(ValueError, match="'bert' model, of no family .*fine-tunes image classifiers of ViT, DeiT"):
         run_image_classification.main(training_args(tmp_path / "bert", tmp_path / "out"))
 
 
@@ -292,3 +293,19 @@ def test_digits_demo_reaches_its_target(tmp_path):
     at_target = next(row for row in summary["fine_tuned"] if row["keep_rate"] == 0.7)
     assert at_target["accuracy"] >= summary["vit_accuracy"] - 0.01
     assert summary["vit_accuracy"] > 0.9
+
+
+@pytest.mark.slow
+def test_digits_budget_study_quick_run(tmp_path):
+    # About 40 s: every measurement of the study, with one epoch, three steps per run and 32 calibration images.
+    summary = digits_budget_study.run(str(tmp_path), vit_epochs=1, fine_tune_steps=3, calibration_images=32)
+    assert [row["budget_of_keep_rate"] for row in summary["off_the_shelf"]] == [0.7, 0.5]
+    for row in summary["off_the_shelf"]:
+        assert row["calibrated"]["macs"] <= row["budget_macs"] and row["default"]["macs"] == row["budget_macs"]
+    runs = summary["fine_tuned"]
+    assert all(run["steps"] == 3 for run in runs.values())
+    larger = runs["40 px, MACs of 32 px"]
+    assert larger["image_size"] == 40 and larger["macs"] <= runs["unreduced, 32 px"]["macs"]
+    saved = json.loads((tmp_path / "budget_study.json").read_text())
+    assert saved["fine_tuned"] == runs
+    assert "| 40 px, MACs of 32 px |" in (tmp_path / "budget_study.md").read_text()
