@@ -147,7 +147,6 @@ def __dir__() -> list[str]:
 register_on_first_use.install()
 
 __all__ = [
-    "FAMILIES",
     "Accuracy",
     "DistillationTrainer",
     "EViTCLIPConfig",
@@ -184,6 +183,7 @@ __all__ = [
     "EViTMetaClip2VisionModelWithProjection",
     "EViTModel",
     "EViTModelOutput",
+    "FAMILIES",
     "KeepRateScheduler",
     "TopKAccuracy",
     "__version__",

@@ -215,6 +215,20 @@ def whole_number_at_least(minimum: int, what: str):
     return parse
 
 
+def image_size_argument(text: str) -> int:
+    """argparse type of an image size: what no model takes is refused here; the model's patch size, the lower bound,
+    is checked once the model is known."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"an image size is a whole number of pixels, at least 1 and at least the model's patch size; got {text}"
+        )
+    return value
+
+
 def yes_no_argument(value: str) -> bool:
     """argparse type of a yes/no switch given as a value (`--compile no yes`)."""
     if value.lower() in ("yes", "true", "1", "compiled"):
@@ -243,9 +257,7 @@ def benchmark_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-sizes", type=whole_number_at_least(1, "a batch size"), nargs="+", default=default("batch_sizes")
     )
-    parser.add_argument(
-        "--image-sizes", type=whole_number_at_least(1, "an image size"), nargs="+", default=default("image_sizes")
-    )
+    parser.add_argument("--image-sizes", type=image_size_argument, nargs="+", default=default("image_sizes"))
     parser.add_argument("--attn-implementations", nargs="+", default=default("attn_implementations"))
     parser.add_argument("--dtypes", nargs="+", default=default("dtypes"), choices=DTYPE_NAMES)
     parser.add_argument("--devices", nargs="+", default=default("devices"))
@@ -260,7 +272,7 @@ def benchmark_parser() -> argparse.ArgumentParser:
         "--rounds", type=whole_number_at_least(1, "the number of timed rounds"), default=default("rounds")
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--resolutions", type=whole_number_at_least(1, "an image size"), nargs="*", default=None,
+    parser.add_argument("--resolutions", type=image_size_argument, nargs="*", default=None,
                         help="also compare EViT at these sizes with the stock model at 224 px")  # fmt: skip
     parser.add_argument("--overhead", action="store_true", help="also profile the reorganization's share")
     parser.add_argument("--backend-difference", action="store_true", help="also compare eager and SDPA logits")

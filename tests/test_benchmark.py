@@ -17,8 +17,12 @@ from evit_hf.benchmark import (
     reorganization_overhead,
     run_benchmark,
 )
-from evit_hf.benchmark import main as benchmark_main
+
 from evit_hf.cli import main as cli_main
+
+
+def benchmark_main(argv):
+    return cli_main(["benchmark", *argv])
 
 from .fake_clock import FakeClock
 
@@ -174,7 +178,8 @@ def test_checkpoint_folders_describing_no_classifier_are_refused(field, value, t
         cli_main(["benchmark", "--model", str(tmp_path), "--image-sizes", "16", "--no-progress"])
     assert exit_info.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
+    needs = "a classifier needs" if field == "num_labels" else "the model needs"
     assert line == (
-        f"evit-hf benchmark: error: argument --model: {tmp_path}/config.json has {field}={value}, where a ViT "
-        "classifier needs a whole number >= 1; give a folder written by save_pretrained"
+        f"evit-hf benchmark: error: argument --model: {tmp_path}/config.json has {field}={value}, where {needs} a "
+        "whole number >= 1; give a folder written by save_pretrained"
     )

@@ -91,7 +91,7 @@ BENCHMARK_ERRORS = {
     "shape": (["--model", "deit-huge"], "argument --model: must be one of deit-tiny, deit-small, deit-base, vit-base"),
     "missing-folder": (["--model", "@missing"], "or a checkpoint folder; "),
     "no-config": (["--model", "@empty"], "has no config.json; give a folder written by save_pretrained"),
-    "not-vit": (["--model", "@convnext"], "holds a 'convnext' model; the benchmark builds ViT models"),
+    "not-vit": (["--model", "@convnext"], "holds a 'convnext' model; the benchmark builds ViT, DeiT, CLIP"),
     "attention": (["--attn-implementations", "sdpa", "fast"], "argument --attn-implementations: cannot use 'fast'"),
     "output-dir": (["--output-dir", "@a_file/results"], "argument --output-dir: cannot write into"),
     "output-dir-is-a-file": (["--output-dir", "@a_file"], "a_file is a file, not a folder"),
