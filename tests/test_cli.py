@@ -238,8 +238,10 @@ def test_console_script_refuses_a_malformed_checkpoint_in_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "evit-hf convert: error: the state dict has keys that are not parameter names: 7;"
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("evit-hf convert: error: the state dict has keys that are not parameter names: 7;")
     ), result.stderr
     assert not (tmp_path / "out").exists()
 
