@@ -2,7 +2,9 @@
 
 `import evit_hf` imports neither torch nor transformers, so it cannot register then. It installs
 `register_on_first_use` instead: the registration runs once, at the first lookup in an Auto mapping (`AutoConfig`,
-`AutoModel*`, `AutoImageProcessor`, `pipeline` all start with one) or the first public name used from `evit_hf`.
+`AutoModel*`, `AutoImageProcessor`, `pipeline` all start with one), the first public name used from `evit_hf`, or the
+first evit_hf module loaded once torch is (a model file imported directly: its `save_pretrained` writes the `auto_map`
+that the registration sets up).
 """
 
 import importlib.abc
@@ -55,6 +57,8 @@ _MAPPING_CLASSES = {
     "transformers.models.auto.configuration_auto": "_LazyConfigMapping",
     "transformers.models.auto.auto_factory": "_LazyAutoMapping",
 }
+# This package's modules: loaded once torch is, they register (see `_RegisterOnFirstUse.loaded`).
+_OWN_MODULES = (__name__.rpartition(".")[0] + ".",)
 # Their methods that read the mapping (`register` writes, and is left alone); some lookups read the mapping's
 # `_extra_content` (the registered entries) directly, so that attribute is watched too.
 _EXTRA_CONTENT = "_extra_content"
@@ -84,9 +88,10 @@ class _RegisterOnFirstUse(importlib.abc.MetaPathFinder):
         if not self.registered and self not in sys.meta_path:
             sys.meta_path.insert(0, self)
 
-    def now(self) -> None:
-        """Registers, unless done, underway in this thread, or unsafe while a transformers module imports."""
-        if self.registered or self._running or _transformers_module_importing():
+    def now(self, loading: str | None = None) -> None:
+        """Registers, unless done, underway in this thread, or unsafe while a transformers or evit_hf module other
+        than `loading` (the module whose loading calls this) imports."""
+        if self.registered or self._running or _module_importing(besides=loading):
             return
         with self._lock:
             if self.registered or self._running:
@@ -102,7 +107,7 @@ class _RegisterOnFirstUse(importlib.abc.MetaPathFinder):
                 sys.meta_path.remove(self)
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in _MAPPING_CLASSES or self.registered:
+        if self.registered or not (fullname in _MAPPING_CLASSES or fullname.startswith(_OWN_MODULES)):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -113,6 +118,13 @@ class _RegisterOnFirstUse(importlib.abc.MetaPathFinder):
                     spec.loader = _LoaderThenWrap(spec.loader, self)
                 return spec
         return None
+
+    def loaded(self, module) -> None:
+        """Called once `module` (watched by `find_spec`) has run."""
+        if module.__name__ in _MAPPING_CLASSES:
+            self._wrap_lookups(module)
+        elif "torch" in sys.modules:  # modules that need no torch (the command line) never trigger its import
+            self.now(loading=module.__name__)
 
     def _wrap_lookups(self, module) -> None:
         mapping_class = getattr(module, _MAPPING_CLASSES[module.__name__], None)
@@ -150,7 +162,7 @@ class _RegisterOnFirstUse(importlib.abc.MetaPathFinder):
 
 
 class _LoaderThenWrap(importlib.abc.Loader):
-    """The module's own loader, then the lookup wrapping once the module has run."""
+    """The module's own loader, then `_RegisterOnFirstUse.loaded` once the module has run."""
 
     def __init__(self, loader, hook: _RegisterOnFirstUse):
         self._loader, self._hook = loader, hook
@@ -161,7 +173,7 @@ class _LoaderThenWrap(importlib.abc.Loader):
     def exec_module(self, module):
         module.__loader__ = module.__spec__.loader = self._loader  # the module sees the loader it always had
         self._loader.exec_module(module)
-        self._hook._wrap_lookups(module)
+        self._hook.loaded(module)
 
     def __getattr__(self, name):
         return getattr(self._loader, name)
@@ -171,12 +183,13 @@ def _write_extra_content(mapping, value) -> None:
     mapping.__dict__[_EXTRA_CONTENT] = value
 
 
-def _transformers_module_importing() -> bool:
-    """Whether a transformers module is part-way through its import (its spec says so while its code runs)."""
+def _module_importing(besides: str | None = None) -> bool:
+    """Whether a transformers or evit_hf module other than `besides` is part-way through its import (its spec says so
+    while its code runs): the registration imports every family's models, which such a module may not be ready for."""
     return any(
         getattr(getattr(module, "__spec__", None), "_initializing", False)
         for name, module in list(sys.modules.items())
-        if name.startswith("transformers.")
+        if name.startswith(("transformers.", *_OWN_MODULES)) and name != besides
     )
 
 

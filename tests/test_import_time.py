@@ -198,12 +198,14 @@ def test_pipeline_and_image_processor_load_a_saved_folder_right_after_import(sav
 
 
 @pytest.mark.slow  # a fresh process importing torch: ~4 s on 2 loaded cores
-def test_save_pretrained_writes_auto_map_when_only_a_model_name_was_used(tmp_path):
-    # The registration that `save_pretrained`'s auto_map needs has run by the time a public name is used.
+def test_save_pretrained_writes_auto_map_when_only_model_files_were_imported(tmp_path):
+    # The registration that `save_pretrained`'s auto_map needs has run once a model file is loaded, with no Auto class
+    # nor public name used.
     written = run_python(
         """
         import json, sys
-        from evit_hf import EViTConfig, EViTForImageClassification
+        from evit_hf.configuration_evit import EViTConfig
+        from evit_hf.modeling_evit import EViTForImageClassification
         config = EViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
                             image_size=8, patch_size=4)
         EViTForImageClassification(config).save_pretrained(sys.argv[1])
