@@ -180,13 +180,9 @@ class FolderModel:
         return getattr(self.config, "vision_config", None) or self.config
 
 
-def _folder_model(model: str) -> FolderModel:
-    """The configuration, family and classes of a checkpoint folder; `InvalidBenchmarkSetting` for anything else."""
-    return _read_folder(os.path.abspath(model))
-
-
-@functools.cache
-def _read_folder(folder: str) -> FolderModel:
+def _folder_model(folder: str) -> FolderModel:
+    """The configuration, family and classes of a checkpoint folder; `InvalidBenchmarkSetting` for anything else.
+    Read each time (a few milliseconds): a folder may change between runs in one process."""
     from transformers import AutoConfig
 
     from .families import FAMILIES, family_for_model_type
