@@ -1,10 +1,15 @@
-"""Speed of EViT against the stock transformers model with the same weights, measured in one process.
+"""Speed of EViT against the stock transformers model with the same weights, measured in one process: the library
+behind `evit-hf benchmark` (whose options `cli.py` parses), taking plain values.
 
-    evit-hf benchmark --model deit-small --batch-sizes 32 --keep-rates 0.9 0.8 0.7 0.6 0.5 --output-dir outputs/bench
+    settings = BenchmarkSettings(model="deit-small", batch_sizes=[1, 4, 32], keep_rates=[0.7, 0.5])
+    results = run_benchmark(settings)  # {"environment", "settings", "rows", "small_batches"}
+    write_benchmark_files(results, "outputs/bench")
 
 Models run in alternation (one call of each per round, after a warm-up), so that drifts of the machine hit every model
 alike; each row reports the median and the spread of its rounds, images/s, latency, peak memory, and its speed-up over
-the stock model next to the MACs ratio (the bound for a speed-up that comes from doing less arithmetic).
+the stock model next to the MACs ratio (the bound for a speed-up that comes from doing less arithmetic). The
+small-batch report (`smallest_batches_at_bound`) gives, per model and keep rate, the smallest batch size measured at
+which EViT reaches `BOUND_SHARE` (95%) of its MACs ratio.
 """
 
 import copy
@@ -349,7 +354,8 @@ def build_models(
 ):
     """A stock model and its EViT model of the same shape and weights, in eval mode. A named shape builds its
     family's benchmark model (`ViTForImageClassification`, `CLIPVisionModelWithProjection`, ...); a checkpoint folder
-    of any family builds the model its configuration names, with random weights, and its EViT conversion."""
+    of any family builds the model its configuration names, with random weights, and its EViT conversion. `dtype` is
+    a name of `DTYPE_NAMES` or a torch dtype."""
     import torch
 
     from .patch import apply_evit
