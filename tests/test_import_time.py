@@ -153,6 +153,7 @@ def saved_evit_folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # a fresh process importing torch: ~4 s on 2 loaded cores
 def test_auto_model_loads_a_saved_folder_right_after_import(saved_evit_folder):
     loaded = run_python(
         f"""
@@ -217,3 +218,54 @@ def test_save_pretrained_writes_auto_map_when_only_model_files_were_imported(tmp
         "AutoConfig": "configuration_evit.EViTConfig",
         "AutoModelForImageClassification": "modeling_evit.EViTForImageClassification",
     }
+
+
+def test_registration_hook_registers_once_at_the_first_auto_lookup(monkeypatch):
+    # The hook of `import evit_hf`, on transformers' mapping classes as they are loaded here: the first lookup
+    # registers and puts the original methods back; a lookup while a transformers module imports waits.
+    from transformers import AutoConfig, AutoModel, ViTConfig
+    from transformers.models.auto.auto_factory import _LazyAutoMapping
+    from transformers.models.auto.configuration_auto import _LazyConfigMapping
+
+    from evit_hf import auto_registration
+
+    calls = []
+    monkeypatch.setattr(auto_registration, "register_evit_auto_classes", lambda: calls.append("registered"))
+    originals = {cls: dict(vars(cls)) for cls in (_LazyAutoMapping, _LazyConfigMapping)}
+    hook = auto_registration._RegisterOnFirstUse()
+    hook.install()
+    try:
+        assert _LazyConfigMapping.__getitem__ is not originals[_LazyConfigMapping]["__getitem__"]
+        assert hook in sys.meta_path
+        importing = True
+        monkeypatch.setattr(auto_registration, "_module_importing", lambda besides=None: importing)
+        assert type(AutoConfig.for_model("vit")) is ViTConfig and calls == []  # waits for the import to end
+        importing = False
+        assert ViTConfig in AutoModel._model_mapping and calls == ["registered"]
+        AutoConfig.for_model("vit")
+        assert calls == ["registered"] and hook.registered and hook not in sys.meta_path
+        for cls, methods in originals.items():
+            assert dict(vars(cls)) == methods  # the originals are back, and no watched attribute is left
+    finally:
+        hook._unwrap_lookups()
+        if hook in sys.meta_path:
+            sys.meta_path.remove(hook)
+
+
+def test_registration_hook_registers_when_a_mapping_reads_its_entries_directly(monkeypatch):
+    # `AutoImageProcessor` reads `IMAGE_PROCESSOR_MAPPING._extra_content` without a lookup method.
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+
+    from evit_hf import auto_registration
+
+    calls = []
+    monkeypatch.setattr(auto_registration, "register_evit_auto_classes", lambda: calls.append("registered"))
+    hook = auto_registration._RegisterOnFirstUse()
+    hook.install()
+    try:
+        entries = IMAGE_PROCESSOR_MAPPING._extra_content
+        assert calls == ["registered"] and entries is vars(IMAGE_PROCESSOR_MAPPING)["_extra_content"]
+    finally:
+        hook._unwrap_lookups()
+        if hook in sys.meta_path:
+            sys.meta_path.remove(hook)
