@@ -1,14 +1,20 @@
-"""Speed of EViT against the stock transformers model with the same weights, measured in one process.
+"""Speed of EViT against the stock transformers model with the same weights, measured in one process: the library
+behind `evit-hf benchmark` (whose options `cli.py` parses), taking plain values.
 
-    evit-hf benchmark --model deit-small --batch-sizes 32 --keep-rates 0.9 0.8 0.7 0.6 0.5 --output-dir outputs/bench
+    settings = BenchmarkSettings(model="deit-small", batch_sizes=[1, 4, 32], keep_rates=[0.7, 0.5])
+    results = run_benchmark(settings)  # {"environment", "settings", "rows", "small_batches"}
+    write_benchmark_files(results, "outputs/bench")
 
 Models run in alternation (one call of each per round, after a warm-up), so that drifts of the machine hit every model
 alike; each row reports the median and the spread of its rounds, images/s, latency, peak memory, and its speed-up over
-the stock model next to the MACs ratio (the bound for a speed-up that comes from doing less arithmetic).
+the stock model next to the MACs ratio (the bound for a speed-up that comes from doing less arithmetic). The
+small-batch report (`smallest_batches_at_bound`) gives, per model and keep rate, the smallest batch size measured at
+which EViT reaches `BOUND_SHARE` (95%) of its MACs ratio.
 """
 
-import argparse
+import copy
 import ctypes
+import functools
 import gc
 import importlib.util
 import inspect
@@ -21,31 +27,58 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
-from tqdm.auto import tqdm
-from transformers import AutoConfig
-
-from .cli import one_line, writable_folder_problem
-from .families import FAMILIES, FAMILIES_BY_NAME, benchmark_shapes
-from .macs import count_macs
-from .token_reorganization import class_token_attention, reorganize_tokens, track_token_positions
+from .messages import one_line, writable_folder_problem
 
 
-# Model shapes by name (random weights: speed does not depend on them), from each family's record.
-SHAPES = {name: shape for name, (_, shape) in benchmark_shapes().items()}
-# The classes each family benchmarks: (stock config, stock model, EViT config, EViT model).
-FAMILY_CLASSES = {family.name: family.benchmark_classes for family in FAMILIES if family.benchmark_classes}
-SHAPE_FAMILIES = {name: family.name for name, (family, _) in benchmark_shapes().items()}
-# Checkpoint folders hold models of this family (the first one).
-FOLDER_FAMILY = FAMILIES[0].name
+# torch, transformers and the family table (which imports every family's models) load on first use, not at import:
+# `evit-hf` imports this module to read its defaults and checks its arguments before torch loads.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# A row whose speed-up is this share of its MACs ratio or more has reached the bound (the small-batch report).
+BOUND_SHARE = 0.95
+
+
+@functools.cache
+def _tables() -> dict:
+    import torch
+
+    from .families import FAMILIES, benchmark_shapes
+
+    shapes = benchmark_shapes()
+    return {
+        # Model shapes by name (random weights: speed does not depend on them), from each family's record.
+        "SHAPES": {name: shape for name, (_, shape) in shapes.items()},
+        # The classes each family benchmarks: (stock config, stock model, EViT config, EViT model).
+        "FAMILY_CLASSES": {family.name: family.benchmark_classes for family in FAMILIES if family.benchmark_classes},
+        "SHAPE_FAMILIES": {name: family.name for name, (family, _) in shapes.items()},
+        "DTYPES": {name: getattr(torch, name) for name in DTYPE_NAMES},
+    }
+
+
+def __getattr__(name: str):
+    if name in ("SHAPES", "FAMILY_CLASSES", "SHAPE_FAMILIES", "DTYPES"):
+        return _tables()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def shape_names() -> list[str]:
+    """The named shapes `--model` takes (besides checkpoint folders)."""
+    return list(_tables()["SHAPES"])
+
+
+def _torch_dtype(dtype):
+    """A torch dtype from its name (or the dtype itself)."""
+    return _tables()["DTYPES"][dtype] if isinstance(dtype, str) else dtype
+
+
+def is_shape_name(model: str) -> bool:
+    return model in _tables()["SHAPES"]
 
 
 def model_family(model: str) -> str:
-    """The family name of a named shape (checkpoint folders are of `FOLDER_FAMILY`)."""
-    return SHAPE_FAMILIES.get(model, FOLDER_FAMILY)
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    """The family name of a named shape or of a checkpoint folder."""
+    if is_shape_name(model):
+        return _tables()["SHAPE_FAMILIES"][model]
+    return _folder_model(model).family.name
 
 
 class InvalidBenchmarkSetting(ValueError):
@@ -96,9 +129,11 @@ class BenchmarkSettings:
             if not _is_whole(batch_size) or batch_size < 1:
                 raise InvalidBenchmarkSetting("batch_sizes", f"a batch size is a whole number >= 1, got {batch_size}")
         check_image_sizes(self.image_sizes, patch_size, self.model)
-        unknown = [dtype for dtype in self.dtypes if dtype not in DTYPES]
+        unknown = [dtype for dtype in self.dtypes if dtype not in DTYPE_NAMES]
         if unknown:
-            raise InvalidBenchmarkSetting("dtypes", f"must be among {', '.join(DTYPES)}, got {', '.join(unknown)}")
+            raise InvalidBenchmarkSetting(
+                "dtypes", f"must be among {', '.join(DTYPE_NAMES)}, got {', '.join(unknown)}"
+            )
         unknown = [mode for mode in self.modes if mode not in ("inference", "train")]
         if unknown:
             raise InvalidBenchmarkSetting("modes", f"must be inference and/or train, got {', '.join(unknown)}")
@@ -110,8 +145,8 @@ class BenchmarkSettings:
             raise InvalidBenchmarkSetting(
                 "rounds", f"the number of timed rounds is a whole number >= 1, got {self.rounds}"
             )
-        benchmarked_class = FAMILY_CLASSES[model_family(self.model)][1]
-        if "train" in self.modes and "labels" not in inspect.signature(benchmarked_class.forward).parameters:
+        benchmarked_class = benchmarked_stock_class(self.model)
+        if "train" in self.modes and not _takes_labels(benchmarked_class):
             raise InvalidBenchmarkSetting(
                 "modes",
                 f"train needs a classification loss; {self.model} is a {benchmarked_class.__name__} and has "
@@ -135,47 +170,106 @@ def _is_whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def model_patch_size(model: str) -> int:
-    """The patch size of a named shape or of a ViT checkpoint folder; `InvalidBenchmarkSetting` for anything else."""
-    if model in SHAPES:
-        return SHAPES[model].get("patch_size", 16)
-    if not os.path.isdir(model):
+@dataclass(frozen=True)
+class FolderModel:
+    """What the benchmark builds from a checkpoint folder: its configuration, family and (stock, EViT) classes."""
+
+    config: object
+    family: object
+    stock_class: type
+    evit_class: type
+
+    @property
+    def tower_config(self):
+        """The configuration that holds the image settings (a CLIP-style model's vision tower's)."""
+        return getattr(self.config, "vision_config", None) or self.config
+
+
+def _folder_model(folder: str) -> FolderModel:
+    """The configuration, family and classes of a checkpoint folder; `InvalidBenchmarkSetting` for anything else.
+    Read each time (a few milliseconds): a folder may change between runs in one process."""
+    from transformers import AutoConfig
+
+    from .families import FAMILIES, family_for_model_type
+
+    if not os.path.isdir(folder):
         raise InvalidBenchmarkSetting(
-            "model", f"must be one of {', '.join(SHAPES)} or a checkpoint folder; {model!r} is neither"
+            "model", f"must be one of {', '.join(shape_names())} or a checkpoint folder; {folder!r} is neither"
         )
-    if not os.path.isfile(os.path.join(model, "config.json")):
-        raise InvalidBenchmarkSetting("model", f"{model} has no config.json; give a folder written by save_pretrained")
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as error:
+    if not os.path.isfile(os.path.join(folder, "config.json")):
         raise InvalidBenchmarkSetting(
-            "model", f"cannot read the configuration in {model}: {one_line(error)}"
+            "model", f"{folder} has no config.json; give a folder written by save_pretrained"
+        )
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as error:
+        raise InvalidBenchmarkSetting(
+            "model", f"cannot read the configuration in {folder}: {one_line(error)}"
         ) from None
-    folder_model_types = FAMILIES_BY_NAME[FOLDER_FAMILY].model_types
-    if config.model_type not in folder_model_types:
+    family = family_for_model_type(config.model_type)
+    if family is None:
+        names = ", ".join(each.display_name for each in FAMILIES)
         raise InvalidBenchmarkSetting(
             "model",
-            f"{model} holds a {config.model_type!r} model; the benchmark builds ViT models: model_type "
-            f"{' or '.join(repr(name) for name in folder_model_types)} (ViT and non-distilled DeiT checkpoints)",
+            f"{folder} holds a {config.model_type!r} model; the benchmark builds {names} models and their EViT "
+            "versions",
         )
-    problem = config_shape_problem(config)
+    # The model the folder's `architectures` names (stock or EViT); without one, the family's benchmark model.
+    named = set(config.architectures or [])
+    pairs = [(stock, evit) for stock, evit in family.models.items() if {stock.__name__, evit.__name__} & named]
+    if not pairs:
+        pairs = [family.benchmark_models or next(iter(family.models.items()))]
+    stock_class, evit_class = pairs[0]
+    config = copy.deepcopy(config)
+    config.architectures = [stock_class.__name__]
+    return FolderModel(config, family, stock_class, evit_class)
+
+
+def model_patch_size(model: str) -> int:
+    """The patch size of a named shape or of a checkpoint folder; `InvalidBenchmarkSetting` for anything else."""
+    if is_shape_name(model):
+        return _tables()["SHAPES"][model].get("patch_size", 16)
+    folder_model = _folder_model(model)
+    problem = config_shape_problem(folder_model)
     if problem:
         raise InvalidBenchmarkSetting(
             "model", f"{model}/config.json {problem}; give a folder written by save_pretrained"
         )
-    patch_size = config.patch_size
+    patch_size = folder_model.tower_config.patch_size
     return patch_size if isinstance(patch_size, int) else max(patch_size)
 
 
-def config_shape_problem(config) -> str | None:
-    """Why a ViT configuration describes no model the benchmark can build and train, or None if it does."""
-    for name in ("hidden_size", "num_attention_heads", "intermediate_size", "num_labels"):
-        value = getattr(config, name, None)
+def config_shape_problem(folder_model: FolderModel) -> str | None:
+    """Why a folder's configuration describes no model the benchmark can build and run, or None if it does."""
+    tower = folder_model.tower_config
+    sizes = [name for name in ("hidden_size", "num_attention_heads", "intermediate_size") if hasattr(tower, name)]
+    for name in sizes:
+        value = getattr(tower, name)
         if not _is_whole(value) or value < 1:
-            return f"has {name}={value!r}, where a ViT classifier needs a whole number >= 1"
-    if not _is_whole(config.num_hidden_layers) or config.num_hidden_layers < 0:
-        return f"has num_hidden_layers={config.num_hidden_layers!r}, where a ViT needs a whole number >= 0"
+            return f"has {name}={value!r}, where the model needs a whole number >= 1"
+    if not _is_whole(tower.num_hidden_layers) or tower.num_hidden_layers < 0:
+        return f"has num_hidden_layers={tower.num_hidden_layers!r}, where the model needs a whole number >= 0"
+    if _takes_labels(folder_model.stock_class) and (not _is_whole(folder_model.config.num_labels)
+                                                     or folder_model.config.num_labels < 1):  # fmt: skip
+        return f"has num_labels={folder_model.config.num_labels!r}, where a classifier needs a whole number >= 1"
     return None
+
+
+def benchmarked_stock_class(model: str) -> type:
+    """The stock class the benchmark times for a named shape or a checkpoint folder."""
+    if is_shape_name(model):
+        return _tables()["FAMILY_CLASSES"][model_family(model)][1]
+    return _folder_model(model).stock_class
+
+
+def _takes_labels(model_class: type) -> bool:
+    """Whether the model computes a loss (a training step needs one)."""
+    return "labels" in inspect.signature(model_class.forward).parameters
+
+
+def _takes_text(model) -> bool:
+    """Whether the model has a text tower too (CLIP-style): the benchmark then times its image features only."""
+    return hasattr(model, "get_image_features") and hasattr(model, "get_text_features")
 
 
 def check_image_sizes(image_sizes, patch_size: int, model: str, field_name: str = "image_sizes") -> None:
@@ -192,6 +286,8 @@ def check_image_sizes(image_sizes, patch_size: int, model: str, field_name: str 
 
 def device_problem(device: str) -> str | None:
     """Why `device` cannot run the benchmark here, or None if it can."""
+    import torch
+
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
@@ -221,7 +317,9 @@ def attn_implementation_problem(attn_implementation: str) -> str | None:
     config = dict(
         hidden_size=4, num_hidden_layers=1, num_attention_heads=1, intermediate_size=4, image_size=4, patch_size=4
     )
-    stock_config_class, stock_class, evit_config_class, evit_class = FAMILY_CLASSES[FOLDER_FAMILY]
+    import torch
+
+    stock_config_class, stock_class, evit_config_class, evit_class = next(iter(_tables()["FAMILY_CLASSES"].values()))
     try:
         with torch.device("meta"):
             stock_class(stock_config_class(**config, attn_implementation=attn_implementation))
@@ -232,14 +330,18 @@ def attn_implementation_problem(attn_implementation: str) -> str | None:
 
 
 def model_config_settings(model: str, image_size: int) -> dict:
-    """Keyword arguments of a ViT configuration of the named shape, or of a checkpoint folder, at `image_size`."""
-    if model in SHAPES:
-        return dict(dict(patch_size=16, num_labels=1000, layer_norm_eps=1e-6), **SHAPES[model], image_size=image_size)
-    config = AutoConfig.from_pretrained(model)
-    if config.model_type not in FAMILIES_BY_NAME[FOLDER_FAMILY].model_types:
-        raise ValueError(f"The benchmark builds ViT-family models; {model} is {config.model_type!r}.")
-    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size", "num_labels")
-    return dict({key: getattr(config, key) for key in keys}, image_size=image_size)
+    """Keyword arguments of the configuration of a named shape at `image_size`."""
+    return dict(
+        dict(patch_size=16, num_labels=1000, layer_norm_eps=1e-6), **_tables()["SHAPES"][model], image_size=image_size
+    )
+
+
+def folder_config(model: str, image_size: int):
+    """A checkpoint folder's configuration (its stock model named in `architectures`), at `image_size`."""
+    folder_model = _folder_model(model)
+    config = copy.deepcopy(folder_model.config)
+    (getattr(config, "vision_config", None) or config).image_size = image_size
+    return config
 
 
 def build_models(
@@ -247,35 +349,56 @@ def build_models(
     image_size: int = 224,
     attn_implementation: str = "sdpa",
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype="float32",
     device: str = "cpu",
 ):
-    """A stock model and its EViT model of the same shape and weights, in eval mode: `ViTForImageClassification`,
-    `CLIPVisionModelWithProjection` or `Dinov2ForImageClassification` by the shape's family."""
-    settings = model_config_settings(model, image_size)
-    stock_config_class, stock_class, evit_config_class, evit_class = FAMILY_CLASSES[model_family(model)]
+    """A stock model and its EViT model of the same shape and weights, in eval mode. A named shape builds its
+    family's benchmark model (`ViTForImageClassification`, `CLIPVisionModelWithProjection`, ...); a checkpoint folder
+    of any family builds the model its configuration names, with random weights, and its EViT conversion. `dtype` is
+    a name of `DTYPE_NAMES` or a torch dtype."""
+    import torch
+
+    from .patch import apply_evit
+
+    dtype = _torch_dtype(dtype)
     torch.manual_seed(seed)
-    stock = stock_class(stock_config_class(**settings, attn_implementation=attn_implementation))
-    evit = evit_class(evit_config_class(**settings, attn_implementation=attn_implementation))
-    evit.load_state_dict(stock.state_dict())
+    if is_shape_name(model):
+        settings = model_config_settings(model, image_size)
+        stock_config_class, stock_class, evit_config_class, evit_class = _tables()["FAMILY_CLASSES"][
+            model_family(model)
+        ]
+        stock = stock_class(stock_config_class(**settings, attn_implementation=attn_implementation))
+        evit = evit_class(evit_config_class(**settings, attn_implementation=attn_implementation))
+        evit.load_state_dict(stock.state_dict())
+    else:
+        stock_class = _folder_model(model).stock_class
+        stock = stock_class._from_config(folder_config(model, image_size), attn_implementation=attn_implementation)
+        # The conversion the EViT constructors run, on a copy: the same weights by construction.
+        evit = apply_evit(copy.deepcopy(stock))
     return stock.to(device, dtype).eval(), evit.to(device, dtype).eval()
 
 
 def _synchronize(device: str) -> None:
     """Waits for the device's queued work, so that a timing covers the computation and not just its launch."""
+    import torch
+
     device_type = torch.device(device).type
     if device_type != "cpu":
         getattr(torch, device_type).synchronize()
 
 
 def _step_function(model, pixel_values, labels, mode: str, keep_rate):
-    """One inference call, or one training step (forward, backward, optimizer step), of `model`."""
+    """One inference call, or one training step (forward, backward, optimizer step), of `model`. A model with a text
+    tower too runs its image features: the text tower runs once per text, not per image."""
+    import torch
+
     arguments = {} if keep_rate is None else {"keep_rate": keep_rate}
     if mode == "inference":
+        forward = model.get_image_features if _takes_text(model) else model
 
         def step():
             with torch.inference_mode():
-                return model(pixel_values, **arguments)
+                return forward(pixel_values, **arguments)
 
         return step
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -301,8 +424,10 @@ def _resident_memory() -> tuple[int, int]:
 
 def _measure_cpu_peak_memories(queue, model, image_size, attn_implementation, dtype, mode, batch_size, keep_rates):
     """In a fresh process: for each keep rate (None: the stock model), how far one step raises the resident memory."""
-    stock, evit = build_models(model, image_size, attn_implementation, 0, DTYPES[dtype])
-    pixel_values = torch.randn(batch_size, 3, image_size, image_size, dtype=DTYPES[dtype])
+    import torch
+
+    stock, evit = build_models(model, image_size, attn_implementation, 0, dtype)
+    pixel_values = torch.randn(batch_size, 3, image_size, image_size, dtype=_torch_dtype(dtype))
     labels = torch.zeros(batch_size, dtype=torch.long)
     peaks = []
     for keep_rate in keep_rates:
@@ -344,6 +469,8 @@ def _cpu_peak_memories(group: dict, keep_rates: list, settings) -> list[int]:
 
 def _cuda_peak_memory(step) -> int:
     """Peak memory one step adds, from CUDA's allocator statistics."""
+    import torch
+
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated()
@@ -353,7 +480,11 @@ def _cuda_peak_memory(step) -> int:
 
 
 def run_benchmark(settings: BenchmarkSettings, progress: bool = True) -> dict:
-    """Measures every combination in `settings`. Returns {"environment": ..., "settings": ..., "rows": [...]}."""
+    """Measures every combination in `settings`. Returns {"environment": ..., "settings": ..., "rows": [...],
+    "small_batches": [...]} (`smallest_batches_at_bound` of the rows)."""
+    import torch
+    from tqdm.auto import tqdm
+
     groups = [
         dict(zip(("batch_size", "image_size", "attn_implementation", "dtype", "device", "compiled", "mode"), values,
                  strict=True))
@@ -373,11 +504,20 @@ def run_benchmark(settings: BenchmarkSettings, progress: bool = True) -> dict:
         "cpu_count": os.cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    return {"environment": environment, "settings": asdict(settings), "rows": rows}
+    return {
+        "environment": environment,
+        "settings": asdict(settings),
+        "rows": rows,
+        "small_batches": smallest_batches_at_bound(rows),
+    }
 
 
 def _run_group(settings: BenchmarkSettings, group: dict, bar) -> list[dict]:
-    device, dtype, mode = group["device"], DTYPES[group["dtype"]], group["mode"]
+    import torch
+
+    from .macs import count_macs
+
+    device, dtype, mode = group["device"], _torch_dtype(group["dtype"]), group["mode"]
     batch_size, image_size = group["batch_size"], group["image_size"]
     stock, evit = build_models(settings.model, image_size, group["attn_implementation"], settings.seed, dtype, device)
     if mode == "train":
@@ -442,8 +582,11 @@ def _run_group(settings: BenchmarkSettings, group: dict, bar) -> list[dict]:
 
 
 def macs_config(model: str, image_size: int):
-    """The EViT configuration of the benchmarked model, naming its architecture (its head, for `count_macs`)."""
-    _, _, evit_config_class, evit_class = FAMILY_CLASSES[model_family(model)]
+    """The configuration of the benchmarked model, naming its architecture (its head, for `count_macs`): the EViT
+    configuration of a named shape; a folder's own, which counts as EViT with its (or the paper's) reduction layers."""
+    if not is_shape_name(model):
+        return folder_config(model, image_size)
+    _, _, evit_config_class, evit_class = _tables()["FAMILY_CLASSES"][model_family(model)]
     return evit_config_class(**model_config_settings(model, image_size), architectures=[evit_class.__name__])
 
 
@@ -459,6 +602,10 @@ def resolution_comparison(
 ) -> list[dict]:
     """EViT at larger inputs against the stock model at `reference_image_size` (the paper's "more tokens for the same
     cost"): images/s and MACs of each, alternating in one process."""
+    import torch
+
+    from .macs import count_macs
+
     stock, _ = build_models(model, reference_image_size, attn_implementation)
     runners = {("stock", reference_image_size): (stock, reference_image_size, None)}
     for size in image_sizes:
@@ -498,6 +645,10 @@ def reorganization_overhead(
 ) -> dict:
     """The share of an EViT forward spent reorganizing tokens: class-token attention row, scoring, top-k, gathering,
     fusion and position tracking, timed on the real tensors of each reduction layer, against the whole forward."""
+    import torch
+
+    from .token_reorganization import class_token_attention, reorganize_tokens, track_token_positions
+
     _, evit = build_models(model, image_size)
     pixel_values = torch.randn(batch_size, 3, image_size, image_size)
     captured = {}
@@ -611,6 +762,8 @@ def max_logit_difference_between_backends(
     model: str = "deit-small", keep_rate: float = 0.7, batch_size: int = 8, seed: int = 0
 ) -> dict:
     """Largest |logit difference| of EViT with eager against SDPA attention, same weights and inputs."""
+    import torch
+
     _, eager = build_models(model, attn_implementation="eager", seed=seed)
     _, sdpa = build_models(model, attn_implementation="sdpa", seed=seed)
     pixel_values = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
@@ -645,97 +798,95 @@ def output_dir_problem(output_dir: str) -> str | None:
     return None
 
 
-def _yes_no(value: str) -> bool:
-    if value.lower() in ("yes", "true", "1", "compiled"):
-        return True
-    if value.lower() in ("no", "false", "0", "eager"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
+NOT_REACHED = "not reached"
+# The settings that make one small-batch entry: every row setting but the batch size.
+_SMALL_BATCH_KEYS = ("model", "mode", "device", "dtype", "compiled", "image_size", "attn_implementation", "keep_rate")
 
 
-def main(argv=None) -> dict:
-    defaults = BenchmarkSettings()
-    parser = argparse.ArgumentParser(
-        prog="evit-hf benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def smallest_batches_at_bound(rows: list[dict], share: float = BOUND_SHARE) -> list[dict]:
+    """Per model and keep rate (and each other setting but the batch size): the smallest measured batch size at which
+    EViT's speed-up reaches `share` of its MACs ratio, or `NOT_REACHED` where no measured batch size does."""
+    entries = {}
+    for row in rows:
+        if row["variant"] != "evit":
+            continue
+        key = tuple(row[name] for name in _SMALL_BATCH_KEYS)
+        entry = entries.setdefault(
+            key,
+            dict(zip(_SMALL_BATCH_KEYS, key, strict=True), macs_ratio=row["macs_ratio"], speedup_over_macs_ratio={}),
+        )
+        entry["speedup_over_macs_ratio"][row["batch_size"]] = row["speedup_over_macs_ratio"]
+    for entry in entries.values():
+        reached = sorted(size for size, ratio in entry["speedup_over_macs_ratio"].items() if ratio >= share)
+        entry["smallest_batch_size"] = reached[0] if reached else NOT_REACHED
+        entry["bound_share"] = share
+    return list(entries.values())
+
+
+def small_batch_markdown(entries: list[dict]) -> str:
+    """The small-batch report as a markdown table: one line per model and keep rate (and other setting)."""
+    share = f"{entries[0]['bound_share']:.0%}" if entries else f"{BOUND_SHARE:.0%}"
+    columns = [*_SMALL_BATCH_KEYS, "macs_ratio", f"smallest batch size at {share} of the MACs ratio"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for entry in entries:
+        cells = [str(entry[name]) for name in _SMALL_BATCH_KEYS]
+        cells += [f"{entry['macs_ratio']:.3f}", str(entry["smallest_batch_size"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def results_markdown(results: dict) -> str:
+    """The rows' table and the small-batch report, as `evit-hf benchmark` prints them and writes benchmark.md."""
+    return markdown_table(results["rows"]) + "\n\n" + small_batch_markdown(results["small_batches"])
+
+
+def write_benchmark_files(results: dict, output_dir: str) -> None:
+    """benchmark.json (everything), benchmark.md (`results_markdown`) and benchmark.png (`plot_speedups`)."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "benchmark.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    with open(os.path.join(output_dir, "benchmark.md"), "w") as handle:
+        handle.write(results_markdown(results) + "\n")
+    plot_speedups(results["rows"], os.path.join(output_dir, "benchmark.png"))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether a run failed for memory: torch's `OutOfMemoryError`, or a CPU allocation failure (a `RuntimeError`)."""
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
     )
-    parser.add_argument("--model", default=defaults.model, help=f"{', '.join(SHAPES)}, or a ViT checkpoint folder")
-    parser.add_argument("--keep-rates", type=float, nargs="+", default=defaults.keep_rates)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=defaults.batch_sizes)
-    parser.add_argument("--image-sizes", type=int, nargs="+", default=defaults.image_sizes)
-    parser.add_argument("--attn-implementations", nargs="+", default=defaults.attn_implementations)
-    parser.add_argument("--dtypes", nargs="+", default=defaults.dtypes, choices=sorted(DTYPES))
-    parser.add_argument("--devices", nargs="+", default=defaults.devices)
-    parser.add_argument("--compile", type=_yes_no, nargs="+", default=defaults.compiled, help="no and/or yes")
-    parser.add_argument("--modes", nargs="+", default=defaults.modes, choices=["inference", "train"])
-    parser.add_argument("--warmup", type=int, default=defaults.warmup)
-    parser.add_argument("--rounds", type=int, default=defaults.rounds)
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--resolutions", type=int, nargs="*", default=None,
-                        help="also compare EViT at these sizes with the stock model at 224 px")  # fmt: skip
-    parser.add_argument("--overhead", action="store_true", help="also profile the reorganization's share")
-    parser.add_argument("--backend-difference", action="store_true", help="also compare eager and SDPA logits")
-    parser.add_argument("--output-dir", default=None, help="write benchmark.json, benchmark.md and benchmark.png")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-
-    # Every setting is checked here, before a model is built: a bad one ends with argparse's one-line error.
-    try:
-        settings = BenchmarkSettings(
-            model=args.model,
-            keep_rates=args.keep_rates,
-            batch_sizes=args.batch_sizes,
-            image_sizes=args.image_sizes,
-            attn_implementations=args.attn_implementations,
-            dtypes=args.dtypes,
-            devices=args.devices,
-            compiled=args.compile,
-            modes=args.modes,
-            warmup=args.warmup,
-            rounds=args.rounds,
-            measure_memory=not args.no_memory,
-        )
-        if args.resolutions:
-            check_image_sizes(args.resolutions, model_patch_size(args.model), args.model, field_name="resolutions")
-        for option, asked in (("overhead", args.overhead), ("backend_difference", args.backend_difference)):
-            if asked and model_family(args.model) != FOLDER_FAMILY:
-                raise InvalidBenchmarkSetting(option, f"measures ViT shapes only; {args.model} is not one")
-    except InvalidBenchmarkSetting as error:
-        parser.error(f"argument {error.option}: {error.problem}")
-    if args.output_dir is not None:
-        problem = output_dir_problem(args.output_dir)
-        if problem:
-            parser.error(f"argument --output-dir: {problem}")
-    try:
-        results = run_benchmark(settings, progress=not args.no_progress)
-        if args.resolutions:
-            results["resolutions"] = resolution_comparison(
-                args.model, image_sizes=args.resolutions, rounds=args.rounds
-            )
-        if args.overhead:
-            results["overhead"] = reorganization_overhead(args.model, batch_size=args.batch_sizes[0])
-        if args.backend_difference:
-            results["backend_difference"] = max_logit_difference_between_backends(args.model)
-    except RuntimeError as error:  # torch.OutOfMemoryError is one; CPU allocation failures are plain RuntimeErrors
-        if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
-            raise
-        parser.error(
-            f"out of memory with batch sizes {', '.join(map(str, args.batch_sizes))} and image sizes "
-            f"{', '.join(map(str, args.image_sizes))}: give smaller --batch-sizes or --image-sizes ({one_line(error)})"
-        )
-    table = markdown_table(results["rows"])
-    print(table)
-    for key in ("resolutions", "overhead", "backend_difference"):
-        if key in results:
-            print(json.dumps({key: results[key]}, indent=1))
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "benchmark.json"), "w") as handle:
-            json.dump(results, handle, indent=2)
-        with open(os.path.join(args.output_dir, "benchmark.md"), "w") as handle:
-            handle.write(table + "\n")
-        plot_speedups(results["rows"], os.path.join(args.output_dir, "benchmark.png"))
-    return results
 
 
-if __name__ == "__main__":
-    main()
+def layer_profiles_supported(model: str) -> bool:
+    """Whether the overhead profile and the backend comparison, which read the layers of the first family's models
+    (ViT), can run on `model`."""
+    return model_family(model) == next(iter(_tables()["FAMILY_CLASSES"]))
+
+
+__all__ = [
+    "BOUND_SHARE",
+    "DTYPE_NAMES",
+    "NOT_REACHED",
+    "BenchmarkSettings",
+    "FolderModel",
+    "InvalidBenchmarkSetting",
+    "build_models",
+    "check_image_sizes",
+    "is_out_of_memory",
+    "layer_profiles_supported",
+    "macs_config",
+    "markdown_table",
+    "max_logit_difference_between_backends",
+    "model_patch_size",
+    "output_dir_problem",
+    "reorganization_overhead",
+    "resolution_comparison",
+    "results_markdown",
+    "run_benchmark",
+    "shape_names",
+    "small_batch_markdown",
+    "smallest_batches_at_bound",
+    "write_benchmark_files",
+]

@@ -5,15 +5,12 @@ Every argument is checked before a model is built, and a bad one ends the comman
 """
 
 import argparse
+import json
 import math
 import os
 import sys
-import tempfile
 
-
-def one_line(error: BaseException) -> str:
-    """An exception's message on one line (transformers and huggingface_hub messages span several)."""
-    return " ".join(str(error).split()) or type(error).__name__
+from .messages import one_line, writable_folder_problem
 
 
 def looks_like_path(name: str) -> bool:
@@ -40,28 +37,6 @@ def keep_rate_argument(text: str) -> float:
             f"a keep rate is the share of tokens each reduction layer keeps, in (0, 1]; got {text}"
         )
     return value
-
-
-def writable_folder_problem(folder: str) -> str | None:
-    """Why files cannot be written into `folder` (created if missing), or None if they can.
-
-    The nearest existing folder on the way is tried with a file created and removed at once: permissions alone miss
-    read-only file systems and the folders even root cannot write in (/proc)."""
-    folder = os.path.abspath(folder or ".")
-    existing = folder
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"{existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"no permission to write in {existing}"
-    try:
-        handle, probe = tempfile.mkstemp(dir=existing, prefix=".evit-hf-write-test-")
-    except OSError as error:
-        return f"cannot create files in {existing} ({error.strerror or type(error).__name__})"
-    os.close(handle)
-    os.remove(probe)
-    return None
 
 
 # Picture formats that hold the whole RGB canvas as drawn (not icons, not 1-bit or palette-only formats).
@@ -212,10 +187,163 @@ def _load_config(parser, model: str):
         parser.error(f"argument --model: cannot load a configuration from {model}: {one_line(error)}")
 
 
-def benchmark(argv) -> dict:
-    from .benchmark import main as benchmark_main
+BENCHMARK_DESCRIPTION = """Speed of EViT against the stock transformers model with the same weights, in one process.
 
-    return benchmark_main(argv)
+    evit-hf benchmark --model deit-small --batch-sizes 32 --keep-rates 0.9 0.8 0.7 0.6 0.5 --output-dir outputs/bench
+
+Models run in alternation (one call of each per round, after a warm-up), so that drifts of the machine hit every model
+alike; each row reports the median and the spread of its rounds, images/s, latency, peak memory, and its speed-up over
+the stock model next to the MACs ratio (the bound for a speed-up that comes from doing less arithmetic). The
+small-batch report gives, per model and keep rate, the smallest batch size measured at which EViT reaches 95% of its
+MACs ratio.
+--model is a named shape (deit-small, clip-vit-b16, dinov2-small, ...) or a checkpoint folder of any supported family.
+"""
+
+
+def whole_number_at_least(minimum: int, what: str):
+    """argparse type of a whole number >= `minimum`; `what` names it in the error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{what} is a whole number >= {minimum}, got {text}")
+        return value
+
+    return parse
+
+
+def image_size_argument(text: str) -> int:
+    """argparse type of an image size: what no model takes is refused here; the model's patch size, the lower bound,
+    is checked once the model is known."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"an image size is a whole number of pixels, at least 1 and at least the model's patch size; got {text}"
+        )
+    return value
+
+
+def yes_no_argument(value: str) -> bool:
+    """argparse type of a yes/no switch given as a value (`--compile no yes`)."""
+    if value.lower() in ("yes", "true", "1", "compiled"):
+        return True
+    if value.lower() in ("no", "false", "0", "eager"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
+
+
+def benchmark_parser() -> argparse.ArgumentParser:
+    """The options of `evit-hf benchmark`; every type and choice is checked here, without torch."""
+    from .benchmark import DTYPE_NAMES, BenchmarkSettings
+
+    defaults = BenchmarkSettings.__dataclass_fields__
+    parser = argparse.ArgumentParser(
+        prog="evit-hf benchmark",
+        description=BENCHMARK_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+    def default(name):
+        return defaults[name].default_factory() if callable(defaults[name].default_factory) else defaults[name].default
+
+    parser.add_argument("--model", default=default("model"), help="a named shape, or a checkpoint folder")
+    parser.add_argument("--keep-rates", type=keep_rate_argument, nargs="+", default=default("keep_rates"))
+    parser.add_argument(
+        "--batch-sizes", type=whole_number_at_least(1, "a batch size"), nargs="+", default=default("batch_sizes")
+    )
+    parser.add_argument("--image-sizes", type=image_size_argument, nargs="+", default=default("image_sizes"))
+    parser.add_argument("--attn-implementations", nargs="+", default=default("attn_implementations"))
+    parser.add_argument("--dtypes", nargs="+", default=default("dtypes"), choices=DTYPE_NAMES)
+    parser.add_argument("--devices", nargs="+", default=default("devices"))
+    parser.add_argument(
+        "--compile", type=yes_no_argument, nargs="+", default=default("compiled"), help="no and/or yes"
+    )
+    parser.add_argument("--modes", nargs="+", default=default("modes"), choices=["inference", "train"])
+    parser.add_argument(
+        "--warmup", type=whole_number_at_least(0, "the number of warm-up rounds"), default=default("warmup")
+    )
+    parser.add_argument(
+        "--rounds", type=whole_number_at_least(1, "the number of timed rounds"), default=default("rounds")
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--resolutions", type=image_size_argument, nargs="*", default=None,
+                        help="also compare EViT at these sizes with the stock model at 224 px")  # fmt: skip
+    parser.add_argument("--overhead", action="store_true", help="also profile the reorganization's share")
+    parser.add_argument("--backend-difference", action="store_true", help="also compare eager and SDPA logits")
+    parser.add_argument("--output-dir", default=None, help="write benchmark.json, benchmark.md and benchmark.png")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def benchmark(argv) -> dict:
+    parser = benchmark_parser()
+    args = parser.parse_args(argv)  # flags, types and choices: answered before torch loads
+    if args.output_dir is not None and not args.output_dir:
+        parser.error("argument --output-dir: give a folder name (an empty one writes nowhere)")
+
+    from . import benchmark as benchmark_library
+
+    # The settings that need torch or the model's configuration, checked before any model is built.
+    try:
+        settings = benchmark_library.BenchmarkSettings(
+            model=args.model,
+            keep_rates=args.keep_rates,
+            batch_sizes=args.batch_sizes,
+            image_sizes=args.image_sizes,
+            attn_implementations=args.attn_implementations,
+            dtypes=args.dtypes,
+            devices=args.devices,
+            compiled=args.compile,
+            modes=args.modes,
+            warmup=args.warmup,
+            rounds=args.rounds,
+            measure_memory=not args.no_memory,
+        )
+        if args.resolutions:
+            benchmark_library.check_image_sizes(
+                args.resolutions, benchmark_library.model_patch_size(args.model), args.model, "resolutions"
+            )
+        for option, asked in (("overhead", args.overhead), ("backend_difference", args.backend_difference)):
+            if asked and not benchmark_library.layer_profiles_supported(args.model):
+                raise benchmark_library.InvalidBenchmarkSetting(
+                    option, f"measures ViT shapes only; {args.model} is not one"
+                )
+    except benchmark_library.InvalidBenchmarkSetting as error:
+        parser.error(f"argument {error.option}: {error.problem}")
+    if args.output_dir is not None:
+        problem = benchmark_library.output_dir_problem(args.output_dir)
+        if problem:
+            parser.error(f"argument --output-dir: {problem}")
+    try:
+        results = benchmark_library.run_benchmark(settings, progress=not args.no_progress)
+        if args.resolutions:
+            results["resolutions"] = benchmark_library.resolution_comparison(
+                args.model, image_sizes=args.resolutions, rounds=args.rounds
+            )
+        if args.overhead:
+            results["overhead"] = benchmark_library.reorganization_overhead(args.model, batch_size=args.batch_sizes[0])
+        if args.backend_difference:
+            results["backend_difference"] = benchmark_library.max_logit_difference_between_backends(args.model)
+    except RuntimeError as error:  # torch.OutOfMemoryError is one; CPU allocation failures are plain RuntimeErrors
+        if not benchmark_library.is_out_of_memory(error):
+            raise
+        parser.error(
+            f"out of memory with batch sizes {', '.join(map(str, args.batch_sizes))} and image sizes "
+            f"{', '.join(map(str, args.image_sizes))}: give smaller --batch-sizes or --image-sizes ({one_line(error)})"
+        )
+    print(benchmark_library.results_markdown(results))
+    for key in ("resolutions", "overhead", "backend_difference"):
+        if key in results:
+            print(json.dumps({key: results[key]}, indent=1))
+    if args.output_dir:
+        benchmark_library.write_benchmark_files(results, args.output_dir)
+    return results
 
 
 def layer_index_argument(text: str) -> int:
@@ -385,8 +513,6 @@ def calibrate(argv) -> dict:
             f"argument --output-dir: {args.output_dir} is not empty; give a new folder (nothing is overwritten)"
         )
     config = _load_config(parser, args.model)
-
-    import json
 
     import torch
 

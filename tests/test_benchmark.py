@@ -16,11 +16,25 @@ from evit_hf.benchmark import (
     model_patch_size,
     reorganization_overhead,
     run_benchmark,
+    smallest_batches_at_bound,
 )
-from evit_hf.benchmark import main as benchmark_main
 from evit_hf.cli import main as cli_main
+from evit_hf.families import FAMILIES_BY_NAME
 
 from .fake_clock import FakeClock
+from .model_builders import (
+    FAMILY_TESTERS,
+    builder_classes,
+    encoder_main_output,
+    has_text_tower,
+    stock_and_evit,
+    tiny_stock_model,
+)
+
+
+def benchmark_main(argv):
+    """`evit-hf benchmark ARGV`, in this process."""
+    return cli_main(["benchmark", *argv])
 
 
 # Two layers, 4 px patches: reduction layers 0 and 1 by the depth rule.
@@ -174,7 +188,106 @@ def test_checkpoint_folders_describing_no_classifier_are_refused(field, value, t
         cli_main(["benchmark", "--model", str(tmp_path), "--image-sizes", "16", "--no-progress"])
     assert exit_info.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
+    needs = "a classifier needs" if field == "num_labels" else "the model needs"
     assert line == (
-        f"evit-hf benchmark: error: argument --model: {tmp_path}/config.json has {field}={value}, where a ViT "
-        "classifier needs a whole number >= 1; give a folder written by save_pretrained"
+        f"evit-hf benchmark: error: argument --model: {tmp_path}/config.json has {field}={value}, where {needs} a "
+        "whole number >= 1; give a folder written by save_pretrained"
     )
+
+
+# Every builder of every family in the table: a saved stock folder, and one EViT folder (written by evit_hf).
+FOLDER_BUILDERS = [(family, builder) for family, builders in FAMILY_TESTERS.items() for builder in builders]
+
+
+@pytest.mark.parametrize("family_name, builder", FOLDER_BUILDERS, ids=[builder for _, builder in FOLDER_BUILDERS])
+def test_benchmark_runs_a_saved_folder_of_every_family(family_name, builder, tmp_path, capsys):
+    stock_class, evit_class = builder_classes(builder)
+    tiny_stock_model(builder).save_pretrained(tmp_path)
+    stock, evit = build_models(str(tmp_path), image_size=32)
+    assert (type(stock), type(evit)) == (stock_class, evit_class)
+    assert evit_class in FAMILIES_BY_NAME[family_name].models.values()
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    image_output = (
+        (lambda model, **kw: model.get_image_features(pixel_values, **kw).pooler_output)
+        if has_text_tower(builder)
+        else (lambda model, **kw: encoder_main_output(model(pixel_values, **kw)))
+    )
+    with torch.no_grad():  # the same weights: keeping every token, EViT computes what the stock model does
+        torch.testing.assert_close(image_output(evit, keep_rate=1.0), image_output(stock), rtol=1e-4, atol=1e-5)
+
+    cli_main(
+        ["benchmark", "--model", str(tmp_path), "--batch-sizes", "1", "--rounds", "1", "--warmup", "0",
+         "--keep-rates", "0.5", "--image-sizes", "32", "--no-memory", "--no-progress"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| inference | cpu | float32 | False | 1 | 32 | stock |  |" in out
+    assert "| inference | cpu | float32 | False | 1 | 32 | evit | 0.5 |" in out
+    ratio = count_macs(macs_config(str(tmp_path), 32), keep_rate=1.0) / count_macs(
+        macs_config(str(tmp_path), 32), keep_rate=0.5
+    )
+    assert ratio > 1 and f"| {ratio:.3f} |" in out
+
+
+def test_benchmark_runs_a_saved_evit_folder(tmp_path):
+    _, evit = stock_and_evit("deit-classifier")
+    evit.save_pretrained(tmp_path)
+    stock, rebuilt = build_models(str(tmp_path), image_size=32)
+    # A DeiT classifier and its EViT conversion, with the folder's EViT settings.
+    assert (type(stock).__name__, type(rebuilt)) == ("DeiTForImageClassification", type(evit))
+    assert rebuilt.config.reduction_layers == evit.config.reduction_layers
+
+
+def test_small_batch_report_names_the_smallest_batch_at_95_percent_of_the_macs_ratio(tmp_path, monkeypatch, capsys):
+    # Step times from a fake clock: the stock model takes 1 s per image; EViT at keep 0.7 reaches 0.90, 0.96 and 0.99
+    # of its MACs ratio at batch 1, 2 and 4 (first at the bound at batch 2); at keep 0.5 never more than 0.94.
+    ViTConfig(**TWO_LAYERS).save_pretrained(tmp_path / "model")
+    config = macs_config(str(tmp_path / "model"), 16)
+    macs_ratio = {rate: count_macs(config, keep_rate=1.0) / count_macs(config, keep_rate=rate) for rate in (0.7, 0.5)}
+    share_of_bound = {(0.7, 1): 0.90, (0.7, 2): 0.96, (0.7, 4): 0.99, (0.5, 1): 0.80, (0.5, 2): 0.90, (0.5, 4): 0.94}
+    clock = FakeClock()
+    monkeypatch.setattr(benchmark_module, "time", SimpleNamespace(perf_counter=clock))
+
+    def timed_step(model, pixel_values, labels, mode, keep_rate):
+        batch_size = pixel_values.shape[0]
+        if keep_rate is None:
+            return lambda: clock.advance(1.0 * batch_size)
+        return lambda: clock.advance(batch_size / (share_of_bound[keep_rate, batch_size] * macs_ratio[keep_rate]))
+
+    monkeypatch.setattr(benchmark_module, "_step_function", timed_step)
+    output_dir = tmp_path / "results"
+    cli_main(
+        ["benchmark", "--model", str(tmp_path / "model"), "--keep-rates", "0.7", "0.5", "--batch-sizes", "4", "1", "2",
+         "--image-sizes", "16", "--rounds", "2", "--warmup", "0", "--no-memory", "--no-progress",
+         "--output-dir", str(output_dir)]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+
+    entries = json.loads((output_dir / "benchmark.json").read_text())["small_batches"]
+    assert [(entry["keep_rate"], entry["smallest_batch_size"]) for entry in entries] == [
+        (0.7, 2),
+        (0.5, "not reached"),
+    ]
+    for entry in entries:
+        assert entry["macs_ratio"] == pytest.approx(macs_ratio[entry["keep_rate"]])
+        assert entry["speedup_over_macs_ratio"] == {
+            str(size): pytest.approx(share_of_bound[entry["keep_rate"], size]) for size in (1, 2, 4)
+        }
+    markdown = (output_dir / "benchmark.md").read_text()
+    prefix = f"| {tmp_path / 'model'} | inference | cpu | float32 | False | 16 | sdpa |"
+    for text in (markdown, out):
+        assert "smallest batch size at 95% of the MACs ratio |" in text
+        assert f"{prefix} 0.7 | {macs_ratio[0.7]:.3f} | 2 |" in text
+        assert f"{prefix} 0.5 | {macs_ratio[0.5]:.3f} | not reached |" in text
+
+
+def test_small_batch_report_of_rows():
+    rows = [
+        dict(model="m", mode="inference", device="cpu", dtype="float32", compiled=False, image_size=224,
+             attn_implementation="sdpa", variant=variant, keep_rate=rate, batch_size=size, macs_ratio=1.5,
+             speedup_over_macs_ratio=share)
+        for variant, rate, size, share in [("stock", None, 1, 0.5), ("evit", 0.7, 8, 0.95), ("evit", 0.7, 1, 0.949),
+                                           ("evit", 0.7, 32, 1.0)]
+    ]  # fmt: skip
+    (entry,) = smallest_batches_at_bound(rows)
+    assert entry["smallest_batch_size"] == 8  # exactly 95% counts; 94.9% does not
+    assert smallest_batches_at_bound(rows, share=1.01)[0]["smallest_batch_size"] == "not reached"

@@ -91,7 +91,7 @@ BENCHMARK_ERRORS = {
     "shape": (["--model", "deit-huge"], "argument --model: must be one of deit-tiny, deit-small, deit-base, vit-base"),
     "missing-folder": (["--model", "@missing"], "or a checkpoint folder; "),
     "no-config": (["--model", "@empty"], "has no config.json; give a folder written by save_pretrained"),
-    "not-vit": (["--model", "@convnext"], "holds a 'convnext' model; the benchmark builds ViT models"),
+    "not-vit": (["--model", "@convnext"], "holds a 'convnext' model; the benchmark builds ViT, DeiT, CLIP"),
     "attention": (["--attn-implementations", "sdpa", "fast"], "argument --attn-implementations: cannot use 'fast'"),
     "output-dir": (["--output-dir", "@a_file/results"], "argument --output-dir: cannot write into"),
     "output-dir-is-a-file": (["--output-dir", "@a_file"], "a_file is a file, not a folder"),
@@ -238,8 +238,10 @@ def test_console_script_refuses_a_malformed_checkpoint_in_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "evit-hf convert: error: the state dict has keys that are not parameter names: 7;"
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("evit-hf convert: error: the state dict has keys that are not parameter names: 7;")
     ), result.stderr
     assert not (tmp_path / "out").exists()
 
