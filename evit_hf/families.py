@@ -479,8 +479,8 @@ def family_for_model_type(model_type: str) -> EViTFamily | None:
 
 def family_for_model(model) -> EViTFamily | None:
     """The family that converts `model`'s exact class (stock or EViT), or `None` (a subclass may have its own
-    forward)."""
-    model_class = type(model)
+    forward). `model` may also be the class itself."""
+    model_class = model if isinstance(model, type) else type(model)
     return next(
         (family for family in FAMILIES if model_class in family.models or model_class in family.models.values()),
         None,
