@@ -302,7 +302,8 @@ FAMILIES: tuple[EViTFamily, ...] = (
                 "AutoModelForZeroShotImageClassification": (EViTCLIPModel,),
             }
         ),
-        pipelines=frozenset({IMAGE_CLASSIFICATION, ZERO_SHOT_IMAGE_CLASSIFICATION}),
+        # Vision towers (CLIPVisionModel) serve feature extraction.
+        pipelines=frozenset({IMAGE_CLASSIFICATION, ZERO_SHOT_IMAGE_CLASSIFICATION, IMAGE_FEATURE_EXTRACTION}),
         num_prefix_tokens=_one_prefix_token,
         mlp_macs_per_token=_plain_mlp_macs,
         head_macs=_clip_head_macs,
@@ -343,7 +344,8 @@ FAMILIES: tuple[EViTFamily, ...] = (
                 "AutoModelForZeroShotImageClassification": (EViTMetaClip2Model,),
             }
         ),
-        pipelines=frozenset({IMAGE_CLASSIFICATION, ZERO_SHOT_IMAGE_CLASSIFICATION}),
+        # Vision towers (CLIPVisionModel) serve feature extraction.
+        pipelines=frozenset({IMAGE_CLASSIFICATION, ZERO_SHOT_IMAGE_CLASSIFICATION, IMAGE_FEATURE_EXTRACTION}),
         num_prefix_tokens=_one_prefix_token,
         mlp_macs_per_token=_plain_mlp_macs,
         head_macs=_clip_head_macs,
