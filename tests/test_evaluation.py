@@ -401,3 +401,43 @@ def test_the_example_scores_a_clip_folder_zero_shot_with_the_dataset_label_names
         label_names=sorted(ZERO_SHOT_LABELS[:3]),
     )
     assert comparable(rows) == comparable(expected)
+
+
+def test_the_prompts_are_embedded_once_for_all_batches_and_keep_rates():
+    evit = evit_hf.apply_evit(tiny_stock_model(ZERO_SHOT_MODELS[0][1]))
+    calls = []
+    hook = evit.text_model.register_forward_hook(lambda module, args, output: calls.append(1))
+    vision_calls = []
+    vision_hook = evit.vision_model.register_forward_hook(lambda module, args, output: vision_calls.append(1))
+    pixel_values = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(14))
+    try:
+        evaluate_keep_rates(
+            evit,
+            as_items(pixel_values, torch.arange(6) % 3),
+            keep_rates=(1.0, 0.5),
+            batch_size=2,
+            progress=False,
+            tokenizer=tiny_tokenizer(),
+            label_names=ZERO_SHOT_LABELS[:3],
+        )
+    finally:
+        hook.remove()
+        vision_hook.remove()
+    assert (len(calls), len(vision_calls)) == (1, 3 * 2)  # the text tower once; the vision tower per batch and rate
+
+
+@pytest.mark.parametrize(
+    "builder, message",
+    [
+        ("dinov3", "is a DINOv3 ViT checkpoint, a family without an image classifier: accuracy is measured for"),
+        ("clip", "has no tokenizer that loads .*save the model's tokenizer into the folder"),
+    ],
+    ids=["no-head", "zero-shot-without-tokenizer"],
+)
+def test_the_example_refuses_folders_it_cannot_score_before_reading_data(builder, message, tmp_path, monkeypatch):
+    from .test_examples import evaluate_keep_rates as example
+
+    evit_hf.apply_evit(tiny_stock_model(builder)).save_pretrained(tmp_path / "model")  # no tokenizer saved
+    monkeypatch.setattr(example, "load_data", lambda *args: pytest.fail("the data was loaded"))
+    with pytest.raises(ValueError, match=message):
+        example.main(["--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out")])
