@@ -111,7 +111,7 @@ def _named_by(config, model_classes) -> type | None:
     """The one of `model_classes` (EViT classes) that `config.architectures` names, by its own or its stock name."""
     architectures = set(getattr(config, "architectures", None) or [])
     return next(
-        (cls for cls in model_classes if architectures & {cls.__name__, stock_class(cls).__name__}),
+        (each for each in model_classes if architectures & {each.__name__, stock_class(each).__name__}),
         None,
     )
 

@@ -344,7 +344,7 @@ FAMILIES: tuple[EViTFamily, ...] = (
                 "AutoModelForZeroShotImageClassification": (EViTMetaClip2Model,),
             }
         ),
-        # Vision towers (CLIPVisionModel) serve feature extraction.
+        # Vision towers (MetaClip2VisionModel) serve feature extraction.
         pipelines=frozenset({IMAGE_CLASSIFICATION, ZERO_SHOT_IMAGE_CLASSIFICATION, IMAGE_FEATURE_EXTRACTION}),
         num_prefix_tokens=_one_prefix_token,
         mlp_macs_per_token=_plain_mlp_macs,
