@@ -367,12 +367,18 @@ def test_zero_shot_tables_say_so():
     assert lines[2:] == ["| 1 | zero-shot | 50.00 | 9.0 | 2.00 M |", "| 1 | classifier | 25.00 | 9.0 | 2.00 M |"]
 
 
-def test_the_example_scores_a_clip_folder_zero_shot_with_the_dataset_label_names(tmp_path):
+EXAMPLE_LABELS = sorted(ZERO_SHOT_LABELS[:5])  # the tiny classifiers' 5 classes, in image-folder (sorted) order
+EXAMPLE_CASES = CLASSIFIERS + ZERO_SHOT_MODELS
+EXAMPLE_IDS = [f"{family}-{'zero-shot' if (family, builder) in ZERO_SHOT_MODELS else 'classifier'}"
+               for family, builder in EXAMPLE_CASES]  # fmt: skip
+
+
+@pytest.mark.parametrize("family, builder", EXAMPLE_CASES, ids=EXAMPLE_IDS)
+def test_the_example_evaluates_a_folder_of_every_family(family, builder, tmp_path):
     from .test_examples import evaluate_keep_rates as example
 
-    builder = ZERO_SHOT_MODELS[0][1]
-    write_family_folder(builder, tmp_path / "model", keep_rate=0.7)
-    for index, label in enumerate(ZERO_SHOT_LABELS[:3]):
+    write_family_folder(builder, tmp_path / "model", keep_rate=0.7, label_names=EXAMPLE_LABELS)
+    for index, label in enumerate(EXAMPLE_LABELS):
         folder = tmp_path / "data" / label
         folder.mkdir(parents=True)
         for sample in range(2):
@@ -381,25 +387,23 @@ def test_the_example_scores_a_clip_folder_zero_shot_with_the_dataset_label_names
         ["--model_name_or_path", str(tmp_path / "model"), "--validation_dir", str(tmp_path / "data"),
          "--output_dir", str(tmp_path / "out"), "--keep_rates", "1.0", "0.5", "--num_workers", "0"]
     )  # fmt: skip
+    zero_shot = (family, builder) in ZERO_SHOT_MODELS
     saved = json.loads((tmp_path / "out" / "keep_rates.json").read_text())
-    assert saved["accuracy_kind"] == "zero-shot" and saved["zero_shot_prompt"] == "a photo of a {label}."
-    assert (tmp_path / "out" / "keep_rates.md").read_text().startswith("| keep rate | zero-shot accuracy |")
-    # The same rows as the library's on the same images, labels (the folder names, sorted) and prompts.
+    assert saved["accuracy_kind"] == ("zero-shot" if zero_shot else "classifier")
+    assert saved.get("zero_shot_prompt") == ("a photo of a {label}." if zero_shot else None)
+    header = "| keep rate | zero-shot accuracy |" if zero_shot else "| keep rate | accuracy |"
+    assert (tmp_path / "out" / "keep_rates.md").read_text().startswith(header)
+    # The same rows as the library's on the same images and labels (the folder names, sorted), and prompts.
     model = builder_classes(builder)[1].from_pretrained(tmp_path / "model")
     processor = tiny_image_processor()
-    images = [
-        (processor(images=Image.open(path).convert("RGB"), return_tensors="pt").pixel_values[0], label)
-        for label, name in enumerate(sorted(ZERO_SHOT_LABELS[:3]))
+    items = [
+        {"pixel_values": processor(images=Image.open(path).convert("RGB"), return_tensors="pt").pixel_values[0],
+         "label": label}
+        for label, name in enumerate(EXAMPLE_LABELS)
         for path in sorted((tmp_path / "data" / name).iterdir())
-    ]
-    expected = evaluate_keep_rates(
-        model,
-        [{"pixel_values": pixels, "label": label} for pixels, label in images],
-        keep_rates=(1.0, 0.5),
-        progress=False,
-        tokenizer=tiny_tokenizer(),
-        label_names=sorted(ZERO_SHOT_LABELS[:3]),
-    )
+    ]  # fmt: skip
+    zero_shot_arguments = dict(tokenizer=tiny_tokenizer(), label_names=EXAMPLE_LABELS) if zero_shot else {}
+    expected = evaluate_keep_rates(model, items, keep_rates=(1.0, 0.5), progress=False, **zero_shot_arguments)
     assert comparable(rows) == comparable(expected)
 
 
