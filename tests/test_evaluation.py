@@ -445,3 +445,40 @@ def test_the_example_refuses_folders_it_cannot_score_before_reading_data(builder
     monkeypatch.setattr(example, "load_data", lambda *args: pytest.fail("the data was loaded"))
     with pytest.raises(ValueError, match=message):
         example.main(["--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out")])
+
+
+def varied_image(seed: int) -> Image.Image:
+    """A noisy image around a random colour: unlike plain noise, the tiny random models tell such images apart."""
+    generator = np.random.RandomState(seed)
+    colour = generator.randint(0, 256, (1, 1, 3))
+    return Image.fromarray(np.clip(colour + generator.randint(-60, 60, (36, 40, 3)), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("family, builder", ZERO_SHOT_MODELS, ids=[family for family, _ in ZERO_SHOT_MODELS])
+def test_the_example_scores_a_stock_checkpoint_zero_shot_as_the_stock_model_does_at_keep_1(family, builder, tmp_path):
+    from .test_examples import evaluate_keep_rates as example
+
+    stock = tiny_stock_model(builder)  # a Hub-style CLIPModel / MetaClip2Model folder, not an EViT one
+    stock.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    tiny_image_processor().save_pretrained(tmp_path / "model")
+    labels = sorted(ZERO_SHOT_LABELS)
+    paths = []
+    for index, label in enumerate(labels):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for sample in range(2):
+            paths.append((tmp_path / "data" / label / f"{sample}.png", index))
+            varied_image(2 * index + sample).save(paths[-1][0])
+    rows = example.main(
+        ["--model_name_or_path", str(tmp_path / "model"), "--validation_dir", str(tmp_path / "data"),
+         "--output_dir", str(tmp_path / "out"), "--keep_rates", "1.0", "0.5", "--num_workers", "0"]
+    )  # fmt: skip
+    processor = tiny_image_processor()
+    pixel_values = torch.cat([processor(images=Image.open(p), return_tensors="pt").pixel_values for p, _ in paths])
+    prompts = tiny_tokenizer()([f"a photo of a {label}." for label in labels], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predictions = stock(pixel_values=pixel_values, **prompts).logits_per_image.argmax(dim=1)
+    assert rows[0]["accuracy_kind"] == "zero-shot"
+    truth = torch.tensor([label for _, label in paths])
+    assert rows[0]["accuracy"] == pytest.approx((predictions == truth).float().mean().item())
+    assert rows[0]["samples"] == len(paths) and rows[0]["macs"] > rows[1]["macs"]
