@@ -12,7 +12,16 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from .families import (
+    FAMILIES,
+    IMAGE_CLASSIFICATION,
+    PIPELINE_AUTO_CLASSES,
+    ZERO_SHOT_IMAGE_CLASSIFICATION,
+    family_for_model,
+    family_for_model_type,
+)
 from .macs import count_macs
+from .modeling_evit_base import stock_class
 
 
 logger = logging.getLogger(__name__)
@@ -71,6 +80,92 @@ def _shard_for_this_process(dataset, rank: int, world_size: int):
     return dataset, range(start, stop)
 
 
+# The prompt of each class for zero-shot accuracy, as in CLIP's ImageNet evaluation: one per label name.
+ZERO_SHOT_PROMPT = "a photo of a {label}."
+CLASSIFIER, ZERO_SHOT = "classifier", "zero-shot"  # the kinds of accuracy a row reports
+
+
+def accuracy_kind(model) -> str:
+    """`"zero-shot"` for a model (or a model class) that its family (`evit_hf.FAMILIES`) loads as a zero-shot image
+    classifier (image and text towers, no classifier: CLIP, MetaCLIP 2), `"classifier"` for an image classifier and
+    for models of no family.
+
+    Raises a `ValueError` for a family's model that is neither, such as a vision tower or a base model."""
+    model_class = model if isinstance(model, type) else type(model)
+    family = family_for_model(model_class)
+    if family is None:
+        return CLASSIFIER
+    if model_class in family.auto_classes.get(PIPELINE_AUTO_CLASSES[ZERO_SHOT_IMAGE_CLASSIFICATION], ()):
+        return ZERO_SHOT
+    if model_class in family.auto_classes.get(PIPELINE_AUTO_CLASSES[IMAGE_CLASSIFICATION], ()):
+        return CLASSIFIER
+    zero_shot = ZERO_SHOT_IMAGE_CLASSIFICATION in family.pipelines
+    raise ValueError(
+        f"A {model_class.__name__} has no classification head, so it has no accuracy: evaluate a "
+        f"{family.display_name} image classifier{' or zero-shot model' if zero_shot else ''}, or "
+        "fine-tune one first (examples/run_image_classification.py)."
+    )
+
+
+def _named_by(config, model_classes) -> type | None:
+    """The one of `model_classes` (EViT classes) that `config.architectures` names, by its own or its stock name."""
+    architectures = set(getattr(config, "architectures", None) or [])
+    return next(
+        (each for each in model_classes if architectures & {each.__name__, stock_class(each).__name__}),
+        None,
+    )
+
+
+def evaluation_model_class(config, name: str = "The checkpoint") -> type:
+    """The EViT class that evaluates a checkpoint with configuration `config` (stock or EViT), from its family's
+    record in `evit_hf.FAMILIES`: the zero-shot model where `config.architectures` names one (a CLIP or MetaCLIP 2
+    model with both towers), else the family's image classifier (the first listed: DeiT's class head).
+
+    Raises a one-line `ValueError` naming the families that can be evaluated for a checkpoint of any other kind."""
+    classifier_auto_class = PIPELINE_AUTO_CLASSES[IMAGE_CLASSIFICATION]
+    zero_shot_auto_class = PIPELINE_AUTO_CLASSES[ZERO_SHOT_IMAGE_CLASSIFICATION]
+    family = family_for_model_type(getattr(config, "model_type", None))
+    if family is not None:
+        zero_shot_model = _named_by(config, family.auto_classes.get(zero_shot_auto_class, ()))
+        if zero_shot_model is not None:
+            return zero_shot_model
+        classifiers = family.auto_classes.get(classifier_auto_class, ())
+        if classifiers:
+            return classifiers[0]
+    evaluated = ", ".join(
+        f"{each.display_name}" + (" (also zero-shot)" if zero_shot_auto_class in each.auto_classes else "")
+        for each in FAMILIES
+        if classifier_auto_class in each.auto_classes or zero_shot_auto_class in each.auto_classes
+    )
+    what = f"a {family.display_name} checkpoint, a family without" if family else "not a checkpoint of a family with"
+    raise ValueError(
+        f"{name} (model_type {getattr(config, 'model_type', None)!r}) is {what} an image classifier: accuracy is "
+        f"measured for image classifiers of {evaluated}; pass a checkpoint of one of them."
+    )
+
+
+def zero_shot_text_embeddings(model, tokenizer, label_names, prompt: str = ZERO_SHOT_PROMPT) -> torch.Tensor:
+    """The normalized text embeddings `[labels, projection]` of `prompt` for each label name (`{label}` stands for
+    it), from `model`'s text tower: the class weights of zero-shot classification. `tokenizer` is the checkpoint's
+    tokenizer or processor."""
+    if "{label}" not in prompt:
+        raise ValueError(f"The zero-shot prompt must hold {{label}}, where each label name goes; got {prompt!r}.")
+    device = next(model.parameters()).device
+    texts = [prompt.format(label=label) for label in label_names]
+    tokens = tokenizer(text=texts, padding=True, truncation=True, return_tensors="pt")
+    inputs = {name: tokens[name].to(device) for name in ("input_ids", "attention_mask") if name in tokens}
+    with torch.inference_mode():
+        embeddings = model.get_text_features(**inputs).pooler_output.float()  # [labels, projection]
+    return embeddings / embeddings.norm(dim=-1, keepdim=True)
+
+
+def _zero_shot_logits(model, pixel_values, keep_rate, text_embeddings) -> torch.Tensor:
+    """Cosine similarities `[batch, labels]` of the images (the vision tower at `keep_rate`) to the label prompts."""
+    image_embeddings = model.get_image_features(pixel_values, keep_rate=keep_rate).pooler_output.float()
+    image_embeddings = image_embeddings / image_embeddings.norm(dim=-1, keepdim=True)
+    return image_embeddings @ text_embeddings.t()
+
+
 def _hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """How many labels are among the `k` highest logits; ties go to the lower class, as in `evit_hf.TopKAccuracy`
     (and `argmax` for k = 1). logits: (batch, classes), labels: (batch,)."""
@@ -90,14 +185,22 @@ def evaluate_keep_rates(
     num_workers: int = 0,
     dtype: torch.dtype | str | None = None,
     distributed: bool = False,
+    tokenizer=None,
+    label_names=None,
+    prompt: str = ZERO_SHOT_PROMPT,
 ) -> list[dict]:
     """Runs `model` over `dataset` once, each batch at every keep rate, and returns one row per keep rate.
 
     Each image is decoded and transformed once, however many keep rates there are. Top-1 follows `argmax` and top-5
     `evit_hf.TopKAccuracy` (ties go to the lower class).
 
+    An image classifier's accuracy is that of its logits. A zero-shot model (CLIP's and MetaCLIP 2's image and text
+    towers, `EViTCLIPModel`, `EViTMetaClip2Model`) is scored zero-shot: each class is `prompt` with its label name,
+    embedded once by the text tower; an image's prediction is the class whose embedding is most similar (cosine) to
+    the image's, from the vision tower at the row's keep rate. Only the vision tower is reduced.
+
     Args:
-        model ([`EViTForImageClassification`] or [`EViTDeiTForImageClassification`]):
+        model (an EViT image classifier or zero-shot model of any family in `evit_hf.FAMILIES`):
             The model, on the device to evaluate on; it is put in eval mode, its `config.keep_rate` is left alone.
         dataset (`torch.utils.data.Dataset` or `IterableDataset`):
             Items with "pixel_values" and "labels" after `collate_fn`: a map-style dataset (a list, a
@@ -119,9 +222,16 @@ def evaluate_keep_rates(
             Every process of the initialized `torch.distributed` group calls this with the same arguments; each runs
             its part of the data (no sample is repeated to even out the parts) and every process gets the rows of the
             whole dataset. Leave it off when one process evaluates alone while a group is up.
+        tokenizer (*optional*):
+            A zero-shot model's tokenizer (or processor): it tokenizes the prompts. Needed for zero-shot models only.
+        label_names (`Sequence[str]`, *optional*):
+            A zero-shot model's classes, in the order of the dataset's labels (label 0 first). Zero-shot only.
+        prompt (`str`, *optional*, defaults to `"a photo of a {label}."`):
+            The text of each class for zero-shot accuracy; `{label}` stands for the label name.
 
     Returns:
-        `list[dict]`: per keep rate, `keep_rate`, `accuracy`, `top5_accuracy` (more than 5 classes), `images_per_s`
+        `list[dict]`: per keep rate, `keep_rate`, `accuracy_kind` (`"classifier"` or `"zero-shot"`: what `accuracy`
+        is the accuracy of), `accuracy`, `top5_accuracy` (more than 5 classes), `images_per_s`
         (the forward passes only, CUDA synchronized around them; across processes, all images over the slowest
         process's time), `macs` (one image, from the configuration) and `samples` (the images evaluated).
     """
@@ -130,10 +240,21 @@ def evaluate_keep_rates(
     keep_rates = list(keep_rates)
     if not keep_rates:
         raise ValueError("keep_rates is empty: pass at least one keep rate.")
+    kind = accuracy_kind(model)
+    if kind == ZERO_SHOT:
+        if tokenizer is None or not label_names:
+            raise ValueError(
+                f"Zero-shot accuracy of a {type(model).__name__} needs tokenizer= (the checkpoint's tokenizer, for "
+                "the prompts) and label_names= (the dataset's class names, label 0 first)."
+            )
+        num_labels = len(label_names)
+    else:
+        num_labels = model.config.num_labels
     collate_fn = collate_fn or collate_images
     model.eval()
     device = next(model.parameters()).device
     dtype = resolve_dtype(dtype, device)
+    text_embeddings = zero_shot_text_embeddings(model, tokenizer, label_names, prompt) if kind == ZERO_SHOT else None
     rank, world_size = 0, 1
     if distributed:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -157,7 +278,6 @@ def evaluate_keep_rates(
     )
     total = None if is_iterable else len(sampler if sampler is not None else dataset)
 
-    num_labels = model.config.num_labels
     top_ks = [1, 5] if num_labels > 5 else [1]
     # Counts on the CPU (int64, exact): per keep rate, the top-1 and top-5 hits.
     hits = torch.zeros(len(keep_rates), len(top_ks), dtype=torch.int64)
@@ -181,7 +301,10 @@ def evaluate_keep_rates(
                 synchronize()  # the copy and the previous pass are not this pass's time
                 start = time.perf_counter()
                 with precision():
-                    logits = model(pixel_values, keep_rate=keep_rate).logits  # (batch, num_labels)
+                    if text_embeddings is None:
+                        logits = model(pixel_values, keep_rate=keep_rate).logits  # (batch, num_labels)
+                    else:
+                        logits = _zero_shot_logits(model, pixel_values, keep_rate, text_embeddings)
                 synchronize()
                 seconds[index] += time.perf_counter() - start
                 logits = logits.float()
@@ -210,7 +333,7 @@ def evaluate_keep_rates(
 
     rows = []
     for index, keep_rate in enumerate(keep_rates):
-        row = {"keep_rate": keep_rate, "accuracy": hits[index, 0].item() / samples}
+        row = {"keep_rate": keep_rate, "accuracy_kind": kind, "accuracy": hits[index, 0].item() / samples}
         if len(top_ks) > 1:
             row["top5_accuracy"] = hits[index, 1].item() / samples
         row["images_per_s"] = samples / seconds[index]
@@ -228,12 +351,25 @@ def format_keep_rate(keep_rate) -> str:
 
 
 def results_markdown(rows: list[dict], title_column: str = "keep rate") -> str:
-    """A markdown table of `evaluate_keep_rates` rows."""
+    """A markdown table of `evaluate_keep_rates` rows. Zero-shot accuracy says so in its header ("zero-shot
+    accuracy"), or in a column of its own where the rows mix kinds."""
     has_top5 = any("top5_accuracy" in row for row in rows)
-    header = f"| {title_column} | accuracy |" + (" top-5 |" if has_top5 else "") + " images/s | MACs |"
+    kinds = {row.get("accuracy_kind", CLASSIFIER) for row in rows}
+    mixed = len(kinds) > 1
+    prefix = "zero-shot " if kinds == {ZERO_SHOT} else ""
+    header = (
+        f"| {title_column} |"
+        + (" kind |" if mixed else "")
+        + f" {prefix}accuracy |"
+        + (f" {prefix}top-5 |" if has_top5 else "")
+        + " images/s | MACs |"
+    )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
-        cells = [format_keep_rate(row["keep_rate"]), f"{100 * row['accuracy']:.2f}"]
+        cells = [format_keep_rate(row["keep_rate"])]
+        if mixed:
+            cells.append(row.get("accuracy_kind", CLASSIFIER))
+        cells.append(f"{100 * row['accuracy']:.2f}")
         if has_top5:
             cells.append(f"{100 * row.get('top5_accuracy', float('nan')):.2f}")
         cells += [f"{row['images_per_s']:.1f}", f"{row['macs'] / 1e6:.2f} M"]
@@ -241,4 +377,11 @@ def results_markdown(rows: list[dict], title_column: str = "keep rate") -> str:
     return "\n".join(lines)
 
 
-__all__ = ["evaluate_keep_rates", "results_markdown"]
+__all__ = [
+    "ZERO_SHOT_PROMPT",
+    "accuracy_kind",
+    "evaluate_keep_rates",
+    "evaluation_model_class",
+    "results_markdown",
+    "zero_shot_text_embeddings",
+]

@@ -68,6 +68,14 @@ from .modeling_evit_metaclip_2 import (
 IMAGE_CLASSIFICATION = "image-classification"
 ZERO_SHOT_IMAGE_CLASSIFICATION = "zero-shot-image-classification"
 IMAGE_FEATURE_EXTRACTION = "image-feature-extraction"
+# The Auto class a pipeline task loads its model with.
+PIPELINE_AUTO_CLASSES: Mapping[str, str] = MappingProxyType(
+    {
+        IMAGE_CLASSIFICATION: "AutoModelForImageClassification",
+        ZERO_SHOT_IMAGE_CLASSIFICATION: "AutoModelForZeroShotImageClassification",
+        IMAGE_FEATURE_EXTRACTION: "AutoModel",
+    }
+)
 
 
 def _architectures(config) -> str:
@@ -153,8 +161,9 @@ class EViTFamily:
         benchmark_shapes: `evit-hf benchmark --model` names -> configuration keyword arguments (random weights).
         benchmark_models: (stock model, EViT model) that the benchmark builds for those shapes.
         reference_image_processor: checkpoints converted from the reference code save `EViTImageProcessor`.
-        kept_token_picture_model: the classifier `evit-hf visualize` loads a folder of the family with, if it draws
-            the family's kept tokens.
+        kept_token_picture_model: the model `evit-hf visualize` loads a folder of the family with, if it draws the
+            family's kept tokens: one that reads every saved model of the family (a vision tower reads the whole
+            CLIP model, a base model reads its classifier).
         refused_models: models of the family that `apply_evit` refuses -> the reason.
         classifier_key_mapping: checkpoint key pattern -> key in the family's first image classifier, for a head that
             another of its classifiers saves under another name (the class head of a distilled DeiT), so that
@@ -298,7 +307,8 @@ FAMILIES: tuple[EViTFamily, ...] = (
                 "AutoModelForZeroShotImageClassification": (EViTCLIPModel,),
             }
         ),
-        pipelines=frozenset({IMAGE_CLASSIFICATION, ZERO_SHOT_IMAGE_CLASSIFICATION}),
+        # Vision towers (CLIPVisionModel) serve feature extraction.
+        pipelines=frozenset({IMAGE_CLASSIFICATION, ZERO_SHOT_IMAGE_CLASSIFICATION, IMAGE_FEATURE_EXTRACTION}),
         num_prefix_tokens=_one_prefix_token,
         mlp_macs_per_token=_plain_mlp_macs,
         head_macs=_clip_head_macs,
@@ -318,6 +328,7 @@ FAMILIES: tuple[EViTFamily, ...] = (
             }
         ),
         benchmark_models=(CLIPVisionModelWithProjection, EViTCLIPVisionModelWithProjection),
+        kept_token_picture_model=EViTCLIPVisionModel,
     ),
     EViTFamily(
         name="metaclip_2",
@@ -338,10 +349,12 @@ FAMILIES: tuple[EViTFamily, ...] = (
                 "AutoModelForZeroShotImageClassification": (EViTMetaClip2Model,),
             }
         ),
-        pipelines=frozenset({IMAGE_CLASSIFICATION, ZERO_SHOT_IMAGE_CLASSIFICATION}),
+        # Vision towers (MetaClip2VisionModel) serve feature extraction.
+        pipelines=frozenset({IMAGE_CLASSIFICATION, ZERO_SHOT_IMAGE_CLASSIFICATION, IMAGE_FEATURE_EXTRACTION}),
         num_prefix_tokens=_one_prefix_token,
         mlp_macs_per_token=_plain_mlp_macs,
         head_macs=_clip_head_macs,
+        kept_token_picture_model=EViTMetaClip2VisionModel,
     ),
     EViTFamily(
         name="dinov2",
@@ -382,6 +395,7 @@ FAMILIES: tuple[EViTFamily, ...] = (
             }
         ),
         benchmark_models=(Dinov2ForImageClassification, EViTDinov2ForImageClassification),
+        kept_token_picture_model=EViTDinov2Model,
     ),
     EViTFamily(
         name="dinov2_with_registers",
@@ -403,6 +417,7 @@ FAMILIES: tuple[EViTFamily, ...] = (
         num_prefix_tokens=_class_and_registers,
         mlp_macs_per_token=_dinov2_mlp_macs,
         head_macs=_dinov2_head_macs,
+        kept_token_picture_model=EViTDinov2WithRegistersModel,
     ),
     EViTFamily(
         name="dinov3_vit",
@@ -431,6 +446,7 @@ FAMILIES: tuple[EViTFamily, ...] = (
             }
         ),
         benchmark_models=(DINOv3ViTModel, EViTDINOv3ViTModel),
+        kept_token_picture_model=EViTDINOv3ViTModel,
         refused_models=MappingProxyType(
             {
                 DINOv3ViTBackbone: (
@@ -441,6 +457,21 @@ FAMILIES: tuple[EViTFamily, ...] = (
         ),
     ),
 )
+
+
+def _record_auto_class_names() -> None:
+    """Tells each EViT model every Auto class its family's record lists it under (`auto_class_names`), which its
+    saved folders' `auto_map` names."""
+    for family in FAMILIES:
+        names_by_model = {}
+        for auto_class_name, model_classes in family.auto_classes.items():
+            for model_class in model_classes:
+                names_by_model.setdefault(model_class, []).append(auto_class_name)
+        for model_class, names in names_by_model.items():
+            model_class.auto_class_names = tuple(names)
+
+
+_record_auto_class_names()
 
 # Models whose images have no class token: nothing to score the patch tokens with.
 NO_CLASS_TOKEN_MODEL_TYPES = ("siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model")
@@ -455,8 +486,8 @@ def family_for_model_type(model_type: str) -> EViTFamily | None:
 
 def family_for_model(model) -> EViTFamily | None:
     """The family that converts `model`'s exact class (stock or EViT), or `None` (a subclass may have its own
-    forward)."""
-    model_class = type(model)
+    forward). `model` may also be the class itself."""
+    model_class = model if isinstance(model, type) else type(model)
     return next(
         (family for family in FAMILIES if model_class in family.models or model_class in family.models.values()),
         None,
@@ -479,6 +510,7 @@ __all__ = [
     "FAMILIES",
     "FAMILIES_BY_NAME",
     "NO_CLASS_TOKEN_MODEL_TYPES",
+    "PIPELINE_AUTO_CLASSES",
     "EViTFamily",
     "benchmark_shapes",
     "family_for_model",

@@ -17,23 +17,32 @@ def default_template_path() -> Path:
     return Path(__file__).resolve().parent.parent / "model_cards" / "evit_model_card.md"
 
 
-# The Auto class that loads a model, by the task its card advertises (the first that lists the model's class).
-_PIPELINE_OF_AUTO_CLASS = {
-    "AutoModelForImageClassification": "image-classification",
-    "AutoModelForZeroShotImageClassification": "zero-shot-image-classification",
-    "AutoModel": "image-feature-extraction",
-}
-
-
 def _pipeline_and_auto_class(model) -> tuple[str, str]:
-    """The pipeline task and Auto class of `model`, from its family's record (`evit_hf.FAMILIES`)."""
-    from .families import family_for_model
+    """The pipeline task and Auto class of `model`, from its family's record (`evit_hf.FAMILIES`): the first task of
+    `PIPELINE_AUTO_CLASSES` that the family serves and whose Auto class loads the model's class."""
+    from .families import IMAGE_FEATURE_EXTRACTION, PIPELINE_AUTO_CLASSES, family_for_model
 
     family = family_for_model(model)
-    for auto_class, pipeline in _PIPELINE_OF_AUTO_CLASS.items():
-        if family is not None and type(model) in family.auto_classes.get(auto_class, ()):
+    for pipeline, auto_class in PIPELINE_AUTO_CLASSES.items():
+        if (
+            family is not None
+            and pipeline in family.pipelines
+            and type(model) in family.auto_classes.get(auto_class, ())
+        ):
             return pipeline, auto_class
-    return "image-feature-extraction", "AutoModel"
+    return IMAGE_FEATURE_EXTRACTION, PIPELINE_AUTO_CLASSES[IMAGE_FEATURE_EXTRACTION]
+
+
+# What the metadata calls each accuracy of zero-shot rows (the metric is the same; its name says how it was measured).
+_ZERO_SHOT_METRIC_NAMES = {"accuracy": "zero-shot accuracy", "top5_accuracy": "zero-shot top-5 accuracy"}
+
+
+def _zero_shot_note(prompt: str) -> str:
+    return (
+        f'Zero-shot accuracy: each class is the prompt "{prompt}" with its label name, embedded once by the text '
+        "tower; an image gets the class whose embedding is nearest (cosine) to the image's, from the vision tower at "
+        "the row's keep rate. No classifier was trained."
+    )
 
 
 def create_model_card(
@@ -46,6 +55,7 @@ def create_model_card(
     results_note: str = "",
     template_path: str | Path | None = None,
     training_settings: dict | None = None,
+    zero_shot_prompt: str = "a photo of a {label}.",
 ) -> ModelCard:
     """A model card for an EViT model: YAML metadata (library, pipeline, base model, dataset, tags, metrics with their
     values) and a body with the EViT settings, an accuracy and speed table per keep rate, and the citation.
@@ -56,13 +66,16 @@ def create_model_card(
         base_model (`str`, *optional*): the Hub id the model was fine-tuned from.
         dataset_name (`str`, *optional*): a readable dataset name; `dataset_id` its Hub id, if any.
         results (`list[dict]`, *optional*): rows of `evaluate_keep_rates`; the row at the model's keep rate is the
-            one reported in the metadata.
-        results_note (`str`, *optional*): a paragraph under the table (how the numbers were measured).
+            one reported in the metadata (zero-shot rows as zero-shot image classification, named so).
+        results_note (`str`, *optional*): a paragraph under the table (how the numbers were measured); for zero-shot
+            rows it defaults to how zero-shot accuracy is measured, with `zero_shot_prompt`.
         template_path (*optional*): another template.
         training_settings (`dict`, *optional*): more rows of the settings table, such as the distillation weight
             and temperature, or the image size a budget was matched at (`{"distillation alpha": 0.5}`).
+        zero_shot_prompt (`str`, *optional*): the prompt zero-shot rows were measured with.
     """
-    from .evaluation import format_keep_rate, results_markdown
+    from .evaluation import ZERO_SHOT, format_keep_rate, results_markdown
+    from .families import ZERO_SHOT_IMAGE_CLASSIFICATION
 
     template_path = Path(template_path or default_template_path())
     if not template_path.is_file():
@@ -72,17 +85,21 @@ def create_model_card(
     eval_results = None
     headline = next((row for row in results or [] if row["keep_rate"] == config.keep_rate), None)
     if headline is not None:
+        zero_shot = headline.get("accuracy_kind") == ZERO_SHOT
         eval_results = [
             EvalResult(
-                task_type=pipeline_tag,
+                task_type=ZERO_SHOT_IMAGE_CLASSIFICATION if zero_shot else pipeline_tag,
                 dataset_type=dataset_id or dataset_name or "custom",
                 dataset_name=dataset_name or dataset_id or "custom",
                 metric_type=name,
                 metric_value=headline[name],
+                metric_name=_ZERO_SHOT_METRIC_NAMES[name] if zero_shot else None,
             )
             for name in ("accuracy", "top5_accuracy")
             if name in headline
         ]
+    if not results_note and any(row.get("accuracy_kind") == ZERO_SHOT for row in results or []):
+        results_note = _zero_shot_note(zero_shot_prompt)
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag=pipeline_tag,

@@ -298,10 +298,24 @@ class _EViTModuleMixin(_CheckpointKeyNamesMixin):
     """
 
     evit_submodels: tuple[type, ...] = ()
+    # Every Auto class that loads this model, in the order of its family's record (`evit_hf.FAMILIES` fills it in).
+    # `register_for_auto_class` takes one name, so `save_pretrained` adds the others to the folder's `auto_map`: a
+    # CLIP model is both `AutoModel` and `AutoModelForZeroShotImageClassification`, and a process without evit_hf
+    # (`trust_remote_code=True`, pipelines) loads it through either.
+    auto_class_names: tuple[str, ...] = ()
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         convert_to_evit(self, type(self))
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self.is_remote_code() and self.auto_class_names:
+            # The name transformers writes for the class registered with `register_for_auto_class`: module.class.
+            class_path = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.update(dict.fromkeys(self.auto_class_names, class_path))
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class _TokenReductionEncoderMixin(_EViTModuleMixin):

@@ -14,12 +14,12 @@ logger = logging.getLogger(__name__)
 
 def default_image_processor(config):
     """The image processor for a checkpoint saved without one: a `ViTImageProcessor` (mean and std 0.5) that resizes
-    to the model's `config.image_size`."""
+    to the model's `config.image_size` (the vision tower's, for a model of image and text towers)."""
     # Imported here: importing ViTImageProcessor warns that torchvision is missing, which no user of evit_hf should
     # see unless a processor is made.
     from transformers import ViTImageProcessor
 
-    size = config.image_size
+    size = getattr(config, "vision_config", config).image_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     return ViTImageProcessor(size={"height": height, "width": width})
 

@@ -4,9 +4,16 @@
     python examples/evaluate_keep_rates.py --model_name_or_path facebook/deit-small-patch16-224 \
         --dataset_name imagenet-1k --split validation --keep_rates 1.0 0.9 0.8 0.7 0.6 0.5 --output_dir outputs/table
 
-Works on a ViT/DeiT used off the shelf (turned into EViT, no fine-tuning) and on a fine-tuned EViT checkpoint. With no
-dataset argument it evaluates on the validation split of scikit-learn's bundled digits. Writes keep_rates.json and
-keep_rates.md to --output_dir and prints the markdown table.
+Works on an image classifier of every family in evit_hf.FAMILIES that has one (ViT, DeiT, CLIP, MetaCLIP 2, DINOv2
+with and without registers), used off the shelf (turned into EViT, no fine-tuning) or fine-tuned as EViT. A CLIP or
+MetaCLIP 2 model with both towers (CLIPModel, MetaClip2Model) is scored zero-shot: each class is the prompt
+--zero_shot_prompt ("a photo of a {label}.") with the dataset's label name, embedded once by the text tower with the
+checkpoint's tokenizer; only the vision tower runs at the keep rates. With no dataset argument it evaluates on the
+validation split of scikit-learn's bundled digits. Writes keep_rates.json and keep_rates.md to --output_dir and prints
+the markdown table; each row says whether its accuracy is the classifier's or zero-shot.
+
+    python examples/evaluate_keep_rates.py --model_name_or_path openai/clip-vit-base-patch16 \
+        --dataset_name imagenet-1k --split validation --streaming --output_dir outputs/clip-zero-shot
 
 Each image is decoded and transformed once, in --num_workers data-loader workers, and every batch runs at all keep
 rates. --streaming reads a Hub split as it downloads (ImageNet-1k validation without the training set), --dtype
@@ -24,11 +31,18 @@ from typing import Literal
 
 import torch
 from datasets import load_dataset
-from transformers import HfArgumentParser
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser
 
 import evit_hf
 from evit_hf.data import collate_images, image_transforms
-from evit_hf.evaluation import default_num_workers, resolve_dtype
+from evit_hf.evaluation import (
+    ZERO_SHOT,
+    ZERO_SHOT_PROMPT,
+    accuracy_kind,
+    default_num_workers,
+    evaluation_model_class,
+    resolve_dtype,
+)
 from evit_hf.run_lock import OutputDirLock, check_output_dir
 
 
@@ -37,7 +51,6 @@ from run_image_classification import (  # noqa: E402
     DataTrainingArguments,
     ModelArguments,
     check_data_arguments,
-    evit_class_for,
     head_label_mismatch,
     label_names,
     load_data,
@@ -65,6 +78,10 @@ class EvaluationArguments:
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32",
         metadata={"help": "Precision of the forward passes: bfloat16 and float16 (CUDA only) run under autocast."},
+    )
+    zero_shot_prompt: str = field(
+        default=ZERO_SHOT_PROMPT,
+        metadata={"help": "The text of each class for zero-shot models (CLIP, MetaCLIP 2); {label} is its name."},
     )
     streaming: bool = field(
         default=False,
@@ -116,6 +133,10 @@ def main(args=None) -> list[dict]:
     check_data_arguments(data_args)
     if eval_args.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1; got {eval_args.batch_size}.")
+    if "{label}" not in eval_args.zero_shot_prompt:
+        raise ValueError(
+            f"--zero_shot_prompt must hold {{label}}, where each class name goes; got {eval_args.zero_shot_prompt!r}."
+        )
     check_output_dir(eval_args.output_dir)
     # The main process writes the results: it holds --output_dir for the whole evaluation (see
     # evit_hf.run_lock), from before any work, so that a second evaluation into it is refused at once.
@@ -136,7 +157,24 @@ def evaluate(model_args, data_args, eval_args) -> list[dict]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     resolve_dtype(eval_args.dtype, device)  # refuses float16 on CPU before anything loads
 
-    evit_class, checkpoint_config = evit_class_for(model_args.model_name_or_path, model_args)
+    hub_kwargs = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token)
+    checkpoint_config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **hub_kwargs
+    )
+    # The family table picks the class: the zero-shot model for a CLIP-style checkpoint of both towers, else the
+    # family's image classifier.
+    evit_class = evaluation_model_class(checkpoint_config, model_args.model_name_or_path)
+    zero_shot = accuracy_kind(evit_class) == ZERO_SHOT
+    tokenizer = None
+    if zero_shot:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"{model_args.model_name_or_path} has no tokenizer that loads ({' '.join(str(error).split())}): "
+                "zero-shot accuracy embeds the class prompts with its text tower; save the model's tokenizer into "
+                "the folder (tokenizer.save_pretrained)."
+            ) from None
     if eval_args.streaming:
         split, labels = load_streaming_split(data_args, model_args, eval_args.split)
     else:
@@ -145,7 +183,8 @@ def evaluate(model_args, data_args, eval_args) -> list[dict]:
             raise ValueError(f"The dataset has no split {eval_args.split!r}; it has {list(dataset)}. Pass --split.")
         labels = label_names(dataset, data_args.label_column_name)
         split = dataset[eval_args.split]
-    mismatch = head_label_mismatch(checkpoint_config, labels)
+    # A zero-shot model has no head: its classes are the dataset's label names.
+    mismatch = None if zero_shot else head_label_mismatch(checkpoint_config, labels)
     if mismatch is not None:
         # Same count, other names: the accuracy would compare unrelated classes.
         raise ValueError(
@@ -168,7 +207,8 @@ def evaluate(model_args, data_args, eval_args) -> list[dict]:
         model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token, **settings
     )
     model.to(device)
-    image_processor = load_image_processor(model_args, model.config)
+    # A model of image and text towers describes its images in the vision tower's configuration.
+    image_processor = load_image_processor(model_args, getattr(model.config, "vision_config", model.config))
     _, eval_transform = image_transforms(image_processor, data_args.image_column_name)
     if eval_args.streaming:
         readers = world_size * max(1, eval_args.num_workers)
@@ -195,6 +235,9 @@ def evaluate(model_args, data_args, eval_args) -> list[dict]:
         num_workers=eval_args.num_workers,
         dtype=eval_args.dtype,
         distributed=world_size > 1,
+        tokenizer=tokenizer,
+        label_names=labels if zero_shot else None,
+        prompt=eval_args.zero_shot_prompt,
     )
     if is_main_process:
         os.makedirs(eval_args.output_dir, exist_ok=True)
@@ -204,6 +247,8 @@ def evaluate(model_args, data_args, eval_args) -> list[dict]:
             "device": str(device),
             "processes": world_size,
             "dtype": eval_args.dtype,
+            "accuracy_kind": rows[0]["accuracy_kind"],
+            **({"zero_shot_prompt": eval_args.zero_shot_prompt} if zero_shot else {}),
             "rows": rows,
         }
         with open(os.path.join(eval_args.output_dir, "keep_rates.json"), "w") as handle:

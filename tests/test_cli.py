@@ -114,7 +114,7 @@ VISUALIZE_ERRORS = {
     "unreadable-image": (["--image", "@not_an_image.png"], "argument --image: cannot read ", "as an image"),
     "keep-rate-0": (["--keep-rate", "0"], "argument --keep-rate: a keep rate is the share of tokens", "got 0"),
     "keep-rate-nan": (["--keep-rate", "nan"], "argument --keep-rate: ", "in (0, 1]; got nan"),
-    "not-vit": (["--model", "@convnext"], "argument --model: ", "is a 'convnext' model; ViT, DeiT and EViT"),
+    "not-vit": (["--model", "@convnext"], "argument --model: ", "is a 'convnext' model; ViT, DeiT, CLIP, MetaCLIP"),
     "missing-folder": (["--model", "@missing"], "argument --model: ", "is not a folder; give a checkpoint folder"),
     "no-config": (["--model", "@empty"], "argument --model: ", "has no config.json"),
     "output-folder": (["--output", "@a_file/kept.png"], "argument --output: cannot write ", "is a file, not a folder"),

@@ -1,17 +1,23 @@
+import copy
+import json
 from types import SimpleNamespace
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from evit_hf import count_macs, evaluate_keep_rates
+import evit_hf
+from evit_hf import count_macs, evaluate_keep_rates, results_markdown
 from evit_hf import evaluation as evaluation_module
 from evit_hf.data import collate_images
-from evit_hf.evaluation import _shard_for_this_process
+from evit_hf.evaluation import _shard_for_this_process, evaluation_model_class
+from evit_hf.families import FAMILIES, IMAGE_CLASSIFICATION, PIPELINE_AUTO_CLASSES, ZERO_SHOT_IMAGE_CLASSIFICATION
 
 from .fake_clock import FakeClock
-from .model_builders import TINY, stock_and_evit
+from .family_folders import builders_for, tiny_image_processor, tiny_tokenizer, write_family_folder
+from .model_builders import FAMILY_TESTERS, TINY, builder_classes, stock_and_evit, tiny_stock_model
 
 
 SHAPE = {**TINY, "num_labels": 10}  # more than 5 classes: the rows have a top-5 accuracy
@@ -214,3 +220,265 @@ def test_images_per_s_across_processes_is_all_images_over_the_slowest(evaluated,
     assert comparable(timed) == comparable(rows)  # all 32 images, counted once
     for row in timed:
         assert row["images_per_s"] == pytest.approx(32 / (2 * slower[row["keep_rate"]]))
+
+
+# Every family: the classifiers, the zero-shot models (CLIP, MetaCLIP 2), and the models that have no accuracy.
+
+ZERO_SHOT_LABELS = ["cat", "dog", "car", "tree", "sky", "sun"]  # more than 5 classes: a top-5 accuracy too
+CLASSIFIERS = builders_for(PIPELINE_AUTO_CLASSES[IMAGE_CLASSIFICATION])
+ZERO_SHOT_MODELS = builders_for(PIPELINE_AUTO_CLASSES[ZERO_SHOT_IMAGE_CLASSIFICATION])
+# The Auto classes of models that have an accuracy.
+SCORED_AUTO_CLASSES = (
+    PIPELINE_AUTO_CLASSES[IMAGE_CLASSIFICATION],
+    PIPELINE_AUTO_CLASSES[ZERO_SHOT_IMAGE_CLASSIFICATION],
+)
+
+
+def headless_builders() -> list[tuple[str, str]]:
+    """(family, builder) for the first model of each family that is neither an image classifier nor a zero-shot
+    model (a base model or a vision tower)."""
+    found = []
+    for family in FAMILIES:
+        scored = {model for name in SCORED_AUTO_CLASSES for model in family.auto_classes.get(name, ())}
+        builder = next(b for b in FAMILY_TESTERS[family.name] if builder_classes(b)[1] not in scored)
+        found.append((family.name, builder))
+    return found
+
+
+def test_every_family_with_a_head_or_zero_shot_model_is_covered():
+    with_accuracy = {family.name for family in FAMILIES if set(SCORED_AUTO_CLASSES) & set(family.auto_classes)}
+    assert {family for family, _ in CLASSIFIERS + ZERO_SHOT_MODELS} == with_accuracy
+    assert len(with_accuracy) >= 6  # ViT, DeiT, CLIP, MetaCLIP 2, DINOv2 with and without registers
+
+
+@pytest.mark.parametrize("family, builder", CLASSIFIERS, ids=[family for family, _ in CLASSIFIERS])
+def test_the_classifier_of_every_family_is_evaluated_at_each_keep_rate(family, builder):
+    evit = evit_hf.apply_evit(tiny_stock_model(builder))
+    pixel_values = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    labels = torch.randint(0, evit.config.num_labels, (8,), generator=torch.Generator().manual_seed(12))
+    rows = evaluate_keep_rates(
+        evit, as_items(pixel_values, labels), keep_rates=(1.0, 0.5), batch_size=4, progress=False
+    )
+    for keep_rate, row in zip((1.0, 0.5), rows, strict=True):
+        with torch.no_grad():
+            predictions = evit(pixel_values, keep_rate=keep_rate).logits.argmax(dim=1)
+        assert row["accuracy_kind"] == "classifier"
+        assert row["accuracy"] == pytest.approx((predictions == labels).float().mean().item())
+        assert row["macs"] == count_macs(evit.config, image_size=32, keep_rate=keep_rate)
+    assert rows[0]["macs"] > rows[1]["macs"]
+
+
+def prompt_tokens():
+    return tiny_tokenizer()(
+        [f"a photo of a {label}." for label in ZERO_SHOT_LABELS], padding=True, return_tensors="pt"
+    )
+
+
+@pytest.fixture(scope="module", params=ZERO_SHOT_MODELS, ids=[family for family, _ in ZERO_SHOT_MODELS])
+def zero_shot_evaluated(request):
+    _, builder = request.param
+    stock = tiny_stock_model(builder)
+    evit = evit_hf.apply_evit(copy.deepcopy(stock)).eval()
+    pixel_values = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        # The stock model's own zero-shot logits: scaled cosine similarities of the images to the prompts.
+        ranked = stock(pixel_values=pixel_values, **prompt_tokens()).logits_per_image.argsort(dim=1, descending=True)
+    # Its first choice for even images, its second for odd ones: at keep 1 (the stock vision tower) 50 % accuracy and
+    # 100 % top-5.
+    labels = torch.where(torch.arange(12) % 2 == 0, ranked[:, 0], ranked[:, 1])
+    rows = evaluate_keep_rates(
+        evit,
+        as_items(pixel_values, labels),
+        keep_rates=(1.0, 0.5),
+        batch_size=4,
+        progress=False,
+        tokenizer=tiny_tokenizer(),
+        label_names=ZERO_SHOT_LABELS,
+    )
+    return stock, evit, pixel_values, labels, rows
+
+
+def test_zero_shot_accuracy_at_keep_1_is_the_stock_models(zero_shot_evaluated):
+    _, _, _, _, rows = zero_shot_evaluated
+    assert [row["accuracy_kind"] for row in rows] == ["zero-shot", "zero-shot"]
+    assert (rows[0]["accuracy"], rows[0]["top5_accuracy"]) == (0.5, 1.0)
+    assert rows[0]["macs"] > rows[1]["macs"]
+
+
+def test_zero_shot_rows_are_the_nearest_prompt_of_the_reduced_vision_tower(zero_shot_evaluated):
+    stock, evit, pixel_values, labels, rows = zero_shot_evaluated
+    with torch.no_grad():
+        text = stock.get_text_features(**prompt_tokens()).pooler_output
+        image = evit.get_image_features(pixel_values, keep_rate=0.5).pooler_output
+    similarities = torch.nn.functional.normalize(image, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).t()
+    assert rows[1]["accuracy"] == pytest.approx((similarities.argmax(dim=1) == labels).float().mean().item())
+    assert rows[1]["top5_accuracy"] == pytest.approx(top5_share(similarities.numpy(), labels.numpy()))
+
+
+def test_zero_shot_needs_the_tokenizer_and_the_label_names():
+    evit = evit_hf.apply_evit(tiny_stock_model(ZERO_SHOT_MODELS[0][1]))
+    with pytest.raises(ValueError, match="needs tokenizer=.*and label_names="):
+        evaluate_keep_rates(evit, UntouchableDataset(), progress=False, label_names=ZERO_SHOT_LABELS)
+    with pytest.raises(ValueError, match="must hold \\{label\\}"):
+        evaluate_keep_rates(
+            evit, UntouchableDataset(), progress=False, tokenizer=tiny_tokenizer(), label_names=["a"], prompt="a"
+        )
+
+
+class UntouchableDataset(torch.utils.data.Dataset):
+    """Fails the test if anything reads it: refusals come before any work."""
+
+    def __len__(self):
+        raise AssertionError("the dataset was read")
+
+    def __getitem__(self, index):
+        raise AssertionError("the dataset was read")
+
+
+@pytest.mark.parametrize("family, builder", headless_builders(), ids=[family for family, _ in headless_builders()])
+def test_models_without_a_head_are_refused_before_any_work(family, builder):
+    evit = evit_hf.apply_evit(tiny_stock_model(builder))
+    with pytest.raises(ValueError, match=f"A {type(evit).__name__} has no classification head.*fine-tune"):
+        evaluate_keep_rates(evit, UntouchableDataset(), progress=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=[family.name for family in FAMILIES])
+def test_the_family_table_picks_the_class_a_checkpoint_is_evaluated_with(family):
+    for builder in FAMILY_TESTERS[family.name]:
+        stock_class, evit_class = builder_classes(builder)
+        config = tiny_stock_model(builder).config
+        config.architectures = [stock_class.__name__]  # as save_pretrained writes it
+        classifiers = family.auto_classes.get(PIPELINE_AUTO_CLASSES[IMAGE_CLASSIFICATION], ())
+        if evit_class in family.auto_classes.get(PIPELINE_AUTO_CLASSES[ZERO_SHOT_IMAGE_CLASSIFICATION], ()):
+            assert evaluation_model_class(config) is evit_class
+        elif classifiers:
+            assert evaluation_model_class(config) is classifiers[0]
+        else:
+            with pytest.raises(ValueError, match=f"a {family.display_name} checkpoint, a family without an image"):
+                evaluation_model_class(config)
+
+
+def test_zero_shot_tables_say_so():
+    rows = [{"keep_rate": 1.0, "accuracy_kind": "zero-shot", "accuracy": 0.5, "images_per_s": 9.0, "macs": 2e6}]
+    assert results_markdown(rows).splitlines()[0] == "| keep rate | zero-shot accuracy | images/s | MACs |"
+    mixed = rows + [dict(rows[0], accuracy_kind="classifier", accuracy=0.25)]
+    lines = results_markdown(mixed).splitlines()
+    assert lines[0] == "| keep rate | kind | accuracy | images/s | MACs |"
+    assert lines[2:] == ["| 1 | zero-shot | 50.00 | 9.0 | 2.00 M |", "| 1 | classifier | 25.00 | 9.0 | 2.00 M |"]
+
+
+EXAMPLE_LABELS = sorted(ZERO_SHOT_LABELS[:5])  # the tiny classifiers' 5 classes, in image-folder (sorted) order
+EXAMPLE_CASES = CLASSIFIERS + ZERO_SHOT_MODELS
+EXAMPLE_IDS = [f"{family}-{'zero-shot' if (family, builder) in ZERO_SHOT_MODELS else 'classifier'}"
+               for family, builder in EXAMPLE_CASES]  # fmt: skip
+
+
+@pytest.mark.parametrize("family, builder", EXAMPLE_CASES, ids=EXAMPLE_IDS)
+def test_the_example_evaluates_a_folder_of_every_family(family, builder, tmp_path):
+    from .test_examples import evaluate_keep_rates as example
+
+    write_family_folder(builder, tmp_path / "model", keep_rate=0.7, label_names=EXAMPLE_LABELS)
+    for index, label in enumerate(EXAMPLE_LABELS):
+        folder = tmp_path / "data" / label
+        folder.mkdir(parents=True)
+        for sample in range(2):
+            Image.effect_noise((36, 40), 30 + 10 * sample + index).convert("RGB").save(folder / f"{sample}.png")
+    rows = example.main(
+        ["--model_name_or_path", str(tmp_path / "model"), "--validation_dir", str(tmp_path / "data"),
+         "--output_dir", str(tmp_path / "out"), "--keep_rates", "1.0", "0.5", "--num_workers", "0"]
+    )  # fmt: skip
+    zero_shot = (family, builder) in ZERO_SHOT_MODELS
+    saved = json.loads((tmp_path / "out" / "keep_rates.json").read_text())
+    assert saved["accuracy_kind"] == ("zero-shot" if zero_shot else "classifier")
+    assert saved.get("zero_shot_prompt") == ("a photo of a {label}." if zero_shot else None)
+    header = "| keep rate | zero-shot accuracy |" if zero_shot else "| keep rate | accuracy |"
+    assert (tmp_path / "out" / "keep_rates.md").read_text().startswith(header)
+    # The same rows as the library's on the same images and labels (the folder names, sorted), and prompts.
+    model = builder_classes(builder)[1].from_pretrained(tmp_path / "model")
+    processor = tiny_image_processor()
+    items = [
+        {"pixel_values": processor(images=Image.open(path).convert("RGB"), return_tensors="pt").pixel_values[0],
+         "label": label}
+        for label, name in enumerate(EXAMPLE_LABELS)
+        for path in sorted((tmp_path / "data" / name).iterdir())
+    ]  # fmt: skip
+    zero_shot_arguments = dict(tokenizer=tiny_tokenizer(), label_names=EXAMPLE_LABELS) if zero_shot else {}
+    expected = evaluate_keep_rates(model, items, keep_rates=(1.0, 0.5), progress=False, **zero_shot_arguments)
+    assert comparable(rows) == comparable(expected)
+
+
+def test_the_prompts_are_embedded_once_for_all_batches_and_keep_rates():
+    evit = evit_hf.apply_evit(tiny_stock_model(ZERO_SHOT_MODELS[0][1]))
+    calls = []
+    hook = evit.text_model.register_forward_hook(lambda module, args, output: calls.append(1))
+    vision_calls = []
+    vision_hook = evit.vision_model.register_forward_hook(lambda module, args, output: vision_calls.append(1))
+    pixel_values = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(14))
+    try:
+        evaluate_keep_rates(
+            evit,
+            as_items(pixel_values, torch.arange(6) % 3),
+            keep_rates=(1.0, 0.5),
+            batch_size=2,
+            progress=False,
+            tokenizer=tiny_tokenizer(),
+            label_names=ZERO_SHOT_LABELS[:3],
+        )
+    finally:
+        hook.remove()
+        vision_hook.remove()
+    assert (len(calls), len(vision_calls)) == (1, 3 * 2)  # the text tower once; the vision tower per batch and rate
+
+
+@pytest.mark.parametrize(
+    "builder, message",
+    [
+        ("dinov3", "is a DINOv3 ViT checkpoint, a family without an image classifier: accuracy is measured for"),
+        ("clip", "has no tokenizer that loads .*save the model's tokenizer into the folder"),
+    ],
+    ids=["no-head", "zero-shot-without-tokenizer"],
+)
+def test_the_example_refuses_folders_it_cannot_score_before_reading_data(builder, message, tmp_path, monkeypatch):
+    from .test_examples import evaluate_keep_rates as example
+
+    evit_hf.apply_evit(tiny_stock_model(builder)).save_pretrained(tmp_path / "model")  # no tokenizer saved
+    monkeypatch.setattr(example, "load_data", lambda *args: pytest.fail("the data was loaded"))
+    with pytest.raises(ValueError, match=message):
+        example.main(["--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out")])
+
+
+def varied_image(seed: int) -> Image.Image:
+    """A noisy image around a random colour: unlike plain noise, the tiny random models tell such images apart."""
+    generator = np.random.RandomState(seed)
+    colour = generator.randint(0, 256, (1, 1, 3))
+    return Image.fromarray(np.clip(colour + generator.randint(-60, 60, (36, 40, 3)), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("family, builder", ZERO_SHOT_MODELS, ids=[family for family, _ in ZERO_SHOT_MODELS])
+def test_the_example_scores_a_stock_checkpoint_zero_shot_as_the_stock_model_does_at_keep_1(family, builder, tmp_path):
+    from .test_examples import evaluate_keep_rates as example
+
+    stock = tiny_stock_model(builder)  # a Hub-style CLIPModel / MetaClip2Model folder, not an EViT one
+    stock.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    tiny_image_processor().save_pretrained(tmp_path / "model")
+    labels = sorted(ZERO_SHOT_LABELS)
+    paths = []
+    for index, label in enumerate(labels):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for sample in range(2):
+            paths.append((tmp_path / "data" / label / f"{sample}.png", index))
+            varied_image(2 * index + sample).save(paths[-1][0])
+    rows = example.main(
+        ["--model_name_or_path", str(tmp_path / "model"), "--validation_dir", str(tmp_path / "data"),
+         "--output_dir", str(tmp_path / "out"), "--keep_rates", "1.0", "0.5", "--num_workers", "0"]
+    )  # fmt: skip
+    processor = tiny_image_processor()
+    pixel_values = torch.cat([processor(images=Image.open(p), return_tensors="pt").pixel_values for p, _ in paths])
+    prompts = tiny_tokenizer()([f"a photo of a {label}." for label in labels], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predictions = stock(pixel_values=pixel_values, **prompts).logits_per_image.argmax(dim=1)
+    assert rows[0]["accuracy_kind"] == "zero-shot"
+    truth = torch.tensor([label for _, label in paths])
+    assert rows[0]["accuracy"] == pytest.approx((predictions == truth).float().mean().item())
+    assert rows[0]["samples"] == len(paths) and rows[0]["macs"] > rows[1]["macs"]

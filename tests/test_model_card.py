@@ -3,8 +3,9 @@ import copy
 import pytest
 
 import evit_hf
+from evit_hf.families import FAMILIES, PIPELINE_AUTO_CLASSES
 
-from .model_builders import tiny_stock_model
+from .model_builders import FAMILY_TESTERS, tiny_stock_model
 
 
 ROWS = [
@@ -51,3 +52,32 @@ def test_per_layer_keep_rates_image_size_and_training_settings_are_recorded():
     assert "| 0.9 / 0.7 / 0.5 | 85.00 |" in card.text
     # The row at the model's own (per-layer) keep rate is the headline of the metadata.
     assert [result.metric_value for result in card.data.eval_results] == [0.85]
+
+
+ALL_BUILDERS = [(family, builder) for family in FAMILIES for builder in FAMILY_TESTERS[family.name]]
+
+
+@pytest.mark.parametrize("family, builder", ALL_BUILDERS, ids=[builder for _, builder in ALL_BUILDERS])
+def test_every_model_of_the_table_gets_a_task_its_family_serves_and_an_auto_class_that_loads_it(family, builder):
+    model = evit_hf.apply_evit(tiny_stock_model(builder))
+    card = evit_hf.create_model_card(model, repo_id="user/tiny")
+    assert card.data.pipeline_tag in family.pipelines
+    auto_class = PIPELINE_AUTO_CLASSES[card.data.pipeline_tag]
+    assert type(model) in family.auto_classes[auto_class]
+    assert f'{auto_class}.from_pretrained("user/tiny"' in card.text
+
+
+@pytest.mark.parametrize("builder", ["clip", "metaclip-2"])
+def test_zero_shot_rows_are_reported_as_zero_shot_accuracy(builder):
+    model = evit_hf.apply_evit(tiny_stock_model(builder), keep_rate=0.5)
+    rows = [dict(row, keep_rate=rate, accuracy_kind="zero-shot") for row, rate in zip(ROWS, (1.0, 0.5), strict=True)]
+    rows[1]["top5_accuracy"] = 0.95
+    card = evit_hf.create_model_card(model, repo_id="user/tiny", results=rows)
+    assert card.data.pipeline_tag == "zero-shot-image-classification"
+    assert "| keep rate | zero-shot accuracy | zero-shot top-5 | images/s | MACs |" in card.text
+    assert 'the prompt "a photo of a {label}." with its label name' in card.text  # how it was measured
+    results = card.data.eval_results
+    assert [(r.task_type, r.metric_name, r.metric_value) for r in results] == [
+        ("zero-shot-image-classification", "zero-shot accuracy", 0.85),
+        ("zero-shot-image-classification", "zero-shot top-5 accuracy", 0.95),
+    ]
