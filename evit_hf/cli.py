@@ -68,7 +68,7 @@ def visualize(argv) -> str:
         prog="evit-hf visualize",
         description="Draw an image and, per reduction layer, the patches an EViT model keeps (the others greyed).",
     )
-    parser.add_argument("--model", required=True, help="Hub id or folder of a ViT, DeiT or EViT checkpoint.")
+    parser.add_argument("--model", required=True, help="Hub id or folder of a checkpoint of any supported family.")
     parser.add_argument("--image", required=True, help="Image file.")
     parser.add_argument("--output", default="kept_tokens.png", help="Picture to write (PNG, JPEG, ...).")
     parser.add_argument(
@@ -148,10 +148,11 @@ def visualize(argv) -> str:
         pixel_values = processor(images=image, return_tensors="pt").pixel_values
     except (OSError, ValueError, TypeError) as error:
         parser.error(f"argument --image-processor: the image processor fails on {args.image}: {one_line(error)}")
-    if pixel_values.shape[1] != config.num_channels:
+    num_channels = getattr(config, "vision_config", config).num_channels  # a two-tower model keeps it in its tower's
+    if pixel_values.shape[1] != num_channels:
         parser.error(
             f"argument --image-processor: the image processor makes {pixel_values.shape[1]}-channel pixels, but "
-            f"{args.model} takes {config.num_channels}; pass an --image-processor made for this model"
+            f"{args.model} takes {num_channels}; pass an --image-processor made for this model"
         )
 
     try:

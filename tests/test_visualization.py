@@ -129,12 +129,6 @@ def test_the_picture_model_reads_every_saved_model_of_its_family(builder, image_
     assert all(torch.equal(a, b) for a, b in zip(kept, pictured, strict=True))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="evit-hf visualize reads num_channels from the top configuration, which a CLIP-style model of two towers "
-    "keeps in vision_config (cli.py: getattr(config, 'vision_config', config).num_channels)",
-)
 def test_visualize_command_draws_a_whole_clip_folder(image_file, tmp_path):
     write_family_folder("clip", tmp_path / "model", keep_rate=0.5)
     output = tmp_path / "kept.png"
