@@ -51,10 +51,13 @@ from run_image_classification import (  # noqa: E402
     DataTrainingArguments,
     ModelArguments,
     check_data_arguments,
+    check_image_size,
     head_label_mismatch,
+    keep_rate_matching_macs,
     label_names,
     load_data,
     load_image_processor,
+    resize_to_image_size,
 )
 
 
@@ -131,6 +134,11 @@ def main(args=None) -> list[dict]:
         model_args, data_args, eval_args = parser.parse_args_into_dataclasses(args=args)
     # Impossible arguments, refused before any data or model is loaded.
     check_data_arguments(data_args)
+    if model_args.keep_rate is not None:
+        raise ValueError(
+            f"--keep_rate {model_args.keep_rate} sets the fine-tuning example's target; this script evaluates the "
+            "keep rates of --keep_rates (and the one --match_macs_of_image_size chooses)."
+        )
     if eval_args.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1; got {eval_args.batch_size}.")
     if "{label}" not in eval_args.zero_shot_prompt:
@@ -164,6 +172,7 @@ def evaluate(model_args, data_args, eval_args) -> list[dict]:
     # The family table picks the class: the zero-shot model for a CLIP-style checkpoint of both towers, else the
     # family's image classifier.
     evit_class = evaluation_model_class(checkpoint_config, model_args.model_name_or_path)
+    check_image_size(model_args, checkpoint_config)
     zero_shot = accuracy_kind(evit_class) == ZERO_SHOT
     tokenizer = None
     if zero_shot:
@@ -206,6 +215,14 @@ def evaluate(model_args, data_args, eval_args) -> list[dict]:
     model = evit_class.from_pretrained(
         model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token, **settings
     )
+    # --image_size: positions resized once, as the fine-tuning example does; the processor resizes and crops to it.
+    resize_to_image_size(model, model_args.image_size)
+    keep_rates = list(eval_args.keep_rates)
+    if model_args.match_macs_of_image_size is not None:
+        # The paper's setting: the keep rate at which this size costs what the unreduced model costs at the other.
+        matched = keep_rate_matching_macs(model.config, None, model_args.match_macs_of_image_size)
+        if matched not in keep_rates:
+            keep_rates.append(matched)
     model.to(device)
     # A model of image and text towers describes its images in the vision tower's configuration.
     image_processor = load_image_processor(model_args, getattr(model.config, "vision_config", model.config))
@@ -228,7 +245,7 @@ def evaluate(model_args, data_args, eval_args) -> list[dict]:
     rows = evit_hf.evaluate_keep_rates(
         model,
         split,
-        eval_args.keep_rates,
+        keep_rates,
         eval_args.batch_size,
         # A partial, unlike a lambda, pickles: workers that are spawned (macOS) get it too.
         collate_fn=functools.partial(collate_images, label_column=data_args.label_column_name),
@@ -248,6 +265,9 @@ def evaluate(model_args, data_args, eval_args) -> list[dict]:
             "processes": world_size,
             "dtype": eval_args.dtype,
             "accuracy_kind": rows[0]["accuracy_kind"],
+            "image_size": getattr(model.config, "vision_config", model.config).image_size,
+            **({"match_macs_of_image_size": model_args.match_macs_of_image_size}
+               if model_args.match_macs_of_image_size is not None else {}),
             **({"zero_shot_prompt": eval_args.zero_shot_prompt} if zero_shot else {}),
             "rows": rows,
         }

@@ -482,3 +482,43 @@ def test_the_example_scores_a_stock_checkpoint_zero_shot_as_the_stock_model_does
     truth = torch.tensor([label for _, label in paths])
     assert rows[0]["accuracy"] == pytest.approx((predictions == truth).float().mean().item())
     assert rows[0]["samples"] == len(paths) and rows[0]["macs"] > rows[1]["macs"]
+
+
+def _tiny_labelled_folder(folder, labels=EXAMPLE_LABELS):
+    for index, label in enumerate(labels):
+        (folder / label).mkdir(parents=True)
+        for sample in range(2):
+            picture = Image.effect_noise((36, 40), 30 + 10 * sample + index).convert("RGB")
+            picture.save(folder / label / f"{sample}.png")
+
+
+def test_the_example_evaluates_at_a_larger_image_size_with_the_keep_rate_of_equal_macs(tmp_path):
+    from .test_examples import evaluate_keep_rates as example
+
+    model = write_family_folder("vit-classifier", tmp_path / "model", keep_rate=0.7, label_names=EXAMPLE_LABELS)
+    _tiny_labelled_folder(tmp_path / "data")
+    larger = TINY["image_size"] + 2 * TINY["patch_size"]
+    rows = example.main(
+        ["--model_name_or_path", str(tmp_path / "model"), "--validation_dir", str(tmp_path / "data"),
+         "--output_dir", str(tmp_path / "out"), "--keep_rates", "1.0", "--num_workers", "0",
+         "--image_size", str(larger), "--match_macs_of_image_size", str(TINY["image_size"])]
+    )  # fmt: skip
+    stock_macs = count_macs(model.config, keep_rate=1.0)  # at the model's own size
+    matched = rows[-1]
+    assert [row["keep_rate"] for row in rows][:1] == [1.0] and len(rows) == 2
+    one_step_more = count_macs(model.config, image_size=larger, keep_rate=round(matched["keep_rate"] + 0.01, 2))
+    assert matched["macs"] <= stock_macs < one_step_more  # the largest keep rate within the budget
+    assert rows[0]["macs"] == count_macs(model.config, image_size=larger, keep_rate=1.0) > stock_macs
+    saved = json.loads((tmp_path / "out" / "keep_rates.json").read_text())
+    assert (saved["image_size"], saved["match_macs_of_image_size"]) == (larger, TINY["image_size"])
+
+
+def test_the_example_refuses_a_fine_tuning_keep_rate(tmp_path):
+    from .test_examples import evaluate_keep_rates as example
+
+    with pytest.raises(ValueError, match="--keep_rates"):
+        example.main(
+            ["--model_name_or_path", str(tmp_path / "missing"), "--validation_dir", str(tmp_path / "data"),
+             "--output_dir", str(tmp_path / "out"), "--keep_rate", "0.5"]
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()

@@ -35,7 +35,8 @@ def no_work(monkeypatch):
 
     for module in (run_image_classification, evaluate_keep_rates):
         monkeypatch.setattr(module, "load_data", work_began)
-        monkeypatch.setattr(module, "evit_class_for", work_began)
+    monkeypatch.setattr(run_image_classification, "evit_class_for", work_began)
+    monkeypatch.setattr(evaluate_keep_rates, "evaluation_model_class", work_began)
 
 
 def refusal(main, args) -> str:
