@@ -248,4 +248,3 @@ def test_configurations_of_other_families_are_refused_with_the_reason():
 
     with pytest.raises(ValueError, match="'convnext' is none of them: pass the configuration of a ViT, DeiT"):
         count_macs(ConvNextConfig())
-
