@@ -245,9 +245,9 @@ ENCODER_FAMILIES = {
 }
 
 
-# MetaCLIP 2's vision tower and projection run CLIP's code (the same mixins on classes of the same layout). The modeling
-# suite (tests/test_modeling.py) runs every tester, these two included; this selection stays for tests that pick the
-# encoder builders whose code differs.
+# MetaCLIP 2's vision tower and projection run CLIP's code (the same mixins on classes of the same layout). The
+# modeling suite (tests/test_modeling.py) runs every tester, these two included; this selection stays for tests that
+# pick the encoder builders whose code differs.
 RUN_BY_CLIPS_TESTS = ("metaclip-2-vision", "metaclip-2-vision-projection")
 SPEC_TESTED_ENCODERS = [family for family in ENCODER_FAMILIES if family not in RUN_BY_CLIPS_TESTS]
 
