@@ -180,18 +180,32 @@ def uncompiled_flex_attention(query, key, value, training=False, **kwargs):
     return flex_attention(query, key, value, **kwargs)
 
 
+def uncompiled_block_mask(*args, _compile=True, **kwargs):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(*args, _compile=False, **kwargs)
+
+
 @pytest.mark.parametrize("builder", ["vit-classifier", "deit-teacher"])
 @pytest.mark.parametrize(
     "compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["flex-uncompiled", "flex-compiled"]
 )
 def test_flex_attention_agrees_with_eager(builder, compiled, pixel_values, monkeypatch):
-    # transformers compiles flex attention on its first call (inductor, 10-20 s on 2 cores, and again for each new
-    # sequence length a reduction layer makes); uncompiled, torch runs the same attention function eagerly, which
-    # checks the EViT layers on the flex path in a fraction of a second.
+    # transformers compiles flex attention and its block mask with inductor on the first call (20-30 s on 2 cores
+    # without a warm inductor cache, as in CI, and again for each new sequence length a reduction layer makes).
+    # Uncompiled, torch runs the same attention and mask functions eagerly: the EViT layers take the same flex path.
     import transformers.integrations.flex_attention as flex_integration
+    import transformers.masking_utils as masking_utils
 
+    flex_calls = []
     if not compiled:
-        monkeypatch.setattr(flex_integration, "compile_friendly_flex_attention", uncompiled_flex_attention)
+
+        def recording_flex_attention(*args, **kwargs):
+            flex_calls.append(args[0].shape)
+            return uncompiled_flex_attention(*args, **kwargs)
+
+        monkeypatch.setattr(flex_integration, "compile_friendly_flex_attention", recording_flex_attention)
+        monkeypatch.setattr(masking_utils, "create_block_mask", uncompiled_block_mask)
     _, eager = cached_stock_and_evit(builder, attn_implementation="eager")
     _, flex = cached_stock_and_evit(builder, attn_implementation="flex_attention")
     assert flex.config._attn_implementation == "flex_attention"
@@ -204,6 +218,9 @@ def test_flex_attention_agrees_with_eager(builder, compiled, pixel_values, monke
     torch.testing.assert_close(output.logits, expected.logits, atol=1e-5, rtol=1e-5)
     for a, b in zip(output.kept_token_indices, expected.kept_token_indices, strict=True):
         assert torch.equal(a, b)
+    if not compiled:  # every layer ran flex attention, on the tokens its reorganization left
+        prefix = TESTERS[builder].prefix
+        assert [shape[2] for shape in flex_calls] == [prefix + n for n in (64, 64, 46, 34)]
 
 
 @pytest.mark.parametrize("builder", TESTER_IDS)
