@@ -1,7 +1,18 @@
-"""Tiny ViT/DeiT, CLIP and DINOv2 shapes and builders shared by the tests."""
+"""Tiny shapes, builders and the testers of every model family, shared by the tests.
+
+`TESTERS` holds one tester per model class that EViT converts (its id, such as `vit-classifier` or
+`dinov3-registers`, is a builder name below); `FAMILY_TESTERS` groups their ids by the family of `evit_hf.FAMILIES`.
+"""
+
+import copy
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers import (
+    AutoModel,
+    AutoModelForImageClassification,
     CLIPConfig,
     CLIPForImageClassification,
     CLIPModel,
@@ -32,6 +43,8 @@ from transformers import (
 )
 
 import evit_hf
+
+from . import spec_reference
 
 
 # Tiny shapes: 8 x 8 = 64 patches, 4 layers (reduction layers 1, 2, 3 by the depth rule), 2 heads.
@@ -232,8 +245,9 @@ ENCODER_FAMILIES = {
 }
 
 
-# MetaCLIP 2's vision tower and projection run CLIP's code (the same mixins on classes of the same layout): the
-# heavy per-builder tests (spec, stock equality, publishing) run on CLIP's builders, MetaCLIP 2's model and classifier.
+# MetaCLIP 2's vision tower and projection run CLIP's code (the same mixins on classes of the same layout). The
+# modeling suite (tests/test_modeling.py) runs every tester, these two included; this selection stays for tests that
+# pick the encoder builders whose code differs.
 RUN_BY_CLIPS_TESTS = ("metaclip-2-vision", "metaclip-2-vision-projection")
 SPEC_TESTED_ENCODERS = [family for family in ENCODER_FAMILIES if family not in RUN_BY_CLIPS_TESTS]
 
@@ -302,3 +316,107 @@ def tiny_stock_model(builder: str, seed: int = 0):
 def builder_classes(builder: str) -> tuple[type, type]:
     """(stock class, EViT class) of a builder."""
     return (FAMILIES.get(builder) or ENCODER_FAMILIES[builder])[:2]
+
+
+@dataclass(frozen=True)
+class Tester:
+    """How the tests build and check one model class of a family: its tiny configuration and its spec reference."""
+
+    name: str  # the builder name, used as the test id
+    family: str  # the name of its record in evit_hf.FAMILIES
+    stock_class: type
+    evit_class: type
+    stock_config_class: type
+    evit_config_class: type
+    settings: dict
+    prefix: int  # tokens in front of the patches that are never scored
+    # reference(stock, pixel_values, keep_rate, reduction_layers, fuse, prefix, input_ids) ->
+    # (outputs by field name, kept patch indices per image and reduction layer), from tests/spec_reference.py
+    reference: Callable
+    takes_text: bool = False  # the model takes token ids too (both towers)
+    auto_class: type = AutoModel
+
+
+REFERENCES = {
+    "vit-base": spec_reference.vit_base_outputs,
+    "vit-classifier": spec_reference.vit_classifier_outputs,
+    "deit-base": spec_reference.vit_base_outputs,
+    "deit-classifier": spec_reference.vit_classifier_outputs,
+    "deit-teacher": spec_reference.deit_teacher_outputs,
+    "clip-vision": spec_reference.clip_vision_outputs,
+    "clip-vision-projection": spec_reference.clip_vision_projection_outputs,
+    "clip": spec_reference.clip_outputs,
+    "clip-classifier": spec_reference.clip_classifier_outputs,
+    "metaclip-2-vision": spec_reference.clip_vision_outputs,
+    "metaclip-2-vision-projection": spec_reference.clip_vision_projection_outputs,
+    "metaclip-2": spec_reference.clip_outputs,
+    "metaclip-2-classifier": spec_reference.clip_classifier_outputs,
+    "dinov2-base": spec_reference.dinov2_base_outputs,
+    "dinov2-classifier": spec_reference.dinov2_classifier_outputs,
+    "dinov2-registers-base": spec_reference.dinov2_base_outputs,
+    "dinov2-registers-classifier": spec_reference.dinov2_classifier_outputs,
+    "dinov3": spec_reference.dinov3_outputs,
+    "dinov3-registers": spec_reference.dinov3_outputs,
+}
+
+
+def _tester(family: str, name: str) -> Tester:
+    if name in FAMILIES:
+        stock_class, evit_class, prefix = FAMILIES[name]
+        stock_config_class = DeiTConfig if name.startswith("deit") else ViTConfig
+        evit_config_class = evit_hf.EViTDeiTConfig if name.startswith("deit") else evit_hf.EViTConfig
+        settings = TINY
+    else:
+        stock_class, evit_class, stock_config_class, evit_config_class, settings, prefix = ENCODER_FAMILIES[name]
+    return Tester(
+        name=name,
+        family=family,
+        stock_class=stock_class,
+        evit_class=evit_class,
+        stock_config_class=stock_config_class,
+        evit_config_class=evit_config_class,
+        settings=settings,
+        prefix=prefix,
+        reference=REFERENCES[name],
+        takes_text=has_text_tower(name),
+        auto_class=AutoModelForImageClassification if name.endswith(("-classifier", "-teacher")) else AutoModel,
+    )
+
+
+# One tester per model class EViT converts, by builder name, in the order of evit_hf.FAMILIES.
+TESTERS = {name: _tester(family, name) for family, names in FAMILY_TESTERS.items() for name in names}
+
+
+@functools.cache
+def _built_stock_model(builder: str, seed: int, attn_implementation: str):
+    if builder in FAMILIES:
+        stock_class = FAMILIES[builder][0]
+        torch.manual_seed(seed)
+        return stock_class(stock_config(builder, attn_implementation=attn_implementation)).eval()
+    return encoder_stock_model(builder, seed, attn_implementation)
+
+
+def cached_stock_model(builder: str, seed: int = 0, attn_implementation: str = "sdpa"):
+    """A copy of the random tiny stock model of `builder` (the same weights as `tiny_stock_model`): each is built once
+    per process, and every caller gets its own copy to change or convert."""
+    return copy.deepcopy(_built_stock_model(builder, seed, attn_implementation))
+
+
+def cached_stock_and_evit(builder: str, seed: int = 0, attn_implementation: str = "sdpa", **evit_settings):
+    """`stock_and_evit` / `encoder_stock_and_evit` for any builder, from the cache: the EViT model is a converted copy
+    of the stock one (the path the EViT constructors take too), so both have the same weights."""
+    stock = cached_stock_model(builder, seed, attn_implementation)
+    evit = evit_hf.apply_evit(copy.deepcopy(stock), **evit_settings).eval()
+    return stock, evit
+
+
+def model_inputs(tester: Tester, pixel_values) -> dict:
+    """The keyword arguments a tester's model takes for a batch of images (token ids too, for both towers)."""
+    if tester.takes_text:
+        return {"pixel_values": pixel_values, "input_ids": text_inputs(pixel_values.shape[0])}
+    return {"pixel_values": pixel_values}
+
+
+def evit_settings(model):
+    """The configuration holding the EViT settings (CLIP and MetaCLIP 2 keep them in the vision configuration)."""
+    return model.config.vision_config if hasattr(model.config, "vision_config") else model.config

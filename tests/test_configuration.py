@@ -5,10 +5,15 @@ import pytest
 import evit_hf
 from evit_hf import EViTConfig, EViTDeiTConfig, default_reduction_layers
 
-from .model_builders import TINY
+from .model_builders import TESTERS, TINY
 
 
-CONFIG_CLASSES = pytest.mark.parametrize("config_class", [EViTConfig, EViTDeiTConfig], ids=["vit", "deit"])
+# The EViT configuration class of every tester's model, once each (CLIP's whole-model configuration keeps the
+# settings in its vision configuration and reads them through).
+EVIT_CONFIG_CLASSES = list(dict.fromkeys(tester.evit_config_class for tester in TESTERS.values()))
+CONFIG_CLASSES = pytest.mark.parametrize(
+    "config_class", EVIT_CONFIG_CLASSES, ids=[config_class.__name__ for config_class in EVIT_CONFIG_CLASSES]
+)
 
 
 @CONFIG_CLASSES
@@ -64,6 +69,7 @@ def test_round_trip_through_json(config_class, tmp_path):
     config = config_class(**TINY, keep_rate=0.55, reduction_layers=[0, 3], fuse_inattentive_tokens=False)
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
+    saved = saved.get("vision_config", saved)  # CLIP and MetaCLIP 2 save the settings with the vision tower
     assert (saved["keep_rate"], saved["reduction_layers"], saved["fuse_inattentive_tokens"]) == (0.55, [0, 3], False)
     loaded = config_class.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()

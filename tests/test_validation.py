@@ -11,12 +11,20 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForImageClassification
+from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedConfig
 
 import evit_hf
 from evit_hf import EViTConfig, EViTDeiTConfig
 
-from .model_builders import FAMILIES, TINY, stock_and_evit
+from .model_builders import (
+    FAMILIES,
+    FAMILY_TESTERS,
+    TESTERS,
+    TINY,
+    cached_stock_and_evit,
+    cached_stock_model,
+    stock_and_evit,
+)
 
 
 LAYERS_IN_RANGE = r"reduction_layers holds 0-based layer indices in \[0, 3\] for a model with 4 layers"
@@ -59,8 +67,8 @@ BAD_FORWARD_KEEP_RATES = [param for param in BAD_SETTINGS if param.values[0].get
 def folders(tmp_path_factory):
     """A saved tiny model of every EViT family, and plain ViT and DeiT (with teacher) checkpoints."""
     saved = {}
-    for family in FAMILIES:
-        stock, evit = stock_and_evit(family)
+    for family in TESTERS:
+        stock, evit = cached_stock_and_evit(family)
         saved[family] = tmp_path_factory.mktemp(family)
         evit.save_pretrained(saved[family])
         if family in ("vit-classifier", "deit-teacher"):
@@ -88,8 +96,25 @@ def update(config_class, settings):
 
 
 def apply_evit(family, settings):
-    stock, _ = stock_and_evit(family)
-    return evit_hf.apply_evit(stock, **settings)
+    return evit_hf.apply_evit(cached_stock_model(family), **settings)
+
+
+# The other families' configurations and models, one tester each (its first model class): constructor, loading a saved
+# folder, apply_evit.
+OTHER_FAMILY_TESTERS = [
+    TESTERS[names[0]] for family, names in FAMILY_TESTERS.items() if not set(names) & set(FAMILIES)
+]
+OTHER_FAMILY_PATHS = {}
+for tester in OTHER_FAMILY_TESTERS:
+    OTHER_FAMILY_PATHS[tester.evit_config_class.__name__] = lambda folders, settings, tester=tester: (
+        tester.evit_config_class(**tester.settings, **settings)
+    )
+    OTHER_FAMILY_PATHS[f"{tester.evit_class.__name__}.from_pretrained"] = lambda folders, settings, tester=tester: (
+        tester.evit_class.from_pretrained(folders[tester.name], **settings)
+    )
+    OTHER_FAMILY_PATHS[f"apply_evit-{tester.name}"] = lambda folders, settings, tester=tester: apply_evit(
+        tester.name, settings
+    )
 
 
 # Every path that takes the settings: name -> function(folders, settings) returning the config or model it made.
@@ -130,6 +155,7 @@ PATHS = {
     "update-vit": lambda folders, settings: update(EViTConfig, settings),
     "apply_evit-vit": lambda folders, settings: apply_evit("vit-classifier", settings),
     "apply_evit-deit-base": lambda folders, settings: apply_evit("deit-base", settings),
+    **OTHER_FAMILY_PATHS,
 }
 
 
@@ -183,7 +209,9 @@ def test_a_rejected_assignment_leaves_the_config_as_it_was(config_class, setting
 
 
 def config_of(made):
-    return made if isinstance(made, (EViTConfig, EViTDeiTConfig)) else made.config
+    """The configuration holding the EViT settings of a configuration or a model."""
+    config = made if isinstance(made, PreTrainedConfig) else made.config
+    return config.vision_config if hasattr(config, "vision_config") else config
 
 
 @pytest.mark.parametrize("path", PATHS)
