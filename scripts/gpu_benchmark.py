@@ -230,10 +230,12 @@ def run_group(group, models, settings, device, timer) -> list[dict]:
         for _, rate, model in variants
     ]
     config = benchmark.macs_config(name, size)
+    # The EViT model's own settings: a folder of a stock model has none in its configuration.
+    evit_settings = getattr(evit.config, "vision_config", None) or evit.config
     patch_size = benchmark.model_patch_size(name)
     checks = [
         None if rate is None else expected_kept_counts(
-            (size // patch_size) ** 2, rate, len(config.reduction_layers), config.fuse_inattentive_tokens
+            (size // patch_size) ** 2, rate, len(evit_settings.reduction_layers), evit_settings.fuse_inattentive_tokens
         )
         for _, rate, _ in variants
     ]  # fmt: skip
