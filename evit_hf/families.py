@@ -86,7 +86,24 @@ def _classifier_macs(config, dim: int, inputs_per_dim: int = 1) -> int:
     return inputs_per_dim * dim * max(config.num_labels, 0)
 
 
+def _is_base_model(config) -> bool:
+    """Whether `config.architectures` names a base model (`ViTModel`, `EViTDeiTModel`, ...), not a model with a head.
+    A configuration that names none counts as a classifier, as the spec's figures do."""
+    architectures = getattr(config, "architectures", None) or []
+    return bool(architectures) and all(name.endswith("Model") for name in architectures)
+
+
+def _vit_head_macs(config, dim: int) -> int:
+    """The classifier, or for a base model its pooler (a dense layer on the class token; transformers builds it by
+    default, and a configuration does not say whether a model was built without it)."""
+    if _is_base_model(config):
+        return dim * (getattr(config, "pooler_output_size", None) or dim)
+    return _classifier_macs(config, dim)
+
+
 def _deit_head_macs(config, dim: int) -> int:
+    if _is_base_model(config):
+        return _vit_head_macs(config, dim)
     heads = 2 if "WithTeacher" in _architectures(config) else 1  # class and distillation heads
     return heads * _classifier_macs(config, dim)
 
@@ -238,7 +255,7 @@ FAMILIES: tuple[EViTFamily, ...] = (
         pipelines=frozenset({IMAGE_CLASSIFICATION, IMAGE_FEATURE_EXTRACTION}),
         num_prefix_tokens=_one_prefix_token,
         mlp_macs_per_token=_plain_mlp_macs,
-        head_macs=_classifier_macs,
+        head_macs=_vit_head_macs,
         # DeiT without distillation is a ViT.
         benchmark_shapes=MappingProxyType(
             {

@@ -163,19 +163,7 @@ def test_deit_small_macs_exactly(
         assert round(expected / 1e9, 2) == giga_macs
 
 
-# count_macs of ViTModel and DeiTModel adds a classifier head they do not have (num_labels x d) and leaves out their
-# pooler (d x d): 864 multiply-adds too few on the tiny shape.
-BASE_MODELS_WITH_A_POOLER = ("vit-base", "deit-base")
-
-
-def macs_case(builder):
-    if builder in BASE_MODELS_WITH_A_POOLER:
-        reason = "count_macs counts a classifier head on ViTModel/DeiTModel, and not their pooler"
-        return pytest.param(builder, marks=pytest.mark.xfail(strict=True, reason=reason))
-    return builder
-
-
-@pytest.mark.parametrize("builder", [macs_case(builder) for builder in TESTERS])
+@pytest.mark.parametrize("builder", TESTERS)
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "dropped"])
 @pytest.mark.parametrize("keep_rate", [1.0, 0.5, 0.25])
 def test_macs_are_what_the_model_computes(builder, fuse, keep_rate):
