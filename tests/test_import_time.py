@@ -153,7 +153,7 @@ def saved_evit_folder(tmp_path_factory):
     return folder
 
 
-@pytest.mark.slow  # a fresh process importing torch: ~4 s on 2 loaded cores
+# A fresh process importing torch (~4 s): the most common first use after `import evit_hf`, run by default.
 def test_auto_model_loads_a_saved_folder_right_after_import(saved_evit_folder):
     loaded = run_python(
         f"""
@@ -198,7 +198,7 @@ def test_pipeline_and_image_processor_load_a_saved_folder_right_after_import(sav
     assert loaded == ["evit_hf.modeling_evit", "evit_hf.image_processing_evit"]
 
 
-@pytest.mark.slow  # a fresh process importing torch: ~4 s on 2 loaded cores
+# A fresh process importing torch (~4 s): the most common first use after `import evit_hf`, run by default.
 def test_save_pretrained_writes_auto_map_when_only_model_files_were_imported(tmp_path):
     # The registration that `save_pretrained`'s auto_map needs has run once a model file is loaded, with no Auto class
     # nor public name used.
