@@ -1,6 +1,7 @@
 import copy
 
 import pytest
+import torch
 
 import evit_hf
 from evit_hf.families import FAMILIES, PIPELINE_AUTO_CLASSES
@@ -81,3 +82,37 @@ def test_zero_shot_rows_are_reported_as_zero_shot_accuracy(builder):
         ("zero-shot-image-classification", "zero-shot accuracy", 0.85),
         ("zero-shot-image-classification", "zero-shot top-5 accuracy", 0.95),
     ]
+
+
+@pytest.mark.parametrize("builder", ["vit-classifier", "dinov2-base", "clip"], ids=lambda builder: builder)
+def test_the_cards_use_snippet_runs_on_the_saved_folder(builder, tmp_path):
+    # The card's "Use" code, as a reader would paste it, on the folder the card is saved with (remote code).
+    import re
+
+    from PIL import Image
+
+    from .family_folders import write_family_folder
+
+    folder = tmp_path / "model"
+    if builder == "clip":  # a text tower long enough for the card's prompts, and the processor's own file
+        from transformers import AutoImageProcessor, CLIPConfig, CLIPModel, CLIPProcessor
+
+        from .family_folders import tiny_image_processor, tiny_tokenizer
+        from .model_builders import TINY_CLIP_TEXT, TINY_CLIP_VISION
+
+        text = dict(TINY_CLIP_TEXT, max_position_embeddings=64)
+        config = CLIPConfig(text_config=text, vision_config=TINY_CLIP_VISION, projection_dim=16)
+        model = evit_hf.apply_evit(CLIPModel(config).eval(), keep_rate=0.7)
+        model.save_pretrained(folder)
+        tiny_image_processor().save_pretrained(folder)
+        CLIPProcessor(AutoImageProcessor.from_pretrained(folder), tiny_tokenizer()).save_pretrained(folder)
+    else:
+        model = write_family_folder(builder, folder, keep_rate=0.7)
+    card = evit_hf.create_model_card(model, repo_id=str(folder))
+    snippet = re.search(r"## Use\n\n```python\n(.*?)```", card.text, re.DOTALL).group(1)
+    namespace = {"image": Image.effect_noise((40, 36), 40).convert("RGB")}
+    exec(snippet, namespace)
+    output = namespace.get("logits", namespace.get("features", namespace.get("probabilities")))
+    assert output is not None and torch.isfinite(output).all()
+    if builder == "clip":
+        assert namespace["task"](namespace["image"], candidate_labels=["cat", "dog"])[0]["label"] in ("cat", "dog")
