@@ -100,7 +100,7 @@ class BenchmarkSettings:
     Invalid settings raise `InvalidBenchmarkSetting` (a `ValueError`) here, before any model is built."""
 
     model: str = "deit-small"
-    keep_rates: list[float] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5])
+    keep_rates: list[float | list[float]] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5])
     batch_sizes: list[int] = field(default_factory=lambda: [32])
     image_sizes: list[int] = field(default_factory=lambda: [224])
     attn_implementations: list[str] = field(default_factory=lambda: ["sdpa"])
@@ -120,11 +120,14 @@ class BenchmarkSettings:
             if len(getattr(self, name)) == 0:
                 raise InvalidBenchmarkSetting(name, "needs at least one value")
         for keep_rate in self.keep_rates:
-            if not _is_number(keep_rate) or not math.isfinite(keep_rate) or not 0 < keep_rate <= 1:
-                raise InvalidBenchmarkSetting(
-                    "keep_rates",
-                    f"a keep rate is the share of tokens each reduction layer keeps, in (0, 1]; got {keep_rate}",
-                )
+            # One rate, or one per reduction layer (a list, in ascending layer order).
+            for rate in keep_rate if isinstance(keep_rate, (list, tuple)) and keep_rate else [keep_rate]:
+                if not _is_number(rate) or not math.isfinite(rate) or not 0 < rate <= 1:
+                    raise InvalidBenchmarkSetting(
+                        "keep_rates",
+                        f"a keep rate is the share of tokens each reduction layer keeps, in (0, 1]; got {keep_rate}",
+                    )
+        self.keep_rates = [list(rate) if isinstance(rate, (list, tuple)) else rate for rate in self.keep_rates]
         for batch_size in self.batch_sizes:
             if not _is_whole(batch_size) or batch_size < 1:
                 raise InvalidBenchmarkSetting("batch_sizes", f"a batch size is a whole number >= 1, got {batch_size}")
@@ -145,6 +148,16 @@ class BenchmarkSettings:
             raise InvalidBenchmarkSetting(
                 "rounds", f"the number of timed rounds is a whole number >= 1, got {self.rounds}"
             )
+        per_layer = [rate for rate in self.keep_rates if isinstance(rate, list)]
+        if per_layer:
+            from .configuration_evit_base import check_keep_rate
+
+            layers = benchmarked_reduction_layers(self.model, self.image_sizes[0])
+            for keep_rate in per_layer:
+                try:
+                    check_keep_rate(keep_rate, layers)
+                except ValueError as error:
+                    raise InvalidBenchmarkSetting("keep_rates", str(error).rstrip(".")) from None
         benchmarked_class = benchmarked_stock_class(self.model)
         if "train" in self.modes and not _takes_labels(benchmarked_class):
             raise InvalidBenchmarkSetting(
@@ -581,6 +594,27 @@ def _run_group(settings: BenchmarkSettings, group: dict, bar) -> list[dict]:
     return rows
 
 
+def benchmarked_reduction_layers(model: str, image_size: int) -> list[int]:
+    """The reduction layers of the benchmarked EViT model: its configuration's, or the paper's for a stock folder (as
+    `apply_evit` chooses them)."""
+    from .configuration_evit_base import default_reduction_layers
+
+    config = macs_config(model, image_size)
+    vision_config = getattr(config, "vision_config", None) or config
+    layers = getattr(vision_config, "reduction_layers", None)
+    return list(layers) if layers is not None else default_reduction_layers(vision_config.num_hidden_layers)
+
+
+def _key(value):
+    """A row value usable in a set or as a key: a per-layer keep rate (a list) as a tuple."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _mean_keep_rate(keep_rate) -> float:
+    """Where a per-layer keep rate sits on a keep-rate axis: the mean of its rates."""
+    return sum(keep_rate) / len(keep_rate) if isinstance(keep_rate, list) else keep_rate
+
+
 def macs_config(model: str, image_size: int):
     """The configuration of the benchmarked model, naming its architecture (its head, for `count_macs`): the EViT
     configuration of a named shape; a folder's own, which counts as EViT with its (or the paper's) reduction layers."""
@@ -722,6 +756,8 @@ def markdown_table(rows: list[dict]) -> str:
                     if column in ("speedup", "macs_ratio", "speedup_over_macs_ratio")
                     else f"{value:.1f}"
                 )
+            elif column == "keep_rate" and isinstance(value, list):
+                cells.append(" / ".join(f"{rate:g}" for rate in value))
             else:
                 cells.append("" if value is None else str(value))
         lines.append("| " + " | ".join(cells) + " |")
@@ -744,11 +780,16 @@ def plot_speedups(rows: list[dict], path: str) -> None:
         label += " compiled" if row["compiled"] else ""
         series.setdefault(label, []).append(row)
     for label, points in series.items():
-        points.sort(key=lambda row: -row["keep_rate"])
-        axis.plot([p["keep_rate"] for p in points], [p["speedup"] for p in points], marker="o", label=label)
-    bound = sorted({(row["keep_rate"], row["macs_ratio"]) for row in rows if row["variant"] == "evit"}, reverse=True)
+        points.sort(key=lambda row: -_mean_keep_rate(row["keep_rate"]))
+        axis.plot(
+            [_mean_keep_rate(p["keep_rate"]) for p in points], [p["speedup"] for p in points], marker="o", label=label
+        )
+    bound = sorted(
+        {(_mean_keep_rate(row["keep_rate"]), row["macs_ratio"]) for row in rows if row["variant"] == "evit"},
+        reverse=True,
+    )
     axis.plot([k for k, _ in bound], [r for _, r in bound], linestyle="--", color="grey", label="MACs bound")
-    axis.set_xlabel("keep rate")
+    axis.set_xlabel("keep rate (per-layer rates: their mean)")
     axis.set_ylabel("speed-up over the stock model")
     axis.invert_xaxis()
     axis.grid(alpha=0.3)
@@ -810,11 +851,12 @@ def smallest_batches_at_bound(rows: list[dict], share: float = BOUND_SHARE) -> l
     for row in rows:
         if row["variant"] != "evit":
             continue
-        key = tuple(row[name] for name in _SMALL_BATCH_KEYS)
+        key = tuple(_key(row[name]) for name in _SMALL_BATCH_KEYS)
         entry = entries.setdefault(
             key,
-            dict(zip(_SMALL_BATCH_KEYS, key, strict=True), macs_ratio=row["macs_ratio"], speedup_over_macs_ratio={}),
-        )
+            {**{name: row[name] for name in _SMALL_BATCH_KEYS}, "macs_ratio": row["macs_ratio"],
+             "speedup_over_macs_ratio": {}},
+        )  # fmt: skip
         entry["speedup_over_macs_ratio"][row["batch_size"]] = row["speedup_over_macs_ratio"]
     for entry in entries.values():
         reached = sorted(size for size, ratio in entry["speedup_over_macs_ratio"].items() if ratio >= share)
@@ -829,7 +871,10 @@ def small_batch_markdown(entries: list[dict]) -> str:
     columns = [*_SMALL_BATCH_KEYS, "macs_ratio", f"smallest batch size at {share} of the MACs ratio"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for entry in entries:
-        cells = [str(entry[name]) for name in _SMALL_BATCH_KEYS]
+        cells = [
+            " / ".join(f"{rate:g}" for rate in entry[name]) if isinstance(entry[name], list) else str(entry[name])
+            for name in _SMALL_BATCH_KEYS
+        ]
         cells += [f"{entry['macs_ratio']:.3f}", str(entry["smallest_batch_size"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

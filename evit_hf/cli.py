@@ -39,6 +39,14 @@ def keep_rate_argument(text: str) -> float:
     return value
 
 
+def benchmark_keep_rate_argument(text: str) -> float | list[float]:
+    """argparse type of a benchmarked keep rate: one number in (0, 1], or one per reduction layer joined by "/"
+    ("0.9/0.7/0.5")."""
+    if "/" not in text:
+        return keep_rate_argument(text)
+    return [keep_rate_argument(part.strip()) for part in text.split("/")]
+
+
 # Picture formats that hold the whole RGB canvas as drawn (not icons, not 1-bit or palette-only formats).
 PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".tga", ".pdf")
 
@@ -254,7 +262,13 @@ def benchmark_parser() -> argparse.ArgumentParser:
         return defaults[name].default_factory() if callable(defaults[name].default_factory) else defaults[name].default
 
     parser.add_argument("--model", default=default("model"), help="a named shape, or a checkpoint folder")
-    parser.add_argument("--keep-rates", type=keep_rate_argument, nargs="+", default=default("keep_rates"))
+    parser.add_argument(
+        "--keep-rates",
+        type=benchmark_keep_rate_argument,
+        nargs="+",
+        default=default("keep_rates"),
+        help='keep rates in (0, 1]; "0.9/0.7/0.5" is one rate per reduction layer',
+    )
     parser.add_argument(
         "--batch-sizes", type=whole_number_at_least(1, "a batch size"), nargs="+", default=default("batch_sizes")
     )

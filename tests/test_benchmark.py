@@ -11,6 +11,7 @@ from evit_hf import count_macs
 from evit_hf.benchmark import (
     BenchmarkSettings,
     InvalidBenchmarkSetting,
+    benchmarked_reduction_layers,
     build_models,
     macs_config,
     model_patch_size,
@@ -291,3 +292,32 @@ def test_small_batch_report_of_rows():
     (entry,) = smallest_batches_at_bound(rows)
     assert entry["smallest_batch_size"] == 8  # exactly 95% counts; 94.9% does not
     assert smallest_batches_at_bound(rows, share=1.01)[0]["smallest_batch_size"] == "not reached"
+
+
+def test_benchmark_takes_one_keep_rate_per_reduction_layer(tmp_path, capsys):
+    tiny_stock_model("vit-classifier").save_pretrained(tmp_path)
+    layers = benchmarked_reduction_layers(str(tmp_path), 32)
+    per_layer = [0.9, 0.7, 0.5][: len(layers)]
+    assert len(per_layer) == len(layers) == 3
+    cli_main(
+        ["benchmark", "--model", str(tmp_path), "--batch-sizes", "1", "--rounds", "1", "--warmup", "0",
+         "--keep-rates", "0.7", "/".join(map(str, per_layer)), "--image-sizes", "32", "--no-memory", "--no-progress",
+         "--output-dir", str(tmp_path / "out")]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| evit | 0.9 / 0.7 / 0.5 |" in out
+    rows = json.loads((tmp_path / "out" / "benchmark.json").read_text())["rows"]
+    row = next(row for row in rows if row["keep_rate"] == per_layer)
+    config = macs_config(str(tmp_path), 32)
+    assert row["macs_ratio"] == pytest.approx(
+        count_macs(config, keep_rate=1.0) / count_macs(config, keep_rate=per_layer)
+    )
+    assert count_macs(config, keep_rate=per_layer) != count_macs(config, keep_rate=0.7)  # a schedule of its own
+    small = json.loads((tmp_path / "out" / "benchmark.json").read_text())["small_batches"]
+    assert sorted(str(entry["keep_rate"]) for entry in small) == sorted([str(per_layer), "0.7"])
+
+
+def test_benchmark_refuses_a_per_layer_keep_rate_of_the_wrong_length(tmp_path):
+    tiny_stock_model("vit-classifier").save_pretrained(tmp_path)
+    with pytest.raises(InvalidBenchmarkSetting, match=r"it has 2 \(\[0.9, 0.7\]\) for 3 reduction layers"):
+        BenchmarkSettings(model=str(tmp_path), keep_rates=[[0.9, 0.7]], image_sizes=[32])
