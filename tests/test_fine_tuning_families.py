@@ -25,7 +25,7 @@ from evit_hf.macs import count_macs
 from evit_hf.resolution import resize_position_embeddings
 
 from .image_files import good_folder, image_check_cache  # noqa: F401  (autouse: the test's own image-check cache)
-from .model_builders import FAMILY_TESTERS, stock_config, tiny_stock_model
+from .model_builders import FAMILY_TESTERS, TESTERS, stock_config, tiny_stock_model
 from .test_examples import run_image_classification, save_small_vit
 from .test_resume import kill_after_first_checkpoint, largest_difference, resume_args, weights
 
@@ -100,6 +100,32 @@ def test_every_family_fine_tunes_and_reloads_as_an_image_classifier(family, buil
     assert 0 < moved.item() < 1e-2
     logits = reloaded(torch.randn(2, 3, tower_config.image_size, tower_config.image_size)).logits
     assert logits.shape == (2, 2)
+
+
+# The image classifiers of every family with one: a teacher must predict the dataset's labels.
+CLASSIFIER_TESTERS = [
+    pytest.param(tester, id=tester.name)
+    for tester in TESTERS.values()
+    if tester.auto_class is AutoModelForImageClassification
+]
+
+
+@pytest.mark.parametrize("tester", CLASSIFIER_TESTERS)
+def test_every_family_fine_tunes_with_distillation_from_its_unreduced_start(tester, image_folders, tmp_path):
+    torch.manual_seed(0)
+    labels = dict(num_labels=2, id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1})
+    config = tester.stock_config_class(**{**tester.settings, **labels})
+    tester.stock_class(config).save_pretrained(tmp_path / "start")
+    output_dir = tmp_path / "out"
+    run_image_classification.main(
+        folder_args(tmp_path / "start", output_dir, image_folders, "--keep_rate", "0.5", "--distillation_alpha", "0.5",
+                    "--logging_steps", "1")
+    )  # fmt: skip
+    logged = [entry for entry in json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+              if "loss_ce" in entry]  # fmt: skip
+    assert [entry["step"] for entry in logged] == [1, 2]
+    # The student (keep 0.5) and the unreduced teacher start from the same weights yet disagree: the term is live.
+    assert all(entry["loss_ce"] > 0 and entry["loss_distillation"] > 0 for entry in logged)
 
 
 def test_a_distilled_deit_fine_tunes_from_its_class_head(image_folders, tmp_path):

@@ -23,16 +23,22 @@ def free_port() -> str:
         return str(probe.getsockname()[1])
 
 
+TORCHRUN = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port"]
+
+
 @pytest.mark.parametrize(
-    "launcher",
+    "launcher, extra",
     [
-        [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port"],
+        pytest.param(TORCHRUN, [], marks=pytest.mark.slow),  # the distilled run below takes the same launcher
+        # Distillation from the unreduced starting model: the teacher runs in each process on its part of the batch.
+        (TORCHRUN, ["--distillation_alpha", "0.5", "--distillation_temperature", "2", "--logging_steps", "2"]),
         # accelerate's multi-process launcher; on a machine without GPUs its processes train on CPU with gloo
-        [os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port"],
+        ([os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port"],
+         []),
     ],
-    ids=["torchrun", "accelerate-launch"],
-)
-def test_two_processes_train_one_model(launcher, tmp_path):
+    ids=["torchrun", "torchrun-distilled", "accelerate-launch"],
+)  # fmt: skip
+def test_two_processes_train_one_model(launcher, extra, tmp_path):
     if not os.path.exists(launcher[0]):
         pytest.skip(f"{launcher[0]} is not installed")
     launcher = [*launcher, free_port()]
@@ -52,6 +58,7 @@ def test_two_processes_train_one_model(launcher, tmp_path):
         "--report_to", "none",
         "--save_strategy", "no",
         "--disable_tqdm", "true",
+        *extra,
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -61,6 +68,11 @@ def test_two_processes_train_one_model(launcher, tmp_path):
     train_size = len(evit_hf.digits_dataset(seed=42)["train"])
     # one optimizer step consumes 8 images in each of the 2 processes (one process alone: 4 / ceil(size / 8))
     assert train_results["epoch"] == pytest.approx(4 / math.ceil(train_size / 16))
+    if extra:  # both parts of the distillation loss, averaged over the processes, in the logs
+        logged = [entry for entry in json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+                  if "loss_ce" in entry]  # fmt: skip
+        assert [entry["step"] for entry in logged] == [2, 4]
+        assert all(entry["loss_ce"] > 0 and entry["loss_distillation"] >= 0 for entry in logged)
     loaded = evit_hf.EViTForImageClassification.from_pretrained(output_dir)
     assert loaded.config.keep_rate == 0.7
     shutil.rmtree(output_dir)
