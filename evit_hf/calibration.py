@@ -172,27 +172,89 @@ class _ScheduleSearch:
             self.references.append(predicted["value"])
         self.kind = predicted["kind"]
 
+    def _search_batches(self, num_images: int | None):
+        """(batch index, images taken, their pixel values) of the first `num_images` images (all by default)."""
+        remaining = sum(len(batch) for batch in self.batches) if num_images is None else num_images
+        for index, batch in enumerate(self.batches):
+            if remaining <= 0:
+                return
+            take = min(len(batch), remaining)
+            remaining -= take
+            yield index, take, batch[:take]
+
+    def hold(self, rates: dict[int, float], num_images: int | None) -> None:
+        """Records every layer's output under the schedule `rates` on the first `num_images` images, so that a
+        proposal that changes one layer of it runs only from that layer: the layers before it compute what they
+        compute under `rates`. The outputs are those the scoring itself computes (the layers before the schedule's
+        first reduction layer as recorded unreduced, the others replayed), so both ways give the same numbers."""
+        layers, _ = _schedule(rates)
+        start = layers[0] if layers else self.num_layers - 1
+        _set_schedule(self.config, rates)
+        self.held = []  # [batch][layer]: the layer's output, hidden states or (hidden states, kept indices)
+        for index, take, pixel_values in self._search_batches(num_images):
+            outputs = [self.cache.inputs[index][layer + 1][:take] for layer in range(start)]
+
+            def capture(module, args, output, outputs=outputs):
+                outputs.append(output)
+
+            handles = [layer.register_forward_hook(capture) for layer in list(self.cache.layers)[start:]]
+            try:
+                self.cache.replay_from(
+                    start, index, take, lambda pixel_values=pixel_values: _prediction(self.model, pixel_values)
+                )
+            finally:
+                for handle in handles:
+                    handle.remove()
+            self.held.append(outputs)
+        self.held_schedule = (dict(rates), num_images)
+
+    def _replay_held(self, start: int, position: int, run):
+        """Runs `run()` with each layer `< start` returning its held output for the `position`-th batch scored."""
+        skipped = list(self.cache.layers)[:start]
+        for layer, output in zip(skipped, self.held[position], strict=False):
+            layer.forward = lambda *args, output=output, **kwargs: output  # instance attribute, deleted after
+        try:
+            return run()
+        finally:
+            for layer in skipped:
+                del layer.forward
+
     def macs(self, rates: dict[int, float]) -> int:
         # The model's own configuration: its head (a CLIP model's projection) counts too.
         _set_schedule(self.config, rates)
         return count_macs(self.model.config)
 
-    def objective(self, rates: dict[int, float], stage: str, num_images: int | None = None) -> float:
-        """The mean objective over the first `num_images` images (all by default); the candidate is recorded."""
+    def objective(
+        self, rates: dict[int, float], stage: str, num_images: int | None = None, changed_layer: int | None = None
+    ) -> float:
+        """The mean objective over the first `num_images` images (all by default); the candidate is recorded. When
+        `rates` differs from the held schedule (`hold`) in `changed_layer` alone, on the same images, the layers
+        before it are not run again."""
         layers, keep_rates = _schedule(rates)
         macs = self.macs(rates)
         start = layers[0] if layers else self.num_layers - 1
-        total, count = 0.0, 0
-        remaining = sum(len(batch) for batch in self.batches) if num_images is None else num_images
-        for index, batch in enumerate(self.batches):
-            if remaining <= 0:
-                break
-            take = min(len(batch), remaining)
-            remaining -= take
-            pixel_values = batch[:take]
-            reduced = self.cache.replay_from(
-                start, index, take, lambda pixel_values=pixel_values: _prediction(self.model, pixel_values)[1]
+        held_rates, held_images = getattr(self, "held_schedule", (None, None))
+        from_held = (
+            changed_layer is not None
+            and held_rates is not None
+            and held_images == num_images
+            and all(
+                rates.get(layer, 1.0) == held_rates.get(layer, 1.0)
+                for layer in set(rates) | set(held_rates)
+                if layer != changed_layer
             )
+        )
+        _set_schedule(self.config, rates)
+        total, count = 0.0, 0
+        for position, (index, take, pixel_values) in enumerate(self._search_batches(num_images)):
+
+            def run(pixel_values=pixel_values):
+                return _prediction(self.model, pixel_values)[1]
+
+            if from_held:
+                reduced = self._replay_held(changed_layer, position, run)
+            else:
+                reduced = self.cache.replay_from(start, index, take, run)
             values = _objective(self.kind, self.references[index][:take], reduced)
             total, count = total + values.sum().item(), count + len(values)
         objective = total / count
@@ -207,6 +269,7 @@ def _greedy(search: _ScheduleSearch, target_macs: float, search_images: int) -> 
     most, within the budget."""
     rates = dict.fromkeys(search.candidate_layers, 1.0)
     macs, current = search.macs(rates), 0.0
+    search.hold(rates, search_images)
     while macs > target_macs:
         best = None
         for layer in search.candidate_layers:
@@ -217,7 +280,7 @@ def _greedy(search: _ScheduleSearch, target_macs: float, search_images: int) -> 
             saved = macs - search.macs(proposal)
             if saved <= 0:
                 continue
-            objective = search.objective(proposal, "greedy", search_images)
+            objective = search.objective(proposal, "greedy", search_images, changed_layer=layer)
             cost = max(objective - current, 0.0) / saved
             if best is None or cost < best[0]:
                 best = (cost, proposal, objective)
@@ -225,6 +288,7 @@ def _greedy(search: _ScheduleSearch, target_macs: float, search_images: int) -> 
             break
         _, rates, current = best
         macs = search.macs(rates)
+        search.hold(rates, search_images)
     while True:
         best = None
         for layer in search.candidate_layers:
@@ -233,12 +297,13 @@ def _greedy(search: _ScheduleSearch, target_macs: float, search_images: int) -> 
             proposal = {**rates, layer: min(1.0, round(rates[layer] + FINE_STEP, 2))}
             if search.macs(proposal) > target_macs:
                 continue
-            objective = search.objective(proposal, "refine", search_images)
+            objective = search.objective(proposal, "refine", search_images, changed_layer=layer)
             if objective < current and (best is None or objective < best[1]):
                 best = (proposal, objective)
         if best is None:
             return rates, current
         rates, current = best
+        search.hold(rates, search_images)
 
 
 def cheapest_schedule_macs(config, candidate_layers: Sequence[int] | None = None) -> int:

@@ -160,3 +160,30 @@ def test_the_calibrate_command_refuses_bad_input_in_one_line(calibration_folders
     assert error.startswith("evit-hf calibrate: error: ")
     assert re.search(message, error), error
     assert not (calibration_folders / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "builder", ["vit-classifier", "deit-teacher", "clip", "dinov2-registers-base", "dinov3-registers"]
+)
+def test_a_proposal_scored_from_the_held_schedule_scores_as_from_the_start(builder):
+    # The search runs a proposal that changes one layer of the current schedule from that layer, on the outputs held
+    # for the layers before it (with their kept tokens, which DINOv3's rotations follow): the same objective as a run
+    # from the schedule's first reduction layer.
+    from tqdm.auto import tqdm
+
+    from evit_hf.calibration import _ScheduleSearch
+
+    model = evit_hf.apply_evit(tiny_stock_model(builder)).eval()
+    with torch.no_grad(), tqdm(disable=True) as bar:
+        search = _ScheduleSearch(model, _batches(size=5), [1, 2, 3], bar)
+        current = {1: 0.6, 2: 1.0, 3: 0.5}
+        search.hold(current, 8)
+        for layer, rate in [(2, 0.7), (3, 0.3), (3, 1.0), (1, 0.4)]:
+            proposal = {**current, layer: rate}
+            held = search.objective(proposal, "greedy", 8, changed_layer=layer)
+            assert search.candidates[-1].keep_rate == [r for _, r in sorted(proposal.items()) if r < 1.0]
+            del search.held_schedule  # scored again from the schedule's first reduction layer
+            full = search.objective(proposal, "greedy", 8, changed_layer=layer)
+            search.hold(current, 8)
+            assert held == pytest.approx(full, rel=1e-5, abs=1e-9)
+            assert full > 0  # the proposal changes the predictions: equal objectives are not both zero
