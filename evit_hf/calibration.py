@@ -339,8 +339,9 @@ def calibrate_schedule(
     (classifiers), or 1 - the cosine similarity of the pooled image features (encoders without a head). The search is
     greedy: starting from the unreduced model, each step lowers by 0.1 the keep rate of the one layer that costs the
     least objective per MAC saved, until the budget is met; then steps of 0.02 give back what the budget allows where
-    that helps most. The search scores candidates on the first `search_images` images, each from the recorded input of
-    its first reduction layer (the layers before it are computed once). The chosen schedule and the paper's layers at
+    that helps most. The search scores candidates on the first `search_images` images; a candidate changes one layer of
+    the current schedule and runs from that layer, on the outputs the current schedule's earlier layers gave (the
+    layers before the first reduction layer are computed once, unreduced). The chosen schedule and the paper's layers at
     one keep rate for the same budget are then scored on every image, and the better one is kept.
 
     Args:
