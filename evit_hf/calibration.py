@@ -329,7 +329,7 @@ def calibrate_schedule(
     pixel_values_batches: Iterable[torch.Tensor],
     target_macs: float,
     candidate_layers: Sequence[int] | None = None,
-    search_images: int = 64,
+    search_images: int = 32,
     progress: bool = True,
 ) -> CalibrationResult:
     """Chooses reduction layers and per-layer keep rates whose [`count_macs`] fits `target_macs` and that change the
@@ -341,8 +341,8 @@ def calibrate_schedule(
     least objective per MAC saved, until the budget is met; then steps of 0.02 give back what the budget allows where
     that helps most. The search scores candidates on the first `search_images` images; a candidate changes one layer of
     the current schedule and runs from that layer, on the outputs the current schedule's earlier layers gave (the
-    layers before the first reduction layer are computed once, unreduced). The chosen schedule and the paper's layers at
-    one keep rate for the same budget are then scored on every image, and the better one is kept.
+    layers before the first reduction layer are computed once, unreduced). The chosen schedule and the paper's layers
+    at one keep rate for the same budget are then scored on every image, and the better one is kept.
 
     Args:
         model (`nn.Module`): an EViT model of any family.
@@ -350,7 +350,8 @@ def calibrate_schedule(
             model's image processor makes them (no labels).
         target_macs (`float`): the budget, in multiply-accumulates of one image.
         candidate_layers (`list[int]`, *optional*): layers that may reduce; by default every layer but the first.
-        search_images (`int`, *optional*, defaults to 64): images the greedy search scores candidates on.
+        search_images (`int`, *optional*, defaults to 32): images the greedy search scores candidates on (the
+            chosen schedule is then scored on every image).
         progress (`bool`, *optional*, defaults to `True`): a progress bar (schedules scored).
 
     Returns:

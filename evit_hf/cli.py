@@ -507,7 +507,7 @@ def calibrate(argv) -> dict:
     parser.add_argument("--output-dir", required=True, help="New folder for the calibrated model and report.")
     parser.add_argument("--max-images", type=whole_number_argument, default=256, help="Images used (default 256).")
     parser.add_argument(
-        "--search-images", type=whole_number_argument, default=64, help="Images the search scores on (default 64)."
+        "--search-images", type=whole_number_argument, default=32, help="Images the search scores on (default 32)."
     )
     parser.add_argument("--batch-size", type=whole_number_argument, default=32, help="Images per forward pass.")
     args = parser.parse_args(argv)
