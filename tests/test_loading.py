@@ -130,43 +130,6 @@ def test_save_pretrained_writes_safetensors_auto_map_and_code(tmp_path):
     }
 
 
-REMOTE_CODE_SCRIPT = textwrap.dedent(
-    """
-    import sys, torch
-    from transformers import AutoModelForImageClassification
-    model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    assert "evit_hf" not in sys.modules, "evit_hf was imported"
-    pixel_values = torch.load(sys.argv[2])
-    with torch.no_grad():
-        output = model(pixel_values)
-    result = {"logits": output.logits, "kept": output.kept_token_indices, "class": type(model).__name__}
-    torch.save(result, sys.argv[3])
-    """
-)
-
-
-@pytest.mark.parametrize("family", ["vit-classifier", "deit-teacher"])
-def test_remote_code_loads_without_evit_hf(family, tmp_path, pixel_values):
-    _, evit = stock_and_evit(family)
-    folder = tmp_path / "model"
-    evit.save_pretrained(folder)
-    torch.save(pixel_values, tmp_path / "pixels.pt")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    env.pop("PYTHONPATH", None)
-    subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(folder), str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path,
-        env=env,
-        check=True,
-    )
-    result = torch.load(tmp_path / "out.pt")
-    assert result["class"] == type(evit).__name__
-    with torch.no_grad():
-        expected = evit(pixel_values)
-    torch.testing.assert_close(result["logits"], expected.logits, rtol=0, atol=0)
-    assert all(torch.equal(a, b) for a, b in zip(result["kept"], expected.kept_token_indices, strict=True))
-
-
 def test_image_classification_pipeline(tmp_path):
     _, evit = stock_and_evit("vit-classifier", keep_rate=0.5)
     evit.config.id2label = {i: f"class_{i}" for i in range(TINY["num_labels"])}
