@@ -12,5 +12,7 @@ python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[test]" "transformers>=5.23,<5.24"
 python -c "import transformers; assert transformers.__version__.startswith('5.23'), transformers.__version__"
+# The model families, key layouts and conversion; the Auto registration hook, which watches transformers' lazy
+# mappings; and the pipelines of every family.
 python -m pytest -q tests/test_modeling.py tests/test_encoders.py tests/test_loading.py tests/test_apply_evit.py \
-    tests/test_macs.py tests/test_conversion.py
+    tests/test_macs.py tests/test_conversion.py tests/test_import_time.py tests/test_pipelines.py
