@@ -23,6 +23,8 @@ def register_evit_auto_classes() -> None:
     from .families import FAMILIES
     from .image_processing_evit import EViTImageProcessor
 
+    video_processors = _video_processor_auto_class()
+
     for family in FAMILIES:
         for config_class in family.config_classes:
             AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
@@ -48,7 +50,22 @@ def register_evit_auto_classes() -> None:
                 AutoImageProcessor.register(
                     config_class, image_processor_classes={"pil": EViTImageProcessor}, exist_ok=True
                 )
+                if video_processors is not None:
+                    # transformers' AutoVideoProcessor (which `pipeline` tries for image tasks too) derives a remote
+                    # video processor from the image processor's `auto_map` and asks whether to trust its code. EViT
+                    # has none: an empty registration says so, and the question is never asked.
+                    video_processors.register(config_class, video_processor_classes={}, exist_ok=True)
     EViTImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+
+def _video_processor_auto_class():
+    """transformers' `AutoVideoProcessor` class, which `pipeline` uses even where the top-level name is a placeholder
+    (without torchvision); None in a transformers without it."""
+    try:
+        from transformers.models.auto.video_processing_auto import AutoVideoProcessor
+    except ImportError:
+        return None
+    return AutoVideoProcessor
 
 
 # transformers module -> its lazy mapping class, whose lookups every Auto class goes through: the configuration

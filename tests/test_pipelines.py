@@ -171,3 +171,20 @@ def test_pipelines_run_saved_folders_as_remote_code_without_evit_hf(folders, ima
         assert result["class"] == type(model).__name__, (task, family)
         assert result["module"].startswith("transformers_modules"), (task, family)  # the folder's own code
         assert_same(task, comparable(task, result["result"]), expected_result(task, model, image))
+
+
+def test_a_folder_with_the_reference_image_processor_asks_no_trust_question(tmp_path, monkeypatch):
+    # Converted reference checkpoints save EViTImageProcessor, whose `auto_map` transformers' AutoVideoProcessor (tried
+    # by `pipeline` for image tasks) reads as remote code to trust. With evit_hf imported, nothing asks.
+    import evit_hf
+
+    write_family_folder("vit-classifier", tmp_path)
+    evit_hf.EViTImageProcessor(
+        size={"height": TINY["image_size"], "width": TINY["image_size"]},
+        crop_size={"height": TINY["image_size"], "width": TINY["image_size"]},
+    ).save_pretrained(tmp_path)
+    assert "auto_map" in json.loads((tmp_path / "preprocessor_config.json").read_text())
+    monkeypatch.setattr("builtins.input", lambda prompt="": pytest.fail(f"pipeline asked: {prompt}"))
+    classify = pipeline("image-classification", model=str(tmp_path))
+    assert type(classify.image_processor).__name__ == "EViTImageProcessor"
+    assert len(classify(Image.new("RGB", (40, 36)))) > 0
