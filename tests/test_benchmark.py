@@ -66,6 +66,7 @@ def test_benchmark_rows_and_files(tmp_path):
     assert (tmp_path / "benchmark.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # inductor compiles each keep rate's graph (~5 s); test_training checks compile without recompiles
 def test_compiled_benchmark_runs(tmp_path):
     # torch.compile's cost on CPU is mostly compiling C++ kernels, and then tracing each layer: a two-layer shape from
     # a checkpoint folder has the kernels of any depth (both layers reorganize tokens: layer 1 also tracks the fused
@@ -109,7 +110,11 @@ def test_benchmark_settings_are_validated(settings, field, message):
     assert isinstance(error.value, ValueError) and error.value.field == field
 
 
-@pytest.mark.parametrize("model, image_size, tokens", [("clip-vit-b16", 64, 17), ("dinov2-small", 56, 17)])
+@pytest.mark.parametrize(
+    "model, image_size, tokens",
+    # CLIP ViT-B/16's shape builds 86 M random weights (~6 s): opt-in; saved CLIP folders are benchmarked by default.
+    [pytest.param("clip-vit-b16", 64, 17, marks=pytest.mark.slow), ("dinov2-small", 56, 17)],
+)
 def test_benchmark_knows_clip_and_dinov2_shapes(model, image_size, tokens):
     settings = BenchmarkSettings(
         model=model, keep_rates=[0.5], batch_sizes=[1], image_sizes=[image_size], rounds=1, warmup=0,

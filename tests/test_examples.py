@@ -126,6 +126,7 @@ print(type(model).__name__, model.config.keep_rate, type(processor).__name__)
 """
 
 
+@pytest.mark.slow  # a fresh process (~4 s); test_loading loads a Hub id from an offline cache by default
 def test_published_model_loads_by_repo_id_from_an_offline_cache(fine_tuned, tmp_path):
     output_dir, _ = fine_tuned
     revision = "f" * 40

@@ -154,6 +154,7 @@ print(type(model).__name__, config.keep_rate, logits.shape)
 """
 
 
+@pytest.mark.slow  # a fresh process (~5 s); test_modeling loads every family's saved folder as remote code
 def test_a_clip_model_fine_tuned_loads_as_remote_code_without_evit_hf(image_folders, tmp_path):
     tiny_stock_model("clip").save_pretrained(tmp_path / "clip")
     output_dir = tmp_path / "out"

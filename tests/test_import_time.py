@@ -198,7 +198,7 @@ def test_pipeline_and_image_processor_load_a_saved_folder_right_after_import(sav
     assert loaded == ["evit_hf.modeling_evit", "evit_hf.image_processing_evit"]
 
 
-# A fresh process importing torch (~4 s): the most common first use after `import evit_hf`, run by default.
+@pytest.mark.slow  # a fresh process importing torch: ~4 s
 def test_save_pretrained_writes_auto_map_when_only_model_files_were_imported(tmp_path):
     # The registration that `save_pretrained`'s auto_map needs has run once a model file is loaded, with no Auto class
     # nor public name used.

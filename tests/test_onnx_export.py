@@ -9,8 +9,17 @@ onnxruntime = pytest.importorskip("onnxruntime", reason="install evit-hf[onnx] t
 pytest.importorskip("onnxscript", reason="install evit-hf[onnx] to test the ONNX export")
 
 
-@pytest.mark.parametrize("family", ["vit-classifier", "deit-teacher"])
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "dropped"])
+# Each export takes ~2 s: the fused DeiT with teacher (two prefix tokens, two heads) and the dropping ViT by default.
+@pytest.mark.parametrize(
+    "family, fuse",
+    [
+        pytest.param("vit-classifier", True, marks=pytest.mark.slow),
+        ("vit-classifier", False),
+        ("deit-teacher", True),
+        pytest.param("deit-teacher", False, marks=pytest.mark.slow),
+    ],
+    ids=["fused-vit-classifier", "dropped-vit-classifier", "fused-deit-teacher", "dropped-deit-teacher"],
+)
 def test_onnx_export_matches_pytorch(family, fuse, tmp_path, pixel_values):
     _, evit = stock_and_evit(family, keep_rate=0.5, fuse_inattentive_tokens=fuse)
     path = tmp_path / "evit.onnx"
