@@ -27,6 +27,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
+from .configuration_evit_base import vision_config_of
 from .messages import one_line, writable_folder_problem
 
 
@@ -195,7 +196,7 @@ class FolderModel:
     @property
     def tower_config(self):
         """The configuration that holds the image settings (a CLIP-style model's vision tower's)."""
-        return getattr(self.config, "vision_config", None) or self.config
+        return vision_config_of(self.config)
 
 
 def _folder_model(folder: str) -> FolderModel:
@@ -353,7 +354,7 @@ def folder_config(model: str, image_size: int):
     """A checkpoint folder's configuration (its stock model named in `architectures`), at `image_size`."""
     folder_model = _folder_model(model)
     config = copy.deepcopy(folder_model.config)
-    (getattr(config, "vision_config", None) or config).image_size = image_size
+    vision_config_of(config).image_size = image_size
     return config
 
 
@@ -600,7 +601,7 @@ def benchmarked_reduction_layers(model: str, image_size: int) -> list[int]:
     from .configuration_evit_base import default_reduction_layers
 
     config = macs_config(model, image_size)
-    vision_config = getattr(config, "vision_config", None) or config
+    vision_config = vision_config_of(config)
     layers = getattr(vision_config, "reduction_layers", None)
     return list(layers) if layers is not None else default_reduction_layers(vision_config.num_hidden_layers)
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .configuration_evit_base import vision_config_of
 from .macs import count_macs
 
 
@@ -47,8 +48,6 @@ class CalibrationResult:
         return asdict(self)
 
 
-def _vision_config(config):
-    return getattr(config, "vision_config", None) or config
 
 
 def _token_reduction_encoder(model: nn.Module) -> nn.Module:
@@ -152,7 +151,7 @@ class _ScheduleSearch:
 
     def __init__(self, model: nn.Module, batches: list[torch.Tensor], candidate_layers: list[int], bar):
         self.model = model
-        self.config = _vision_config(model.config)
+        self.config = vision_config_of(model.config)
         self.batches = batches
         self.candidate_layers = candidate_layers
         self.bar = bar
@@ -312,7 +311,7 @@ def cheapest_schedule_macs(config, candidate_layers: Sequence[int] | None = None
     unreachable budget is refused before a model is loaded."""
     from .families import family_for_model_type
 
-    vision_config = _vision_config(config)
+    vision_config = vision_config_of(config)
     family = family_for_model_type(vision_config.model_type)
     if family is None:
         raise ValueError(f"model_type {vision_config.model_type!r} is of no EViT family (evit_hf.FAMILIES).")
@@ -371,7 +370,7 @@ def calibrate_schedule(
     from .configuration_evit_base import default_reduction_layers
     from .planning import keep_rate_for_macs
 
-    config = _vision_config(model.config)
+    config = vision_config_of(model.config)
     num_layers = config.num_hidden_layers
     layers = sorted(set(candidate_layers if candidate_layers is not None else range(1, num_layers)))
     if not layers or any(isinstance(layer, bool) or not 0 <= layer < num_layers for layer in layers):

@@ -10,6 +10,7 @@ import math
 import os
 import sys
 
+from .configuration_evit_base import vision_config_of
 from .messages import one_line, writable_folder_problem
 
 
@@ -156,7 +157,7 @@ def visualize(argv) -> str:
         pixel_values = processor(images=image, return_tensors="pt").pixel_values
     except (OSError, ValueError, TypeError) as error:
         parser.error(f"argument --image-processor: the image processor fails on {args.image}: {one_line(error)}")
-    num_channels = getattr(config, "vision_config", config).num_channels  # a two-tower model keeps it in its tower's
+    num_channels = vision_config_of(config).num_channels  # a two-tower model keeps it in its tower's
     if pixel_values.shape[1] != num_channels:
         parser.error(
             f"argument --image-processor: the image processor makes {pixel_values.shape[1]}-channel pixels, but "

@@ -30,6 +30,12 @@ def _check_one_keep_rate(keep_rate) -> float:
     return float(keep_rate)
 
 
+def vision_config_of(config):
+    """The configuration that holds the image side and the EViT settings: a two-tower (CLIP-style) configuration's
+    `vision_config`, or `config` itself."""
+    return getattr(config, "vision_config", None) or config
+
+
 def check_keep_rate(keep_rate, reduction_layers: Sequence[int] | None = None) -> float | list[float]:
     """Returns `keep_rate` as a Python float, or as a list of floats (one per reduction layer, in ascending layer
     order), or raises a `ValueError` saying what is allowed. A list is checked against `reduction_layers` when

@@ -2,7 +2,7 @@
 
 from collections.abc import Iterable
 
-from .configuration_evit_base import check_keep_rate, default_reduction_layers, keep_rates_by_layer
+from .configuration_evit_base import check_keep_rate, default_reduction_layers, keep_rates_by_layer, vision_config_of
 from .families import FAMILIES, family_for_model_type
 from .token_reorganization import num_kept_tokens
 
@@ -45,7 +45,7 @@ def count_macs(
             f"is none of them: pass the configuration of a {', '.join(f.display_name for f in FAMILIES)} model."
         )
     # CLIP: the vision tower, where the EViT settings live too.
-    vision_config = getattr(config, "vision_config", None) or config
+    vision_config = vision_config_of(config)
     height, width = _pair(image_size if image_size is not None else vision_config.image_size)
     patch_height, patch_width = _pair(vision_config.patch_size)
     num_patches = (height // patch_height) * (width // patch_width)

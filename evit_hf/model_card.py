@@ -5,6 +5,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .configuration_evit_base import vision_config_of
+
 
 def default_template_path() -> Path:
     """model_cards/evit_model_card.md: shipped in the package as `evit_hf.model_cards`, or next to it in a checkout."""
@@ -80,7 +82,7 @@ def create_model_card(
     template_path = Path(template_path or default_template_path())
     if not template_path.is_file():
         raise FileNotFoundError(f"Model card template not found at {template_path}; pass template_path=...")
-    config = getattr(model.config, "vision_config", None) or model.config
+    config = vision_config_of(model.config)
     pipeline_tag, auto_class = _pipeline_and_auto_class(model)
     eval_results = None
     headline = next((row for row in results or [] if row["keep_rate"] == config.keep_rate), None)

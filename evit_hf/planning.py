@@ -2,6 +2,7 @@
 
 import math
 
+from .configuration_evit_base import vision_config_of
 from .macs import count_macs
 
 
@@ -53,7 +54,7 @@ def keep_rate_for_macs(config, target_macs: float, image_size: int | tuple[int, 
         if count_macs(config, image_size=image_size, keep_rate=keep_rate) <= target_macs:
             return keep_rate
     cheapest = count_macs(config, image_size=image_size, keep_rate=KEEP_RATE_STEP)
-    vision_config = getattr(config, "vision_config", None) or config
+    vision_config = vision_config_of(config)
     size = image_size if image_size is not None else vision_config.image_size
     raise ValueError(
         f"No keep rate reaches {target_macs:,.0f} MACs at image size {size}: the smallest, {KEEP_RATE_STEP}, costs "

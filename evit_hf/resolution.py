@@ -6,9 +6,7 @@ import numbers
 import torch
 from torch import nn
 
-
-def _vision_config(config):
-    return getattr(config, "vision_config", None) or config
+from .configuration_evit_base import vision_config_of
 
 
 def _position_embedding_modules(model: nn.Module) -> list[nn.Module]:
@@ -56,7 +54,7 @@ def resize_position_embeddings(model: nn.Module, image_size: int) -> nn.Module:
     >>> resize_position_embeddings(model, 288)  # now takes 288 x 288 inputs; config.image_size == 288
     ```
     """
-    config = _vision_config(model.config)
+    config = vision_config_of(model.config)
     patch_size = config.patch_size if isinstance(config.patch_size, int) else max(config.patch_size)
     image_size = _check_image_size(image_size, patch_size)
     for embeddings in _position_embedding_modules(model):

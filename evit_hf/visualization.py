@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .configuration_evit_base import vision_config_of
 from .images import to_rgb
 
 
@@ -19,7 +20,7 @@ def default_image_processor(config):
     # see unless a processor is made.
     from transformers import ViTImageProcessor
 
-    size = getattr(config, "vision_config", config).image_size
+    size = vision_config_of(config).image_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     return ViTImageProcessor(size={"height": height, "width": width})
 

@@ -34,6 +34,7 @@ from datasets import load_dataset
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser
 
 import evit_hf
+from evit_hf.configuration_evit_base import vision_config_of
 from evit_hf.data import collate_images, image_transforms
 from evit_hf.evaluation import (
     ZERO_SHOT,
@@ -225,7 +226,7 @@ def evaluate(model_args, data_args, eval_args) -> list[dict]:
             keep_rates.append(matched)
     model.to(device)
     # A model of image and text towers describes its images in the vision tower's configuration.
-    image_processor = load_image_processor(model_args, getattr(model.config, "vision_config", model.config))
+    image_processor = load_image_processor(model_args, vision_config_of(model.config))
     _, eval_transform = image_transforms(image_processor, data_args.image_column_name)
     if eval_args.streaming:
         readers = world_size * max(1, eval_args.num_workers)
@@ -265,7 +266,7 @@ def evaluate(model_args, data_args, eval_args) -> list[dict]:
             "processes": world_size,
             "dtype": eval_args.dtype,
             "accuracy_kind": rows[0]["accuracy_kind"],
-            "image_size": getattr(model.config, "vision_config", model.config).image_size,
+            "image_size": vision_config_of(model.config).image_size,
             **({"match_macs_of_image_size": model_args.match_macs_of_image_size}
                if model_args.match_macs_of_image_size is not None else {}),
             **({"zero_shot_prompt": eval_args.zero_shot_prompt} if zero_shot else {}),

@@ -52,6 +52,7 @@ from transformers import (
 from transformers.trainer_callback import ExportableState
 
 import evit_hf
+from evit_hf.configuration_evit_base import vision_config_of
 from evit_hf.data import (
     AugmentationRandomness,
     collate_images,
@@ -451,7 +452,7 @@ def _tower_config_key(evit_class, model_type: str) -> str | None:
 def settings_config(config):
     """The configuration that holds the EViT settings and the image size: the vision tower's, for CLIP-style
     models."""
-    return getattr(config, "vision_config", None) or config
+    return vision_config_of(config)
 
 
 def apply_evit_settings(config, keep_rate, reduction_layers=None, fuse_inattentive_tokens=True) -> None:

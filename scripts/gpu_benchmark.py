@@ -231,7 +231,9 @@ def run_group(group, models, settings, device, timer) -> list[dict]:
     ]
     config = benchmark.macs_config(name, size)
     # The EViT model's own settings: a folder of a stock model has none in its configuration.
-    evit_settings = getattr(evit.config, "vision_config", None) or evit.config
+    from evit_hf.configuration_evit_base import vision_config_of
+
+    evit_settings = vision_config_of(evit.config)
     patch_size = benchmark.model_patch_size(name)
     checks = [
         None if rate is None else expected_kept_counts(
