@@ -27,7 +27,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
-from .configuration_evit_base import vision_config_of
+from .configuration_evit_base import format_keep_rate, vision_config_of
 from .messages import one_line, writable_folder_problem
 
 
@@ -758,7 +758,7 @@ def markdown_table(rows: list[dict]) -> str:
                     else f"{value:.1f}"
                 )
             elif column == "keep_rate" and isinstance(value, list):
-                cells.append(" / ".join(f"{rate:g}" for rate in value))
+                cells.append(format_keep_rate(value))
             else:
                 cells.append("" if value is None else str(value))
         lines.append("| " + " | ".join(cells) + " |")
@@ -873,7 +873,7 @@ def small_batch_markdown(entries: list[dict]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for entry in entries:
         cells = [
-            " / ".join(f"{rate:g}" for rate in entry[name]) if isinstance(entry[name], list) else str(entry[name])
+            format_keep_rate(entry[name]) if isinstance(entry[name], list) else str(entry[name])
             for name in _SMALL_BATCH_KEYS
         ]
         cells += [f"{entry['macs_ratio']:.3f}", str(entry["smallest_batch_size"])]

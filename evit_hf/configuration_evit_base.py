@@ -36,6 +36,13 @@ def vision_config_of(config):
     return getattr(config, "vision_config", None) or config
 
 
+def format_keep_rate(keep_rate) -> str:
+    """`0.7`, or `0.9 / 0.7 / 0.5` for per-layer keep rates."""
+    if isinstance(keep_rate, (list, tuple)):
+        return " / ".join(f"{rate:g}" for rate in keep_rate)
+    return f"{keep_rate:g}"
+
+
 def check_keep_rate(keep_rate, reduction_layers: Sequence[int] | None = None) -> float | list[float]:
     """Returns `keep_rate` as a Python float, or as a list of floats (one per reduction layer, in ascending layer
     order), or raises a `ValueError` saying what is allowed. A list is checked against `reduction_layers` when

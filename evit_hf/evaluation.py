@@ -12,6 +12,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from .configuration_evit_base import format_keep_rate
 from .families import (
     FAMILIES,
     IMAGE_CLASSIFICATION,
@@ -341,13 +342,6 @@ def evaluate_keep_rates(
         row["samples"] = samples
         rows.append(row)
     return rows
-
-
-def format_keep_rate(keep_rate) -> str:
-    """`0.7`, or `0.9 / 0.7 / 0.5` for per-layer keep rates."""
-    if isinstance(keep_rate, (list, tuple)):
-        return " / ".join(f"{rate:g}" for rate in keep_rate)
-    return f"{keep_rate:g}"
 
 
 def results_markdown(rows: list[dict], title_column: str = "keep rate") -> str:
