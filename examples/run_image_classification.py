@@ -24,12 +24,14 @@ multi-process runs go through `torchrun` or `accelerate launch`; DeepSpeed and F
 """
 
 import copy
+import gc
 import json
 import logging
 import os
 import re
 import shutil
 import sys
+import weakref
 import zipfile
 from dataclasses import dataclass, field
 
@@ -1030,11 +1032,26 @@ def run(model_args, data_args, training_args, distillation_args, run_args) -> di
                 keeps_folder_model,
             )
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Every process waits for the main one to write its files, then leaves the group: processes that exit with
-        # the group still up can abort at shutdown (gloo).
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        leave_process_group(trainer)
     return results
+
+
+def leave_process_group(trainer: Trainer) -> None:
+    """Waits for the main process to write its files, then leaves the process group, in an order that cannot hang.
+
+    Processes that exit with the group still up can abort at shutdown (gloo). The group must also not outlive its
+    last Python handle: DistributedDataParallel's reducer holds the group, and a reducer freed last destroys it with
+    the GIL held, joining gloo worker threads that may be waiting for the GIL to free a collective's tensors (a
+    deadlock, pytorch/pytorch#56297). So the wrapped model goes first; `destroy_process_group` then frees the group
+    through its own handle, which releases the GIL."""
+    wrapped = weakref.ref(trainer.model_wrapped)
+    trainer.accelerator.free_memory()  # the accelerator's references to the prepared (wrapped) model and optimizer
+    trainer.model_wrapped = trainer.model
+    gc.collect()  # the wrapped model may sit in reference cycles
+    if wrapped() is not None and wrapped() is not trainer.model:
+        logger.warning("The wrapped training model is still referenced; leaving the process group may hang.")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def finished_run_results(output_dir: str, do_eval: bool) -> dict:

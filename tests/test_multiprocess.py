@@ -5,6 +5,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import weakref
+from types import SimpleNamespace
 
 import pytest
 
@@ -76,3 +78,39 @@ def test_two_processes_train_one_model(launcher, extra, tmp_path):
     loaded = evit_hf.EViTForImageClassification.from_pretrained(output_dir)
     assert loaded.config.keep_rate == 0.7
     shutil.rmtree(output_dir)
+
+
+def test_leaving_the_process_group_frees_the_wrapped_model_first(tmp_path, monkeypatch):
+    """DistributedDataParallel's reducer holds the process group. Freed after `destroy_process_group`, it is the
+    group's last holder and destroys it with the GIL held, which can hang against gloo's worker threads: the wrapped
+    model has to be gone when the group is destroyed."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from .test_examples import run_image_classification
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(2, 2)
+        wrapped = DistributedDataParallel(model)
+        wrapped_reference = weakref.ref(wrapped)
+        accelerator = SimpleNamespace(prepared=[wrapped])  # as accelerate keeps the prepared model
+        accelerator.free_memory = accelerator.prepared.clear
+        trainer = SimpleNamespace(model=model, model_wrapped=wrapped, accelerator=accelerator)
+        del wrapped
+        destroy = torch.distributed.destroy_process_group
+        wrapped_alive_at_destroy = []
+
+        def recording_destroy(*args, **kwargs):
+            wrapped_alive_at_destroy.append(wrapped_reference() is not None)
+            destroy(*args, **kwargs)
+
+        monkeypatch.setattr(torch.distributed, "destroy_process_group", recording_destroy)
+        run_image_classification.leave_process_group(trainer)
+        assert wrapped_alive_at_destroy == [False]
+        assert trainer.model_wrapped is model
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
