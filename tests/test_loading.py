@@ -199,6 +199,10 @@ def test_stock_classes_are_unchanged_by_import():
 
 SAVED_BEFORE_FAMILIES = os.path.join(os.path.dirname(__file__), "fixtures", "saved_before_families")
 OLD_FOLDERS = sorted(os.listdir(SAVED_BEFORE_FAMILIES))
+# The stored outputs were computed on another CPU: its matrix kernels (another instruction set, another summation
+# order) differ in the last bits, a few 1e-6 for these float32 outputs. A wrong computation differs by far more, and
+# the kept tokens are compared exactly.
+STORED_OUTPUT_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def _old_folder_inputs_and_expected(name):
@@ -218,7 +222,7 @@ def test_folders_saved_before_the_family_split_load(name):
     assert type(auto_class.from_pretrained(folder)) is type(model)
     with torch.no_grad():
         output = model.eval()(**inputs)
-    torch.testing.assert_close(getattr(output, expected["output_name"]), expected["output"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(getattr(output, expected["output_name"]), expected["output"], **STORED_OUTPUT_TOLERANCE)
     for got, want in zip(output.kept_token_indices, expected["kept_token_indices"], strict=True):
         assert torch.equal(got, want)
 
@@ -257,5 +261,5 @@ def test_folders_saved_before_the_family_split_load_as_remote_code(tmp_path):
         _, expected = _old_folder_inputs_and_expected(name)
         class_name, output, kept = results[folder]
         assert class_name == expected["class"]
-        torch.testing.assert_close(output, expected["output"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(output, expected["output"], **STORED_OUTPUT_TOLERANCE)
         assert all(torch.equal(a, b) for a, b in zip(kept, expected["kept_token_indices"], strict=True))
