@@ -1048,7 +1048,7 @@ def leave_process_group(trainer: Trainer) -> None:
     trainer.accelerator.free_memory()  # the accelerator's references to the prepared (wrapped) model and optimizer
     trainer.model_wrapped = trainer.model
     gc.collect()  # the wrapped model may sit in reference cycles
-    if wrapped() is not None and wrapped() is not trainer.model:
+    if wrapped() not in (None, trainer.model):
         logger.warning("The wrapped training model is still referenced; leaving the process group may hang.")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

@@ -12,7 +12,7 @@ import pytest
 
 import evit_hf
 
-from .test_examples import EXAMPLES, save_small_vit
+from .test_examples import EXAMPLES, run_image_classification, save_small_vit
 
 
 SCRIPT = os.path.join(EXAMPLES, "run_image_classification.py")
@@ -86,8 +86,6 @@ def test_leaving_the_process_group_frees_the_wrapped_model_first(tmp_path, monke
     model has to be gone when the group is destroyed."""
     import torch
     from torch.nn.parallel import DistributedDataParallel
-
-    from .test_examples import run_image_classification
 
     store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
