@@ -62,10 +62,19 @@ def select_attentive_tokens(scores: torch.Tensor, num_keep: int) -> torch.Tensor
     return scores.topk(num_keep, dim=1, largest=True, sorted=True).indices
 
 
-def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Rows `indices` (`[batch, k]`) of `tokens` (`[batch, n, ...]`): `[batch, k, ...]`."""
-    index = indices.reshape(*indices.shape, *([1] * (tokens.dim() - 2))).expand(-1, -1, *tokens.shape[2:])
-    return tokens.gather(1, index)
+def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Rows `offset + indices` (`[batch, k]`) of `tokens` (`[batch, n, ...]`): `[batch, k, ...]`.
+
+    One `index_select` over the batch's rows laid end to end: it copies whole rows, where `gather` with an index
+    expanded over the feature dimension reads one index per element (ten times slower on CPU for 384-wide tokens).
+    `offset` selects among the rows after it (the candidates after the prefix) without slicing `tokens`, so that a
+    contiguous `tokens` is never copied.
+    """
+    batch, num_tokens = tokens.shape[:2]
+    row_starts = torch.arange(0, batch * num_tokens, num_tokens, device=indices.device) + offset  # [batch]
+    rows = (indices + row_starts.unsqueeze(1)).reshape(-1)  # [batch * k]
+    selected = tokens.reshape(batch * num_tokens, *tokens.shape[2:]).index_select(0, rows)
+    return selected.view(batch, indices.shape[1], *tokens.shape[2:])
 
 
 def fuse_inattentive_tokens(
@@ -113,7 +122,7 @@ def reorganize_tokens(
     candidates = hidden_states[:, num_prefix_tokens:]  # [batch, candidates, dim]
     scores = candidate_scores(class_attention, num_prefix_tokens)  # [batch, candidates]
     kept_indices = select_attentive_tokens(scores, num_keep)  # [batch, num_keep]
-    parts = [prefix, gather_tokens(candidates, kept_indices)]
+    parts = [prefix, gather_tokens(hidden_states, kept_indices, offset=num_prefix_tokens)]
     if fuse:
         parts.append(fuse_inattentive_tokens(candidates, scores, kept_indices))
     return torch.cat(parts, dim=1), kept_indices

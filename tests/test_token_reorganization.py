@@ -81,6 +81,29 @@ def test_gather_tokens():
     ]
 
 
+def test_gather_tokens_after_an_offset_and_from_a_strided_view():
+    tokens = torch.arange(3 * 5 * 2).view(3, 5, 2)
+    indices = torch.tensor([[2, 0], [3, 1], [0, 0]])
+    expected = [[tokens[b, 1 + i].tolist() for i in row] for b, row in enumerate(indices.tolist())]
+    assert gather_tokens(tokens, indices, offset=1).tolist() == expected
+    # A non-contiguous view (every other feature) and 2-D tensors (one value per token) select the same rows.
+    strided = torch.arange(3 * 5 * 4).view(3, 5, 4)[..., ::2]
+    assert gather_tokens(strided, indices, offset=1).tolist() == [
+        [strided[b, 1 + i].tolist() for i in row] for b, row in enumerate(indices.tolist())
+    ]
+    assert gather_tokens(tokens[..., 0], indices).tolist() == tokens[..., 0].gather(1, indices).tolist()
+
+
+def test_gather_tokens_gradient_reaches_each_selected_row():
+    tokens = torch.randn(2, 4, 3, requires_grad=True)
+    indices = torch.tensor([[3, 3], [0, 2]])
+    (gather_tokens(tokens, indices) * torch.arange(1.0, 4.0)).sum().backward()
+    expected = torch.zeros(2, 4, 3)
+    expected[0, 3] = 2 * torch.arange(1.0, 4.0)  # selected twice: both gradients add up
+    expected[1, 0] = expected[1, 2] = torch.arange(1.0, 4.0)
+    torch.testing.assert_close(tokens.grad, expected, rtol=0, atol=0)
+
+
 def test_fuse_uses_raw_scores_of_the_others():
     candidates = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [4.0, -4.0]]])
     scores = torch.tensor([[0.1, 0.2, 0.3, 0.05]])
