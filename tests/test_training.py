@@ -111,10 +111,16 @@ def test_half_precision_keeps_the_tokens_that_exact_scores_keep(family, dtype, p
         assert kept.tolist() == scores.argsort(dim=1, descending=True, stable=True)[:, : kept.shape[1]].tolist()
 
 
-def test_torch_compile_matches_eager_without_recompiling(pixel_values):
+@pytest.mark.parametrize(
+    "backend",
+    # Graph breaks and recompiles are dynamo's, whatever the backend: aot_eager finds them (and traces the graph
+    # through AOTAutograd) in a second, where inductor spends ~20 s on CPU compiling C++ kernels.
+    ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)],
+)
+def test_torch_compile_matches_eager_without_recompiling(backend, pixel_values):
     torch._dynamo.reset()
     _, evit = stock_and_evit("vit-classifier")
-    compiled = torch.compile(evit, fullgraph=True)  # no graph breaks
+    compiled = torch.compile(evit, backend=backend, fullgraph=True)  # no graph breaks
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         torch.testing.assert_close(compiled(pixel_values).logits, evit(pixel_values).logits, atol=1e-5, rtol=1e-5)
