@@ -31,6 +31,7 @@ from .model_builders import (
     stock_and_evit,
     tiny_stock_model,
 )
+from .script_modules import load_script
 
 
 def benchmark_main(argv):
@@ -326,3 +327,26 @@ def test_benchmark_refuses_a_per_layer_keep_rate_of_the_wrong_length(tmp_path):
     tiny_stock_model("vit-classifier").save_pretrained(tmp_path)
     with pytest.raises(InvalidBenchmarkSetting, match=r"it has 2 \(\[0.9, 0.7\]\) for 3 reduction layers"):
         BenchmarkSettings(model=str(tmp_path), keep_rates=[[0.9, 0.7]], image_sizes=[32])
+
+
+@pytest.mark.parametrize("one_layer", [False, True], ids=["every-layer", "one-layer"])
+def test_layer_efficiency_bound_walks_the_token_schedule_of_count_macs(one_layer, capsys):
+    script = load_script("benchmark_layer_efficiency")
+    script.main(["--model", "deit-tiny", "--batch-sizes", "1", "--rounds", "1", "--keep-rate", "0.5"]
+                + ["--one-layer"] * one_layer)  # fmt: skip
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["distinct_layers"] == (1 if one_layer else 12)
+    schedule = result["token_schedule"]
+    assert len(schedule) == 12 and schedule[0] == [197, 197]
+    # Tokens shrink only in the reduction layers, and each layer starts with the tokens the one before ended with.
+    assert [index for index, (before, after) in enumerate(schedule) if after < before] == [3, 6, 9]
+    assert all(schedule[index][0] == schedule[index - 1][1] for index in range(1, 12))
+    counted = macs_config("deit-tiny", 224)  # as evit-hf benchmark counts it, the head's 1,000 classes included
+    assert result["macs_ratio"] == round(count_macs(counted, keep_rate=1.0) / count_macs(counted, keep_rate=0.5), 4)
+    assert result["stock_blocks_speedup"] > 1
+
+
+def test_layer_efficiency_bound_refuses_other_shapes_before_any_work(capsys):
+    with pytest.raises(SystemExit) as error:
+        load_script("benchmark_layer_efficiency").main(["--model", "clip-base"])
+    assert error.value.code == 2 and "--model must be one of deit-tiny" in capsys.readouterr().err

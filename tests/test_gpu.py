@@ -26,10 +26,10 @@ from evit_hf import benchmark
 from evit_hf.benchmark import BenchmarkSettings, run_benchmark
 
 from .model_builders import TINY, stock_and_evit
+from .script_modules import ROOT, load_script
 from .test_benchmark import TWO_LAYERS
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = "cuda"
 gpu = pytest.mark.gpu
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
@@ -40,14 +40,6 @@ SEPARATED = dict(TINY, patch_size=8)
 # image must have at every reduction layer. bf16 autocast on CPU swaps candidates up to gaps of 0.04 on this shape.
 MARGIN = 0.2
 HALF_PRECISIONS = [torch.bfloat16, torch.float16]
-
-
-def load_script(name: str):
-    """A module of scripts/ (not a package), imported from its path."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 DRIVER = load_script("gpu_benchmark")  # the table of scripts/gpu_check.sh
