@@ -28,18 +28,24 @@ def free_port() -> str:
 TORCHRUN = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port"]
 
 
+ACCELERATE_LAUNCH = [os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                     "--main_process_port"]  # fmt: skip
+# Distillation from the unreduced starting model: the teacher runs in each process on its part of the batch.
+DISTILLATION = ["--distillation_alpha", "0.5", "--distillation_temperature", "2", "--logging_steps", "2"]
+
+
 @pytest.mark.parametrize(
     "launcher, extra",
     [
-        pytest.param(TORCHRUN, [], marks=pytest.mark.slow),  # the distilled run below takes the same launcher
-        # Distillation from the unreduced starting model: the teacher runs in each process on its part of the batch.
-        (TORCHRUN, ["--distillation_alpha", "0.5", "--distillation_temperature", "2", "--logging_steps", "2"]),
-        # accelerate's multi-process launcher; on a machine without GPUs its processes train on CPU with gloo
-        ([os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port"],
-         []),
+        # Each run costs three processes' start-up: the suite runs one, with the most in it (accelerate's launcher,
+        # which starts torch's; distillation); the plain runs of either launcher are slow-marked.
+        pytest.param(TORCHRUN, [], marks=pytest.mark.slow),
+        # On a machine without GPUs, accelerate's processes train on CPU with gloo.
+        pytest.param(ACCELERATE_LAUNCH, [], marks=pytest.mark.slow),
+        (ACCELERATE_LAUNCH, DISTILLATION),
     ],
-    ids=["torchrun", "torchrun-distilled", "accelerate-launch"],
-)  # fmt: skip
+    ids=["torchrun", "accelerate-launch", "accelerate-launch-distilled"],
+)
 def test_two_processes_train_one_model(launcher, extra, tmp_path):
     if not os.path.exists(launcher[0]):
         pytest.skip(f"{launcher[0]} is not installed")
