@@ -56,6 +56,7 @@ def main(argv=None):
     config = ViTConfig(**{**shape, "num_hidden_layers": depth}, attn_implementation="sdpa")
     layers = ViTModel(config, add_pooling_layer=False).eval().layers
     layers = [layers[index % depth] for index in range(evit_config.num_hidden_layers)]
+    distinct_layers = len({id(layer) for layer in layers})
 
     # The token counts along EViT's schedule, as count_macs walks it: (tokens the attention block sees, tokens the MLP
     # block sees) per layer. One class token; the fused token of a reduction layer is a candidate of the next one.
@@ -98,7 +99,7 @@ def main(argv=None):
                     "model": args.model,
                     "batch_size": batch_size,
                     "threads": torch.get_num_threads(),
-                    "distinct_layers": len({id(layer) for layer in layers}),
+                    "distinct_layers": distinct_layers,
                     "keep_rate": args.keep_rate,
                     "token_schedule": schedule,
                     "macs_ratio": round(macs_ratio, 4),
@@ -108,7 +109,7 @@ def main(argv=None):
             )
             print(
                 f"{args.model} batch {batch_size}, {torch.get_num_threads()} thread(s), keep {args.keep_rate}, "
-                f"{depth} distinct layer(s): "
+                f"{distinct_layers} distinct layer(s): "
                 f"stock blocks along EViT's token schedule give {stock_s / evit_s:.3f}x, MACs ratio {macs_ratio:.3f} "
                 f"({stock_s / evit_s / macs_ratio:.3f} of it)",
                 file=sys.stderr,
