@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -197,12 +198,28 @@ def test_stock_classes_are_unchanged_by_import():
     assert type(model.vit.layers[0]).__name__ == "ViTLayer"
 
 
-SAVED_BEFORE_FAMILIES = os.path.join(os.path.dirname(__file__), "fixtures", "saved_before_families")
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+SAVED_BEFORE_FAMILIES = os.path.join(FIXTURES, "saved_before_families")
+# The frozen single-file model code that every folder shipped is stored once and copied into each folder here.
+SAVED_BEFORE_FAMILIES_CODE = os.path.join(FIXTURES, "saved_before_families_code")
 OLD_FOLDERS = sorted(os.listdir(SAVED_BEFORE_FAMILIES))
 # The stored outputs were computed on another CPU: its matrix kernels (another instruction set, another summation
 # order) differ in the last bits, a few 1e-6 for these float32 outputs. A wrong computation differs by far more, and
 # the kept tokens are compared exactly.
 STORED_OUTPUT_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def old_folders(tmp_path_factory) -> dict[str, str]:
+    """Each folder saved before the family split, whole again: its weights and outputs plus the stored model code."""
+    root = tmp_path_factory.mktemp("saved_before_families")
+    folders = {}
+    for name in OLD_FOLDERS:
+        folder = shutil.copytree(os.path.join(SAVED_BEFORE_FAMILIES, name), root / name)
+        for code_file in sorted(os.listdir(SAVED_BEFORE_FAMILIES_CODE)):
+            shutil.copy(os.path.join(SAVED_BEFORE_FAMILIES_CODE, code_file), folder / code_file)
+        folders[name] = str(folder)
+    return folders
 
 
 def _old_folder_inputs_and_expected(name):
@@ -211,10 +228,10 @@ def _old_folder_inputs_and_expected(name):
 
 
 @pytest.mark.parametrize("name", OLD_FOLDERS)
-def test_folders_saved_before_the_family_split_load(name):
+def test_folders_saved_before_the_family_split_load(name, old_folders):
     # Written by the single-file model code (`modeling_evit.py` holding every family): evit_hf's classes of the same
     # names load them and compute what they computed then.
-    folder = os.path.join(SAVED_BEFORE_FAMILIES, name)
+    folder = old_folders[name]
     inputs, expected = _old_folder_inputs_and_expected(name)
     model, info = getattr(evit_hf, expected["class"]).from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -246,8 +263,8 @@ OLD_FOLDER_REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_folders_saved_before_the_family_split_load_as_remote_code(tmp_path):
-    folders = [os.path.join(SAVED_BEFORE_FAMILIES, name) for name in OLD_FOLDERS]
+def test_folders_saved_before_the_family_split_load_as_remote_code(tmp_path, old_folders):
+    folders = [old_folders[name] for name in OLD_FOLDERS]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     env.pop("PYTHONPATH", None)
     subprocess.run(
