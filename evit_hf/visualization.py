@@ -14,15 +14,14 @@ logger = logging.getLogger(__name__)
 
 
 def default_image_processor(config):
-    """The image processor for a checkpoint saved without one: a `ViTImageProcessor` (mean and std 0.5) that resizes
-    to the model's `config.image_size` (the vision tower's, for a model of image and text towers)."""
-    # Imported here: importing ViTImageProcessor warns that torchvision is missing, which no user of evit_hf should
-    # see unless a processor is made.
-    from transformers import ViTImageProcessor
+    """The image processor for a checkpoint saved without one: ViT's PIL image processor (mean and std 0.5) that
+    resizes to the model's `config.image_size` (the vision tower's, for a model of image and text towers)."""
+    # The PIL processor itself: importing `ViTImageProcessor` without torchvision warns that it falls back to this one.
+    from transformers import ViTImageProcessorPil
 
     size = vision_config_of(config).image_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return ViTImageProcessor(size={"height": height, "width": width})
+    return ViTImageProcessorPil(size={"height": height, "width": width})
 
 
 def load_image_processor_or_default(name_or_path: str, config, **kwargs):

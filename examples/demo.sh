@@ -7,8 +7,14 @@ cd "$(dirname "$0")/.."
 
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import evit_hf, sklearn, matplotlib" 2>/dev/null; then
     echo "Setting up .venv (torch 2.13.0 CPU, evit_hf, scikit-learn, matplotlib)..."
-    bash scripts/setup.sh
-    .venv/bin/python -m pip install --quiet -e ".[examples]"
+    # pip's and setuptools' notes go to a log, shown only when the set-up fails.
+    setup_log=$(mktemp)
+    if ! { bash scripts/setup.sh && .venv/bin/python -m pip install --quiet -e ".[examples]"; } >"$setup_log" 2>&1; then
+        tail -n 30 "$setup_log" >&2
+        echo "demo.sh: setting up .venv failed (the lines above are the end of its log, $setup_log)." >&2
+        exit 1
+    fi
+    rm -f "$setup_log"
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1  # nothing in the demo needs the network
 exec .venv/bin/python examples/digits_demo.py "$@"

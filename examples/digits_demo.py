@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
 import evit_hf
 from evit_hf.data import collate_images, digits_dataset, image_transforms
@@ -49,7 +49,7 @@ def build_initial_vit(folder: str, seed: int) -> None:
         label2id={label: i for i, label in enumerate(labels)},
     )
     ViTForImageClassification(config).save_pretrained(folder)
-    ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
 
 
 def train(model_folder: str, output_dir: str, seed: int, epochs: int, learning_rate: float, extra=()) -> dict:
@@ -81,7 +81,7 @@ def train(model_folder: str, output_dir: str, seed: int, epochs: int, learning_r
 
 def ink_share(model, raw, keep_rate: float = 0.7) -> dict:
     """Share of kept tokens whose patch has ink, against the share of ink patches among all patches."""
-    processor = ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     kept_ink = kept_total = 0
     ink_patches = np.stack([np.asarray(image) > 64 for image in raw["image"]])  # [images, 8, 8]: ink at > 1/4
     pixel_values = processor([image.convert("RGB") for image in raw["image"]], return_tensors="pt").pixel_values
@@ -134,7 +134,7 @@ def plot_curves(rows_by_model: dict, path: str) -> None:
 
 def draw_kept_tokens(model, raw, path: str, count: int = 6, keep_rate: float = 0.7) -> None:
     """Rows of sample digits: the input, then the patches kept after each reduction layer."""
-    processor = ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     rows = [
         evit_hf.visualize_kept_tokens(model, raw[i]["image"], image_processor=processor, keep_rate=keep_rate)
         for i in range(count)
@@ -171,7 +171,7 @@ def run(output_dir: str, seed: int = 0, vit_epochs: int = 30, evit_epochs: int =
 
     print(f"[1/4] training a small ViT from scratch on digits ({vit_epochs} epochs)")
     train(initial, vit_dir, seed, vit_epochs, 2e-3, extra=["--keep_rate", "1.0", "--card_keep_rates", "1.0"])
-    processor = ViTImageProcessor.from_pretrained(vit_dir)
+    processor = ViTImageProcessorPil.from_pretrained(vit_dir)
     raw_validation = digits_dataset(seed=seed)["validation"]  # the split the example held out (same seed)
     validation = raw_validation.with_transform(image_transforms(processor, "image")[1])
 
