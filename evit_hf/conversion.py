@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .image_processing_evit import EViTImageProcessor
+from .model_card import create_conversion_model_card
 
 
 # The reference's evaluation transform: resize the shorter side to int(input_size / crop share), center crop.
@@ -569,53 +570,6 @@ def _check_output_dir(output_dir, overwrite: bool) -> None:
         )
 
 
-_CARD_TEMPLATE = """---
-{{ card_data }}
----
-
-# {{ model_name }}
-
-EViT ({{ architecture }}) converted from `{{ source }}` ({{ source_kind }}, timm layout) by `evit-hf convert`.
-EViT reorganizes tokens in a few layers: it keeps the patch tokens the class token attends to most and fuses the
-others into one token, so later layers work on fewer tokens. It adds no parameters to the ViT/DeiT it is built on;
-the weights are the checkpoint's, unchanged.
-
-| setting | value | from |
-|---|---|---|
-| keep rate | {{ keep_rate }} | {{ keep_rate_from }} |
-| reduction layers (0-based) | {{ reduction_layers }} | {{ reduction_layers_from }} |
-| inattentive tokens | {{ "fused" if fuse else "dropped" }} | {{ fuse_from }} |
-| input size | {{ image_size }} px | weights |
-| width / depth / heads | {{ hidden_size }} / {{ depth }} / {{ heads }} | weights / weights / {{ heads_from }} |
-| classes | {{ num_labels }} | {{ labels_from }} |
-
-Image processor: the reference's evaluation transform (shorter side resized to {{ resize }} px, bicubic; center crop
-{{ image_size }} px; ImageNet mean and std). Not evaluated after conversion.
-
-## Use
-
-```python
-from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-model = AutoModelForImageClassification.from_pretrained("{{ repo_id }}", trust_remote_code=True)
-processor = AutoImageProcessor.from_pretrained("{{ repo_id }}", trust_remote_code=True)
-outputs = model(**processor(images=image, return_tensors="pt"))
-outputs = model(**processor(images=image, return_tensors="pt"), keep_rate=0.5)  # faster, per call
-```
-
-## Citation
-
-```bibtex
-@inproceedings{liang2022evit,
-  title     = {Not All Patches are What You Need: Expediting Vision Transformers via Token Reorganizations},
-  author    = {Liang, Youwei and Ge, Chongjian and Tong, Zhan and Song, Yibing and Wang, Jue and Xie, Pengtao},
-  booktitle = {International Conference on Learning Representations},
-  year      = {2022}
-}
-```
-"""
-
-
 def convert_timm_checkpoint(
     checkpoint,
     output_dir: str | os.PathLike | None = None,
@@ -763,11 +717,12 @@ def convert_timm_checkpoint(
         output_dir = Path(output_dir)
         model.save_pretrained(output_dir)
         image_processor.save_pretrained(output_dir)
-        _model_card(
+        create_conversion_model_card(
             model,
             repo_id=output_dir.resolve().name,
             source=Path(source).name if source != "a checkpoint in memory" else source,
             source_kind=source_kind,
+            resize=int(model.config.image_size / CROP_SHARE),
             origins={
                 "keep_rate_from": keep_rate_from,
                 "reduction_layers_from": layers_from,
@@ -777,37 +732,6 @@ def convert_timm_checkpoint(
             },
         ).save(output_dir / "README.md")
     return model
-
-
-def _model_card(model, repo_id: str, source: str, source_kind: str, origins: dict):
-    from huggingface_hub import ModelCard, ModelCardData
-
-    config = model.config
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-classification",
-        tags=["evit", "image-classification", "vision", "token-reorganization", "timm-conversion"],
-        model_name=repo_id,
-    )
-    return ModelCard.from_template(
-        card_data,
-        template_str=_CARD_TEMPLATE,
-        model_name=repo_id,
-        repo_id=repo_id,
-        architecture=type(model).__name__,
-        source=source,
-        source_kind=source_kind,
-        keep_rate=config.keep_rate,
-        reduction_layers=", ".join(str(layer) for layer in config.reduction_layers),
-        fuse=config.fuse_inattentive_tokens,
-        image_size=config.image_size,
-        resize=int(config.image_size / CROP_SHARE),
-        hidden_size=config.hidden_size,
-        depth=config.num_hidden_layers,
-        heads=config.num_attention_heads,
-        num_labels=config.num_labels,
-        **origins,
-    )
 
 
 __all__ = [

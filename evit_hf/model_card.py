@@ -8,15 +8,19 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .configuration_evit_base import vision_config_of
 
 
-def default_template_path() -> Path:
-    """model_cards/evit_model_card.md: shipped in the package as `evit_hf.model_cards`, or next to it in a checkout."""
+MODEL_CARD_TEMPLATE = "evit_model_card.md"  # models this project trains, calibrates or converts in place
+CONVERSION_CARD_TEMPLATE = "converted_checkpoint_card.md"  # checkpoints of the reference code (`evit-hf convert`)
+
+
+def default_template_path(name: str = MODEL_CARD_TEMPLATE) -> Path:
+    """A template of `model_cards/`: shipped in the package as `evit_hf.model_cards`, or next to it in a checkout."""
     try:
-        path = Path(str(resources.files("evit_hf.model_cards") / "evit_model_card.md"))
+        path = Path(str(resources.files("evit_hf.model_cards") / name))
         if path.is_file():
             return path
     except ModuleNotFoundError:
         pass
-    return Path(__file__).resolve().parent.parent / "model_cards" / "evit_model_card.md"
+    return Path(__file__).resolve().parent.parent / "model_cards" / name
 
 
 def _pipeline_and_auto_class(model) -> tuple[str, str]:
@@ -135,4 +139,39 @@ def create_model_card(
     )
 
 
-__all__ = ["create_model_card"]
+def create_conversion_model_card(
+    model, repo_id: str, source: str, source_kind: str, resize: int, origins: dict[str, str]
+) -> ModelCard:
+    """The card of a checkpoint converted from the reference code (`model_cards/converted_checkpoint_card.md`): the
+    EViT settings and the architecture with where each came from (`origins`: `keep_rate_from`,
+    `reduction_layers_from`, `fuse_from`, `heads_from`, `labels_from`), the reference's evaluation transform (shorter
+    side resized to `resize` px) and how to load it."""
+    config = model.config
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=["evit", "image-classification", "vision", "token-reorganization", "timm-conversion"],
+        model_name=repo_id,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(default_template_path(CONVERSION_CARD_TEMPLATE)),
+        model_name=repo_id,
+        repo_id=repo_id,
+        architecture=type(model).__name__,
+        source=source,
+        source_kind=source_kind,
+        keep_rate=config.keep_rate,
+        reduction_layers=", ".join(str(layer) for layer in config.reduction_layers),
+        fuse=config.fuse_inattentive_tokens,
+        image_size=config.image_size,
+        resize=resize,
+        hidden_size=config.hidden_size,
+        depth=config.num_hidden_layers,
+        heads=config.num_attention_heads,
+        num_labels=config.num_labels,
+        **origins,
+    )
+
+
+__all__ = ["create_conversion_model_card", "create_model_card"]
