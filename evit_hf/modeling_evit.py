@@ -18,7 +18,6 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_evit import EViTConfig
 from .modeling_evit_base import (
-    LABELS_DOC,
     EViTImageClassifierOutput,
     EViTModelOutput,
     _ClassAttentionMixin,
@@ -26,6 +25,7 @@ from .modeling_evit_base import (
     _ReductionLayerMixin,
     _TokenReductionEncoderMixin,
     classifier_output,
+    forward_doc,
     register_stock_key_renaming,
 )
 
@@ -42,21 +42,7 @@ class EViTLayer(_ReductionLayerMixin, ViTLayer):
     attention_class = EViTAttention
 
 
-BASE_FORWARD_DOC = r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
-                Pixel values, as the checkpoint's image processor returns them.
-            bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
-                Patches replaced by the mask token (models built with `use_mask_token=True`).
-            interpolate_pos_encoding (`bool`, *optional*):
-                Interpolate the position embeddings to the input size (inputs larger than the checkpoint's).
-            attention_mask (`torch.Tensor`, *optional*):
-                Only with `keep_rate=1.0`: masks have no meaning once tokens are reorganized.
-            keep_rate (`float` or `list[float]`, *optional*):
-                Overrides `config.keep_rate` for this call: one rate in (0, 1], or one per reduction layer.
-            output_hidden_states / output_attentions (`bool`, *optional*):
-                See the output's documentation for their varying token counts.
-"""
+BASE_FORWARD_DOC = forward_doc("bool_masked_pos", "interpolate_pos_encoding", "attention_mask")
 
 
 class _ViTEncoderMixin(_TokenReductionEncoderMixin):
@@ -132,7 +118,7 @@ class _ClassTokenClassifierMixin:
         logits = self.classifier(outputs.last_hidden_state[:, 0, :])
         return classifier_output(self, logits, labels, outputs, **kwargs)
 
-    forward.__doc__ = BASE_FORWARD_DOC + LABELS_DOC
+    forward.__doc__ = forward_doc("bool_masked_pos", "interpolate_pos_encoding", "attention_mask", "labels")
 
 
 class EViTForImageClassification(_ClassTokenClassifierMixin, _EViTModuleMixin, ViTForImageClassification):

@@ -125,10 +125,41 @@ class EViTImageClassifierOutput(ImageClassifierOutput):
     kept_token_indices: tuple[torch.LongTensor, ...] | None = None
 
 
-LABELS_DOC = """
+# The forward arguments of the EViT models, documented once: each family's forward lists the ones it takes.
+_FORWARD_ARGUMENT_DOCS = {
+    "pixel_values": """
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Pixel values, as the checkpoint's image processor returns them{note}.""",
+    "bool_masked_pos": """
+            bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
+                Patches replaced by the mask token (ViT: models built with `use_mask_token=True`).""",
+    "interpolate_pos_encoding": """
+            interpolate_pos_encoding (`bool`, *optional*, defaults to `False`):
+                Interpolate the position embeddings to the input size (inputs larger than the checkpoint's).""",
+    "attention_mask": """
+            attention_mask (`torch.Tensor`, *optional*):
+                Only with `keep_rate=1.0`: masks have no meaning once tokens are reorganized.""",
+    "keep_rate": """
+            keep_rate (`float` or `list[float]`, *optional*):
+                Overrides `config.keep_rate` for this call: one rate in (0, 1], or one per reduction layer.""",
+    "recorded_outputs": """
+            output_hidden_states / output_attentions (`bool`, *optional*):
+                See the output's documentation for their varying token counts.""",
+    "labels": """
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-                Labels for the classification loss.
-"""
+                Labels for the classification loss.""",
+}
+
+
+def forward_doc(*arguments: str, pixel_values_note: str = "") -> str:
+    """The `Args:` section of an EViT forward: `pixel_values`, then `arguments` (keys of `_FORWARD_ARGUMENT_DOCS`,
+    such as `"bool_masked_pos"`) in the order given, then `keep_rate` and the recorded outputs; `"labels"` goes last.
+    `pixel_values_note` adds a family's remark on the input, such as the sizes it accepts."""
+    names = [name for name in arguments if name != "labels"] + ["keep_rate", "recorded_outputs"]
+    names += ["labels"] if "labels" in arguments else []
+    documented = _FORWARD_ARGUMENT_DOCS["pixel_values"].format(note=pixel_values_note)
+    documented += "".join(_FORWARD_ARGUMENT_DOCS[name] for name in names)
+    return "\n        Args:" + documented + "\n"
 
 
 def classifier_output(model, logits, labels, outputs, **loss_kwargs) -> EViTImageClassifierOutput:

@@ -26,7 +26,6 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_evit_clip import EViTCLIPConfig, EViTCLIPVisionConfig
 from .modeling_evit_base import (
     KEPT_TOKEN_INDICES_DOC,
-    LABELS_DOC,
     VARYING_LENGTHS_DOC,
     EViTImageClassifierOutput,
     EViTModelOutput,
@@ -35,6 +34,7 @@ from .modeling_evit_base import (
     _ReductionLayerMixin,
     _TokenReductionEncoderMixin,
     classifier_output,
+    forward_doc,
     register_stock_key_renaming,
 )
 
@@ -60,17 +60,7 @@ class EViTCLIPOutput(CLIPOutput):
     kept_token_indices: tuple[torch.LongTensor, ...] | None = None
 
 
-CLIP_FORWARD_DOC = r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
-                Pixel values, as the checkpoint's image processor returns them.
-            interpolate_pos_encoding (`bool`, *optional*, defaults to `False`):
-                Interpolate the position embeddings to the input size.
-            keep_rate (`float` or `list[float]`, *optional*):
-                Overrides `config.keep_rate` for this call: one rate in (0, 1], or one per reduction layer.
-            output_hidden_states / output_attentions (`bool`, *optional*):
-                See the output's documentation for their varying token counts.
-"""
+CLIP_FORWARD_DOC = forward_doc("interpolate_pos_encoding")
 
 
 class _CLIPAttentionMixin(_ClassAttentionMixin):
@@ -245,7 +235,7 @@ class _CLIPClassifierMixin(_EViTModuleMixin):
         logits = self.classifier(outputs.last_hidden_state[:, prefix:].mean(dim=1))
         return classifier_output(self, logits, labels, outputs)
 
-    forward.__doc__ = CLIP_FORWARD_DOC + LABELS_DOC
+    forward.__doc__ = forward_doc("interpolate_pos_encoding", "labels")
 
 
 class EViTCLIPAttention(_CLIPAttentionMixin, CLIPAttention):

@@ -28,7 +28,6 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_evit_dinov2 import EViTDinov2Config, EViTDinov2WithRegistersConfig
 from .modeling_evit_base import (
-    LABELS_DOC,
     EViTImageClassifierOutput,
     EViTModelOutput,
     _ClassAttentionMixin,
@@ -36,6 +35,7 @@ from .modeling_evit_base import (
     _ReductionLayerMixin,
     _TokenReductionEncoderMixin,
     classifier_output,
+    forward_doc,
     register_stock_key_renaming,
 )
 
@@ -109,20 +109,9 @@ class EViTDinov2WithRegistersEncoder(_Dinov2EncoderMixin, Dinov2WithRegistersEnc
         return 1 + self.config.num_register_tokens
 
 
-DINOV2_FORWARD_DOC = r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
-                Pixel values, as the checkpoint's image processor returns them (any size: DINOv2 interpolates its
-                position embeddings).
-            bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
-                Patches replaced by the mask token.
-            attention_mask (`torch.Tensor`, *optional*):
-                Only with `keep_rate=1.0`: masks have no meaning once tokens are reorganized.
-            keep_rate (`float` or `list[float]`, *optional*):
-                Overrides `config.keep_rate` for this call: one rate in (0, 1], or one per reduction layer.
-            output_hidden_states / output_attentions (`bool`, *optional*):
-                See the output's documentation for their varying token counts.
-"""
+# Any input size: DINOv2 interpolates its position embeddings.
+DINOV2_PIXEL_VALUES_NOTE = " (any size: DINOv2\n                interpolates its position embeddings)"
+DINOV2_FORWARD_DOC = forward_doc("bool_masked_pos", "attention_mask", pixel_values_note=DINOV2_PIXEL_VALUES_NOTE)
 
 
 class _Dinov2ModelMixin(_EViTModuleMixin):
@@ -206,7 +195,9 @@ class _Dinov2ClassifierMixin(_EViTModuleMixin):
         logits = self.classifier(linear_input)
         return classifier_output(self, logits, labels, outputs, **kwargs)
 
-    forward.__doc__ = DINOV2_FORWARD_DOC + LABELS_DOC
+    forward.__doc__ = forward_doc(
+        "bool_masked_pos", "attention_mask", "labels", pixel_values_note=DINOV2_PIXEL_VALUES_NOTE
+    )
 
 
 class EViTDinov2ForImageClassification(_Dinov2ClassifierMixin, Dinov2ForImageClassification):

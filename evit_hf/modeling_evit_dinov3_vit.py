@@ -23,6 +23,7 @@ from .modeling_evit_base import (
     _EViTModuleMixin,
     _ReductionLayerMixin,
     _TokenReductionEncoderMixin,
+    forward_doc,
     register_stock_key_renaming,
 )
 from .token_reorganization import rotations_for_tokens
@@ -120,17 +121,6 @@ class EViTDINOv3ViTModel(_EViTModuleMixin, DINOv3ViTModel):
         keep_rate: float | list[float] | None = None,
         **kwargs,
     ) -> EViTModelOutput:
-        r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
-                Pixel values, as the checkpoint's image processor returns them.
-            bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
-                Patches replaced by the mask token.
-            keep_rate (`float` or `list[float]`, *optional*):
-                Overrides `config.keep_rate` for this call: one rate in (0, 1], or one per reduction layer.
-            output_hidden_states / output_attentions (`bool`, *optional*):
-                See the output's documentation for their varying token counts.
-        """
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.weight.dtype)
         hidden_states = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
         position_embeddings = self.rope_embeddings(pixel_values)
@@ -145,6 +135,8 @@ class EViTDINOv3ViTModel(_EViTModuleMixin, DINOv3ViTModel):
             attentions=encoder_outputs.attentions,
             kept_token_indices=encoder_outputs.kept_token_indices,
         )
+
+    forward.__doc__ = forward_doc("bool_masked_pos")
 
 
 register_stock_key_renaming(EViTDINOv3ViTModel)
