@@ -93,7 +93,9 @@ def broken_links(page: Path, repository: Path) -> list[str]:
         else:
             destination = page.parent / path_part
         destination = destination.resolve()
-        if not destination.is_relative_to(repository.resolve()) or not destination.exists():
+        if not destination.is_relative_to(repository.resolve()):
+            broken.append(f"{target}: outside the repository")
+        elif not destination.exists():
             broken.append(f"{target}: no such file")
         elif anchor and destination.suffix == ".md" and destination.is_file():
             if unquote(anchor).lower() not in heading_anchors(destination.read_text(encoding="utf-8")):
@@ -107,28 +109,34 @@ def test_relative_links_lead_somewhere(page):
 
 
 def test_link_check_reports_each_kind_of_dead_link(tmp_path):
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "guide.md").write_text("# A guide\n\n## Set-up, step 1\n\n## Set-up, step 1\n")
-    (tmp_path / "picture.png").write_bytes(b"")
-    page = tmp_path / "README.md"
+    repository = tmp_path / "repository"
+    (repository / "docs").mkdir(parents=True)
+    (repository / "docs" / "guide.md").write_text(
+        "# A guide\n\n## Set-up, step 1\n\n## Set-up, step 1\n\n~~~bash\n# Not a heading\n~~~\n"
+    )
+    (repository / "picture.png").write_bytes(b"")
+    (tmp_path / "elsewhere.md").write_text("# Outside the repository\n")
+    page = repository / "README.md"
     page.write_text(
         "# Front page\n\n"
         "[guide](docs/guide.md) [step](docs/guide.md#set-up-step-1) [again](docs/guide.md#set-up-step-1-1)\n"
         "[top](#front-page) [root](/docs/guide.md) ![ok](picture.png) [web](https://example.com/missing.md)\n"
         "[mail](mailto:someone@example.com) `[code span](missing-in-code.md)` <!-- [comment](missing.md) -->\n"
-        "```\n[fenced](missing-in-fence.md)\n```\n\n"
+        "~~~\n```\n[fenced](missing-in-fence.md)\n~~~\n\n"
         "[gone](docs/gone.md) ![lost](lost.png) [no heading](docs/guide.md#set-up) [self](#nowhere)\n"
         '[![badge](badge.svg)](docs/guide.md) [titled](missing-titled.md "Title") <img src="missing.svg">\n'
-        "[outside](../../elsewhere.md)\n\n[ref]: docs/missing-reference.md\n"
+        "[outside](../elsewhere.md) [code comment](docs/guide.md#not-a-heading)\n\n"
+        "[ref]: docs/missing-reference.md\n"
     )
-    assert broken_links(page, tmp_path) == [
+    assert broken_links(page, repository) == [
         "docs/gone.md: no such file",
         "lost.png: no such file",
         "docs/guide.md#set-up: no heading #set-up in docs/guide.md",
         "#nowhere: no heading #nowhere in README.md",
         "badge.svg: no such file",
         "missing-titled.md: no such file",
-        "../../elsewhere.md: no such file",
+        "../elsewhere.md: outside the repository",
+        "docs/guide.md#not-a-heading: no heading #not-a-heading in docs/guide.md",
         "docs/missing-reference.md: no such file",
         "missing.svg: no such file",
     ]
