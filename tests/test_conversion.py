@@ -609,7 +609,6 @@ def test_refuses_a_folder_of_someone_elses_files_even_with_overwrite(tmp_path, c
         assert exit_info.value.code == 2
         assert "files that no run of this project wrote there (keep.txt)" in capsys.readouterr().err
         assert os.listdir(output) == ["keep.txt"]
-    assert evit_hf.convert_timm_checkpoint(timm_state_dict(), tmp_path / "api", num_attention_heads=HEADS)
 
 
 def test_api_refusals_raise_value_errors(tmp_path):
