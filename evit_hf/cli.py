@@ -204,7 +204,6 @@ def visualize(argv) -> str:
         args.output,
         [("--image", args.image), ("--model", args.model), ("--image-processor", args.image_processor)],
     )
-    image = read_image_argument(parser, "--image", args.image)
     if os.path.isdir(args.output) or not os.path.basename(args.output):
         parser.error(f"argument --output: {args.output!r} is a folder; give a file name such as kept_tokens.png")
     extensions = picture_extensions()
@@ -223,16 +222,16 @@ def visualize(argv) -> str:
         parser, "--output", os.path.dirname(args.output) or ".", [os.path.basename(args.output)], shared=True
     )
     try:
-        _draw_kept_tokens(parser, args, image)
+        _draw_kept_tokens(parser, args)
     finally:
         output_folder.release()
     print(f"wrote {args.output}")
     return args.output
 
 
-def _draw_kept_tokens(parser, args, image) -> None:
-    """`evit-hf visualize` once its arguments are checked and its output is held: the model's checks, then the
-    picture."""
+def _draw_kept_tokens(parser, args) -> None:
+    """`evit-hf visualize` once its output is held: the image, the model's checks, then the picture."""
+    image = read_image_argument(parser, "--image", args.image)
     config = _load_config(parser, args.model)
     from .families import FAMILIES, family_for_model_type
 
