@@ -197,8 +197,11 @@ def _holds_the_lock_while_working(monkeypatch, module, name, output, seen):
     monkeypatch.setattr(module, name, working)
 
 
-HELD_WORK = {"convert": (evit_hf.conversion, "convert_timm_checkpoint"), "calibrate": (evit_hf.calibration,
-                                                                                       "calibrate_schedule")}  # fmt: skip
+# The function each command works in, called once its output folder is held.
+HELD_WORK = {
+    "convert": (evit_hf.conversion, "convert_timm_checkpoint"),
+    "calibrate": (evit_hf.calibration, "calibrate_schedule"),
+}
 
 
 @pytest.mark.parametrize("command", FOLDER_COMMANDS, ids=FOLDER_COMMANDS)
@@ -246,8 +249,12 @@ def test_the_console_command_refuses_to_draw_over_its_image(work):
     before = image.read_bytes()
     result = console("visualize", "--model", work / "model", "--image", image, "--output", image)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        f"evit-hf visualize: error: --output {image} is --image {image}: a run never writes where its inputs are"
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"evit-hf visualize: error: --output {image} is --image {image}: a run never writes where its inputs are"
+        )
     )
     assert image.read_bytes() == before
 

@@ -46,9 +46,11 @@ GIVEN_TOGETHER = {
         _saved(evit_hf.EViTConfig, tmp_path, **TINY, **WRITTEN)
     ),
     "apply_evit": lambda tmp_path: evit_hf.apply_evit(tiny_stock_model("vit-classifier"), **WRITTEN).config,
-    "apply_evit-on-evit": lambda tmp_path: evit_hf.apply_evit(
-        evit_hf.apply_evit(tiny_stock_model("vit-classifier"), keep_rate=[0.6, 0.6, 0.6]), **WRITTEN
-    ).config,
+    "apply_evit-on-evit": lambda tmp_path: (
+        evit_hf.apply_evit(
+            evit_hf.apply_evit(tiny_stock_model("vit-classifier"), keep_rate=[0.6, 0.6, 0.6]), **WRITTEN
+        ).config
+    ),
     "update": lambda tmp_path: _updated(evit_hf.EViTConfig(**TINY), WRITTEN),
     "update-over-rates": lambda tmp_path: _updated(evit_hf.EViTConfig(**TINY, keep_rate=[0.4, 0.4, 0.4]), WRITTEN),
     "set_schedule": lambda tmp_path: _scheduled(evit_hf.EViTConfig(**TINY, keep_rate=[0.4, 0.4, 0.4])),
