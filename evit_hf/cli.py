@@ -411,10 +411,27 @@ def benchmark(argv) -> dict:
                 )
     except benchmark_library.InvalidBenchmarkSetting as error:
         parser.error(f"argument {error.option}: {error.problem}")
+    output_folder = None
     if args.output_dir is not None:
         problem = benchmark_library.output_dir_problem(args.output_dir)
         if problem:
             parser.error(f"argument --output-dir: {problem}")
+        check_output_apart_from_inputs(parser, "--output-dir", args.output_dir, [("--model", args.model)])
+        # Its three files, in a folder that may hold others: each must be new or an earlier benchmark's.
+        output_folder = take_output_folder(
+            parser, "--output-dir", args.output_dir, benchmark_library.OUTPUT_FILES, shared=True
+        )
+    try:
+        return _run_benchmark(parser, args, settings)
+    finally:
+        if output_folder is not None:
+            output_folder.release()
+
+
+def _run_benchmark(parser, args, settings) -> dict:
+    """`evit-hf benchmark` once its settings are checked and its output folder is held."""
+    from . import benchmark as benchmark_library
+
     try:
         results = benchmark_library.run_benchmark(settings, progress=not args.no_progress)
         if args.resolutions:
@@ -627,14 +644,6 @@ def calibrate(argv) -> dict:
 
     if not os.path.isdir(args.images):
         parser.error(f"argument --images: {args.images} is not a folder")
-    from .data import unlabeled_image_files
-
-    try:
-        paths = unlabeled_image_files(args.images)[: args.max_images]
-    except ValueError as error:  # link loops, folders that cannot be listed: as the image-folder check says
-        parser.error(f"argument --images: {one_line(error)}")
-    if not paths:
-        parser.error(f"argument --images: {args.images} holds no images (in it or in its sub-folders)")
     check_output_apart_from_inputs(
         parser,
         "--output-dir",
@@ -644,24 +653,12 @@ def calibrate(argv) -> dict:
     problem = writable_folder_problem(args.output_dir)
     if problem:
         parser.error(f"argument --output-dir: cannot write into {args.output_dir}: {problem}")
-    config = _load_config(parser, args.model)
-
-    from .calibration import cheapest_schedule_macs
-
-    try:
-        cheapest = cheapest_schedule_macs(config)
-    except ValueError as error:
-        parser.error(f"argument --model: {args.model}: {one_line(error)}")
-    if cheapest > args.macs:
-        parser.error(
-            f"argument --macs: no schedule of {args.model} reaches {args.macs:,.0f} MACs: keep rate 0.1 in every "
-            f"layer but the first costs {cheapest:,}; give a larger budget"
-        )
+    # Held from here to the end; a refusal below gives it back (and removes the folder if this run created it).
     output_folder = take_output_folder(
         parser, "--output-dir", args.output_dir, CALIBRATED_FILES, overwrite=args.overwrite
     )
     try:
-        return _calibrate_into(parser, args, config, paths)
+        return _calibrate_into(parser, args)
     finally:
         output_folder.release()
 
@@ -679,9 +676,31 @@ def model_class_named_by(config) -> type | None:
     return next((evit for stock, evit in family.models.items() if named & {stock.__name__, evit.__name__}), None)
 
 
-def _calibrate_into(parser, args, config, paths) -> dict:
-    """`evit-hf calibrate` once its arguments are checked and its output folder is held: images, image processor
-    and model (each refused in one line), the search, then the folder."""
+def _calibrate_into(parser, args) -> dict:
+    """`evit-hf calibrate` once its output folder is held: the images and the model's settings are checked (each
+    refused in one line), then the images are read, the model loaded, the schedule searched and the folder written."""
+    from .data import unlabeled_image_files
+
+    try:
+        paths = unlabeled_image_files(args.images)[: args.max_images]
+    except ValueError as error:  # link loops, folders that cannot be listed: as the image-folder check says
+        parser.error(f"argument --images: {one_line(error)}")
+    if not paths:
+        parser.error(f"argument --images: {args.images} holds no images (in it or in its sub-folders)")
+    config = _load_config(parser, args.model)
+
+    from .calibration import cheapest_schedule_macs
+
+    try:
+        cheapest = cheapest_schedule_macs(config)
+    except ValueError as error:
+        parser.error(f"argument --model: {args.model}: {one_line(error)}")
+    if cheapest > args.macs:
+        parser.error(
+            f"argument --macs: no schedule of {args.model} reaches {args.macs:,.0f} MACs: keep rate 0.1 in every "
+            f"layer but the first costs {cheapest:,}; give a larger budget"
+        )
+
     import torch
     from transformers import AutoConfig, AutoModel
 

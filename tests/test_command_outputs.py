@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import evit_hf
+import evit_hf.benchmark
 import evit_hf.calibration
 import evit_hf.cli
 import evit_hf.conversion
@@ -64,7 +65,11 @@ FOLDER_COMMANDS = {
     ],
 }  # fmt: skip
 # The step where each command's work begins, which no refusal may reach.
-WORK_STEPS = {"convert": (evit_hf.conversion, "read_checkpoint"), "calibrate": (evit_hf.cli, "read_image_argument")}
+WORK_STEPS = {
+    "convert": (evit_hf.conversion, "read_checkpoint"),
+    "calibrate": (evit_hf.cli, "read_image_argument"),
+    "benchmark": (evit_hf.benchmark, "build_models"),
+}
 
 
 @pytest.fixture
@@ -144,6 +149,10 @@ OVERLAPS = {
         FOLDER_COMMANDS["calibrate"](work, work / "images/out"), ("--images", work / "images"),
         ("--output-dir", work / "images/out"), "lies inside",
     ),
+    "benchmark-into-the-model": lambda work: (
+        benchmark_argv(work, work / "model" / "results"), ("--model", work / "model"),
+        ("--output-dir", work / "model" / "results"), "lies inside",
+    ),
     "calibrate-around-the-images": lambda work: (
         FOLDER_COMMANDS["calibrate"](work, work), ("--model", work / "model"), ("--output-dir", work), "contains",
     ),
@@ -160,8 +169,14 @@ def test_an_output_that_is_in_or_around_an_input_is_refused_naming_both(case, wo
     assert {path: path.read_bytes() for path in work.rglob("*") if path.is_file()} == before
 
 
+def benchmark_argv(work, output):
+    return ["benchmark", "--model", str(work / "model"), "--image-sizes", "32", "--batch-sizes", "1", "--rounds", "1",
+            "--warmup", "0", "--no-memory", "--no-progress", "--output-dir", str(output)]  # fmt: skip
+
+
 COMMANDS_WITH_OUTPUT_FOLDERS = {
     **{command: (argv, lambda work: work / "out") for command, argv in FOLDER_COMMANDS.items()},
+    "benchmark": (benchmark_argv, lambda work: work / "results"),
     "visualize": (
         lambda work, output: ["visualize", "--model", str(work / "model"), "--image", str(work / "images/a/0.png"),
                               "--output", str(output / "kept.png")],
@@ -225,6 +240,16 @@ def test_the_lock_is_held_while_working_and_an_earlier_runs_files_are_replaced_o
 
     main(FOLDER_COMMANDS[command](work, output) + ["--overwrite"])
     assert set(contents(output)) == set(written)
+
+
+@pytest.mark.usefixtures("no_work")
+def test_the_benchmark_writes_over_none_of_the_users_files(work, capsys):
+    (work / "results").mkdir()
+    (work / "results" / "benchmark.md").write_text("my notes")
+    (work / "results" / "other.txt").write_text("left alone: the benchmark writes three named files")
+    line = refusal(capsys, benchmark_argv(work, work / "results"))
+    assert f"{work / 'results'} would overwrite files that no run of this project wrote there (benchmark.md)" in line
+    assert (work / "results" / "benchmark.md").read_text() == "my notes"
 
 
 def test_visualize_draws_again_over_its_own_picture_but_not_over_someone_elses(work, capsys):
