@@ -54,6 +54,13 @@ GIVEN_TOGETHER = {
     "update": lambda tmp_path: _updated(evit_hf.EViTConfig(**TINY), WRITTEN),
     "update-over-rates": lambda tmp_path: _updated(evit_hf.EViTConfig(**TINY, keep_rate=[0.4, 0.4, 0.4]), WRITTEN),
     "set_schedule": lambda tmp_path: _scheduled(evit_hf.EViTConfig(**TINY, keep_rate=[0.4, 0.4, 0.4])),
+    # Over rates of another number of layers: no state in between pairs the old list with the new layers.
+    "set_schedule-over-two-layers": lambda tmp_path: _scheduled(
+        evit_hf.EViTConfig(**TINY, reduction_layers=[1, 2], keep_rate=[0.4, 0.4])
+    ),
+    "update-over-two-layers": lambda tmp_path: _updated(
+        evit_hf.EViTConfig(**TINY, reduction_layers=[1, 2], keep_rate=[0.4, 0.4]), WRITTEN
+    ),
     "clip-constructor": lambda tmp_path: _tiny_clip_config(**WRITTEN),
     "clip-from_pretrained-kwargs": lambda tmp_path: evit_hf.EViTCLIPConfig.from_pretrained(
         _saved_clip(tmp_path), **WRITTEN
