@@ -11,6 +11,7 @@ from PIL import Image
 from transformers import BertConfig, ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 import evit_hf
+from evit_hf import fine_tuning
 
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -101,7 +102,7 @@ def test_published_folder_holds_safetensors_code_processor_and_card(fine_tuned):
     output_dir, _ = fine_tuned
     (output_dir / "checkpoint-2").mkdir(exist_ok=True)
     (output_dir / "checkpoint-2" / "model.safetensors").write_bytes(b"")
-    published = run_image_classification.published_files(str(output_dir))
+    published = fine_tuning.published_files(str(output_dir))
     assert {
         "model.safetensors",
         "config.json",
@@ -131,7 +132,7 @@ def test_published_model_loads_by_repo_id_from_an_offline_cache(fine_tuned, tmp_
     output_dir, _ = fine_tuned
     revision = "f" * 40
     snapshot = tmp_path / "hub" / "models--me--evit-digits" / "snapshots" / revision
-    for relative in run_image_classification.published_files(str(output_dir)):
+    for relative in fine_tuning.published_files(str(output_dir)):
         (snapshot / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(output_dir / relative, snapshot / relative)
     (snapshot.parent.parent / "refs").mkdir()

@@ -88,7 +88,7 @@ def test_what_a_run_writes_is_recorded_and_a_rerun_is_accepted(tmp_path):
         (out / "model.safetensors").write_text("weights")
         (out / "runs").mkdir()  # not claimed: appeared during the run
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    assert manifest == {"written": ["model.safetensors", "runs"], "claimed": []}
+    assert manifest == {"written": ["model.safetensors", "runs"], "claimed": ["model.safetensors"]}
     assert not (out / LOCK_FILE).exists()
     with OutputFolder(str(out)) as folder:
         assert folder.foreign_files() == []

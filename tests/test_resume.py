@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 
+from evit_hf import checkpoints
+
 from .test_examples import EXAMPLES, run_image_classification, save_small_vit
 
 
@@ -367,9 +369,9 @@ def test_the_newest_readable_checkpoint_by_step_number_is_resumed(tmp_path):
     for step in (2, 9, 10):
         fake_checkpoint(tmp_path / f"checkpoint-{step}", step)
     (tmp_path / "checkpoint-11").mkdir()  # half-written
-    assert run_image_classification.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert checkpoints.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
     truncate(tmp_path / "checkpoint-10" / "model.safetensors")
-    assert run_image_classification.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-9")
+    assert checkpoints.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-9")
 
 
 def test_a_checkpoint_of_several_processes_needs_the_random_state_of_each(tmp_path):
@@ -378,10 +380,10 @@ def test_a_checkpoint_of_several_processes_needs_the_random_state_of_each(tmp_pa
         torch.save({"cpu": torch.random.get_rng_state()}, tmp_path / f"checkpoint-{step}" / "rng_state_0.pth")
     torch.save({"cpu": torch.random.get_rng_state()}, tmp_path / "checkpoint-2" / "rng_state_1.pth")
     # Process 1 was killed before writing its random state into checkpoint-4, after the main process wrote the rest.
-    assert run_image_classification.last_complete_checkpoint(str(tmp_path), 2) == str(tmp_path / "checkpoint-2")
+    assert checkpoints.last_complete_checkpoint(str(tmp_path), 2) == str(tmp_path / "checkpoint-2")
     (tmp_path / "checkpoint-4" / "rng_state_1.pth").write_bytes(b"PK\x03\x04")  # begun, not finished
-    assert run_image_classification.last_complete_checkpoint(str(tmp_path), 2) == str(tmp_path / "checkpoint-2")
-    assert run_image_classification.last_complete_checkpoint(str(tmp_path), 1) == str(tmp_path / "checkpoint-4")
+    assert checkpoints.last_complete_checkpoint(str(tmp_path), 2) == str(tmp_path / "checkpoint-2")
+    assert checkpoints.last_complete_checkpoint(str(tmp_path), 1) == str(tmp_path / "checkpoint-4")
 
 
 class EpochRecorder(torch.utils.data.Dataset):
