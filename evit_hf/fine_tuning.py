@@ -587,6 +587,12 @@ def load_image_processor(model_args: ModelArguments, config):
 def leave_process_group(trainer: Trainer) -> None:
     """Waits for the main process to write its files, then leaves the process group, in an order that cannot hang.
 
+    For a `Trainer` script run by `torchrun` or `accelerate launch`: call it last, once the main process has saved,
+    in every process::
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            evit_hf.leave_process_group(trainer)
+
     Processes that exit with the group still up can abort at shutdown (gloo). The group must also not outlive its
     last Python handle: DistributedDataParallel's reducer holds the group, and a reducer freed last destroys it with
     the GIL held, joining gloo worker threads that may be waiting for the GIL to free a collective's tensors (a

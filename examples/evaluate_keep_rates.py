@@ -192,6 +192,7 @@ def main(args=None) -> list[dict]:
         [
             ("--model_name_or_path", model_args.model_name_or_path),
             ("--image_processor_name", model_args.image_processor_name),
+            ("--dataset_name", data_args.dataset_name),
             ("--train_dir", data_args.train_dir),
             ("--validation_dir", data_args.validation_dir),
         ],

@@ -168,6 +168,7 @@ def check_arguments(model_args, data_args, training_args, distillation_args, run
     inputs = [
         ("--model_name_or_path", model_args.model_name_or_path),
         ("--image_processor_name", model_args.image_processor_name),
+        ("--dataset_name", data_args.dataset_name),
         ("--train_dir", data_args.train_dir),
         ("--validation_dir", data_args.validation_dir),
     ]

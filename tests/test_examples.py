@@ -257,9 +257,13 @@ def test_evaluate_keep_rates_streaming_gives_the_rows_of_the_downloaded_split(sm
         assert row.pop("images_per_s") > 0 and expected.pop("images_per_s") > 0
         assert row == expected
     with pytest.raises(ValueError, match="--streaming reads a Hub dataset: pass --dataset_name"):
-        evaluate_keep_rates.main(["--model_name_or_path", small_vit, "--output_dir", str(tmp_path), "--streaming"])
+        evaluate_keep_rates.main(
+            ["--model_name_or_path", small_vit, "--output_dir", str(tmp_path / "x"), "--streaming"]
+        )
     with pytest.raises(ValueError, match="float16 is for CUDA"):
-        evaluate_keep_rates.main([*common, "--output_dir", str(tmp_path), "--dtype", "float16", "--device", "cpu"])
+        evaluate_keep_rates.main(
+            [*common, "--output_dir", str(tmp_path / "x"), "--dtype", "float16", "--device", "cpu"]
+        )
 
 
 def test_visualize_kept_tokens_and_cli(fine_tuned, tmp_path):
