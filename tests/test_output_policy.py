@@ -122,6 +122,16 @@ def test_clear_deletes_only_what_runs_wrote(tmp_path):
         assert folder.entries() == []
 
 
+def test_clear_leaves_a_file_that_appeared_during_the_run(tmp_path):
+    out = tmp_path / "out"
+    with OutputFolder(str(out), claims=["model.safetensors"]):
+        (out / "model.safetensors").write_text("weights")
+    with OutputFolder(str(out)) as folder:
+        (out / "notes.txt").write_text("written by hand while the run held the folder")
+        assert [os.path.basename(path) for path in folder.clear()] == ["model.safetensors"]
+    assert os.listdir(out) != [] and (out / "notes.txt").read_text().startswith("written by hand")
+
+
 def test_a_shared_folder_refuses_only_overwriting_a_users_file(tmp_path):
     pictures = tmp_path / "pictures"
     pictures.mkdir()
@@ -232,6 +242,7 @@ def test_a_folder_of_a_users_files_is_refused_naming_them(small_vit, tmp_path, n
     ("tool", "flags", "expected"),
     [
         ("training", ["--card_keep_rates", "0", "1.5"], "--card_keep_rates: keep_rate must be in (0, 1]"),
+        ("training", ["--card_keep_rates", "1", "0"], "got 0."),
         ("training", ["--keep_rate", "1.5"], "--keep_rate: keep_rate must be in (0, 1]"),
         ("training", ["--keep_rate", "0.9", "0.7", "--reduction_layers", "1", "2", "3"], "it has 2"),
         ("keep-rate table", ["--keep_rates", "0"], "--keep_rates: keep_rate must be in (0, 1]"),
