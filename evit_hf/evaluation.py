@@ -405,7 +405,7 @@ def results_markdown(rows: list[dict], title_column: str = "keep rate") -> str:
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
-        cells = [format_keep_rate(row["keep_rate"])]
+        cells = [format_keep_rate(row["keep_rate"]) + (" (the model's own)" if row.get("own_schedule") else "")]
         if mixed:
             cells.append(row.get("accuracy_kind", CLASSIFIER))
         cells.append(f"{100 * row['accuracy']:.2f}")

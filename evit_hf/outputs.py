@@ -17,8 +17,10 @@ Three rules, each refused before any work with one line that names the paths and
 How a run records what it writes: before any work, `acquire()` adds the names the run may write (`claims`: exact
 names or `fnmatch` patterns such as `checkpoint-[0-9]*`) to the manifest, so that a run killed midway (even by
 `kill -9`) leaves a folder that its rerun accepts; `release()` then lists the folder and records every entry present
-that a claim matches or that appeared during the run (Trainer's `runs/`, model cards, results), and drops the claims.
-A rerun into a folder of its own earlier output is therefore allowed, and a user's file never becomes "ours".
+that a claim matches or that appeared during the run (Trainer's `runs/`, remote-code files, cards, results). The
+claims stay in the manifest: they are the names this project's runs write there. Claim exact names and narrow
+patterns only (`checkpoint-[0-9]*`, never `*.json`): a user's file that a claim matches counts as the project's. A
+rerun into a folder of its own earlier output is therefore allowed, and a user's other files never become "ours".
 
 Usage, by a tool that writes into a folder of its own::
 
@@ -243,8 +245,8 @@ class OutputFolder:
         return deleted
 
     def release(self) -> None:
-        """Records what the run wrote (claimed entries present now, and entries that appeared during the run), drops
-        the claims, and gives the lock back. A run that wrote nothing into a folder it created leaves no folder."""
+        """Records what the run wrote (claimed entries present now, and entries that appeared during the run) and
+        gives the lock back. A run that wrote nothing into a folder it created leaves no folder."""
         if not self._lock.held:
             return
         try:
@@ -259,8 +261,8 @@ class OutputFolder:
                 or _matches(name, claims)
                 or (not self.shared and name not in self._entries_at_start)
             ]
-            if written:
-                self._write_manifest(written, [])
+            if self.entries():
+                self._write_manifest(written, claims)
             else:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.manifest_path)
