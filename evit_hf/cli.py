@@ -549,13 +549,17 @@ def convert(argv):
 
 
 # The files `save_pretrained` writes for a model (weights, whole or in shards; its configuration; the model code
-# beside it) and for an image processor.
+# beside it, evit_hf's own files) and for an image processor: exact names and narrow patterns, since the manifest
+# keeps them as the names this project writes there.
 SAVED_MODEL_FILES = (
     "config.json",
     "model.safetensors",
-    "model-*-of-*.safetensors",
+    "model-[0-9]*-of-[0-9]*.safetensors",
     "model.safetensors.index.json",
-    "*.py",
+    "configuration_evit*.py",
+    "modeling_evit*.py",
+    "token_reorganization.py",
+    "image_processing_evit.py",
     "preprocessor_config.json",
 )
 CONVERTED_FILES = (*SAVED_MODEL_FILES, "README.md")
