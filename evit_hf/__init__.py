@@ -30,6 +30,7 @@ _NAMES_BY_MODULE = {
     "distillation": ["DistillationTrainer"],
     "evaluation": ["evaluate_keep_rates", "results_markdown"],
     "families": ["FAMILIES", "EViTFamily"],
+    "fine_tuning": ["leave_process_group"],
     "image_processing_evit": ["EViTImageProcessor"],
     "keep_rate_schedule": ["KeepRateScheduler", "scheduled_keep_rate"],
     "macs": ["count_macs"],
@@ -87,6 +88,7 @@ if TYPE_CHECKING:
     from .distillation import DistillationTrainer
     from .evaluation import evaluate_keep_rates, results_markdown
     from .families import FAMILIES, EViTFamily
+    from .fine_tuning import leave_process_group
     from .image_processing_evit import EViTImageProcessor
     from .keep_rate_schedule import KeepRateScheduler, scheduled_keep_rate
     from .macs import count_macs
@@ -197,6 +199,7 @@ __all__ = [
     "digits_dataset",
     "evaluate_keep_rates",
     "keep_rate_for_macs",
+    "leave_process_group",
     "num_kept_tokens",
     "register_evit_auto_classes",
     "resize_position_embeddings",

@@ -1,7 +1,9 @@
-"""The `evit-hf` command: `evit-hf visualize`, `evit-hf benchmark` and `evit-hf convert`.
+"""The `evit-hf` command: `evit-hf visualize`, `evit-hf benchmark`, `evit-hf convert` and `evit-hf calibrate`.
 
 Every argument is checked before a model is built, and a bad one ends the command with argparse's one-line
-`evit-hf COMMAND: error: ...` (exit status 2), never a traceback.
+`evit-hf COMMAND: error: ...` (exit status 2), never a traceback. Every command that writes follows the output policy
+of `evit_hf.outputs`: it holds the lock on its output folder while it runs, writes nowhere near its inputs, and
+overwrites only files that a run of this project wrote.
 """
 
 import argparse
@@ -10,7 +12,7 @@ import math
 import os
 import sys
 
-from .configuration_evit_base import vision_config_of
+from .configuration_evit_base import check_keep_rate, vision_config_of
 from .messages import one_line, writable_folder_problem
 
 
@@ -27,25 +29,127 @@ def looks_like_path(name: str) -> bool:
     )
 
 
-def keep_rate_argument(text: str) -> float:
-    """argparse type of a keep rate: a number in (0, 1]."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a keep rate in (0, 1], got {text!r}") from None
-    if not math.isfinite(value) or not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(
-            f"a keep rate is the share of tokens each reduction layer keeps, in (0, 1]; got {text}"
-        )
-    return value
+        raise argparse.ArgumentTypeError(f"expected a keep rate in (0, 1], such as 0.7; got {text!r}") from None
+
+
+def keep_rate_argument(text: str) -> float:
+    """argparse type of a keep rate: a number in (0, 1], as `check_keep_rate` (the configurations' check) allows."""
+    try:
+        return check_keep_rate(_number(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(one_line(error).rstrip(".")) from None
 
 
 def benchmark_keep_rate_argument(text: str) -> float | list[float]:
     """argparse type of a benchmarked keep rate: one number in (0, 1], or one per reduction layer joined by "/"
-    ("0.9/0.7/0.5")."""
+    ("0.9/0.7/0.5"), checked by `check_keep_rate`."""
     if "/" not in text:
         return keep_rate_argument(text)
-    return [keep_rate_argument(part.strip()) for part in text.split("/")]
+    try:
+        return check_keep_rate([_number(part.strip()) for part in text.split("/")])
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(one_line(error).rstrip(".")) from None
+
+
+def check_output_apart_from_inputs(parser, output_flag: str, output: str | None, inputs) -> None:
+    """A parser error, naming both paths, when `output` is, lies inside or contains one of `inputs` (`(flag, path)`
+    pairs): `evit_hf.outputs`' rule, before any work."""
+    from .outputs import check_outputs_apart_from_inputs
+
+    try:
+        check_outputs_apart_from_inputs([(output_flag, output)], inputs)
+    except ValueError as error:
+        parser.error(one_line(error))
+
+
+def take_output_folder(parser, flag: str, folder: str, files, overwrite: bool | None = None, shared: bool = False):
+    """The `evit_hf.outputs.OutputFolder` of a command, acquired: its lock is held until `release()`; a folder that
+    holds files no run of this project wrote (with `shared`, among `files`) is refused naming them. With `overwrite`
+    False, a folder that holds an earlier run's files is refused too (the command's --overwrite replaces them);
+    with None (a picture the command draws again), they are replaced."""
+    from .outputs import OutputFolder
+
+    output = OutputFolder(folder, flag, claims=files, shared=shared)
+    try:
+        output.acquire()
+    except ValueError as error:  # in use by another run, files of the user's, an unreadable manifest
+        parser.error(one_line(error))
+    earlier = output.entries() if not shared else [name for name in output.entries() if name in files]
+    if earlier and overwrite is False:
+        output.release()
+        parser.error(
+            f"{flag} {folder} holds the files of an earlier run ({', '.join(earlier[:8])}"
+            f"{' ...' if len(earlier) > 8 else ''}): pass --overwrite to replace them, or choose another {flag}"
+        )
+    return output
+
+
+def read_image_argument(parser, flag: str, path: str):
+    """The image file at `path`, decoded in full (a truncated file fails here, not after the model is built), upright
+    and 8-bit RGB as in training and evaluation; a parser error naming `flag` for a file that is no readable image,
+    a decompression bomb included."""
+    from PIL import Image
+
+    from .images import load_rgb_image
+
+    try:
+        return load_rgb_image(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        parser.error(f"argument {flag}: cannot read {path} as an image ({one_line(error)})")
+
+
+def image_processor_argument(parser, model: str, config, image_processor: str | None):
+    """The image processor given (`--image-processor`), else the checkpoint's own (a damaged one is an error, not a
+    reason to fall back), else the default one for `config`."""
+    from transformers import AutoImageProcessor
+
+    from .visualization import load_image_processor_or_default
+
+    if image_processor:
+        if looks_like_path(image_processor) and not os.path.isdir(image_processor):
+            parser.error(f"argument --image-processor: {image_processor} is not a folder")
+        try:
+            return AutoImageProcessor.from_pretrained(image_processor)
+        except (OSError, ValueError) as error:
+            parser.error(f"argument --image-processor: cannot load an image processor: {one_line(error)}")
+    if os.path.isfile(os.path.join(model, "preprocessor_config.json")):
+        try:
+            return AutoImageProcessor.from_pretrained(model)
+        except (OSError, ValueError) as error:
+            parser.error(
+                f"argument --model: cannot load the image processor in {model}: "
+                f"{one_line(error).rstrip('.')}; repair its preprocessor_config.json or pass --image-processor"
+            )
+    return load_image_processor_or_default(model, config)
+
+
+def processed_pixels(parser, processor, images, source: str, model: str, config):
+    """`processor`'s pixel values `[images, channels, height, width]` of `images` (read from `source`); a parser error
+    when the processor fails on them or makes pixels of another channel count than `model` takes."""
+    try:
+        pixel_values = processor(images=images, return_tensors="pt").pixel_values
+    except (OSError, ValueError, TypeError) as error:
+        parser.error(f"argument --image-processor: the image processor fails on {source}: {one_line(error)}")
+    num_channels = vision_config_of(config).num_channels  # a two-tower model keeps it in its tower's
+    if pixel_values.shape[1] != num_channels:
+        parser.error(
+            f"argument --image-processor: the image processor makes {pixel_values.shape[1]}-channel pixels, but "
+            f"{model} takes {num_channels}; pass an --image-processor made for this model"
+        )
+    return pixel_values
+
+
+def load_model_argument(parser, load, model: str):
+    """`load(model)`, or a parser error: damaged weights (truncated, not safetensors) raise safetensors', torch's or
+    transformers' own errors, which all become one line."""
+    try:
+        return load(model)
+    except Exception as error:
+        parser.error(f"argument --model: cannot load the model from {model}: {one_line(error)}")
 
 
 # Picture formats that hold the whole RGB canvas as drawn (not icons, not 1-bit or palette-only formats).
@@ -91,19 +195,15 @@ def visualize(argv) -> str:
     )
     args = parser.parse_args(argv)
 
-    from PIL import Image
-
-    from .images import load_rgb_image
-
     # Cheap local checks first: a typo in --image or --output should not wait for a model to load.
     if not os.path.isfile(args.image):
         parser.error(f"argument --image: {args.image} does not exist or is not a file")
-    try:
-        # Decodes every byte (a truncated file fails here, not after the model is built); upright and 8-bit RGB as
-        # in training and evaluation.
-        image = load_rgb_image(args.image)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        parser.error(f"argument --image: cannot read {args.image} as an image ({one_line(error)})")
+    check_output_apart_from_inputs(
+        parser,
+        "--output",
+        args.output,
+        [("--image", args.image), ("--model", args.model), ("--image-processor", args.image_processor)],
+    )
     if os.path.isdir(args.output) or not os.path.basename(args.output):
         parser.error(f"argument --output: {args.output!r} is a folder; give a file name such as kept_tokens.png")
     extensions = picture_extensions()
@@ -117,7 +217,21 @@ def visualize(argv) -> str:
         problem = f"no permission to overwrite {args.output}"
     if problem:
         parser.error(f"argument --output: cannot write {args.output}: {problem}")
+    # The picture goes into a folder of the user's: only its own name must be new or an earlier picture of ours.
+    output_folder = take_output_folder(
+        parser, "--output", os.path.dirname(args.output) or ".", [os.path.basename(args.output)], shared=True
+    )
+    try:
+        _draw_kept_tokens(parser, args)
+    finally:
+        output_folder.release()
+    print(f"wrote {args.output}")
+    return args.output
 
+
+def _draw_kept_tokens(parser, args) -> None:
+    """`evit-hf visualize` once its output is held: the image, the model's checks, then the picture."""
+    image = read_image_argument(parser, "--image", args.image)
     config = _load_config(parser, args.model)
     from .families import FAMILIES, family_for_model_type
 
@@ -131,45 +245,12 @@ def visualize(argv) -> str:
             f"(model_type {model_types}) are supported"
         )
 
-    from transformers import AutoImageProcessor
+    from .visualization import visualize_kept_tokens
 
-    from .visualization import load_image_processor_or_default, visualize_kept_tokens
-
-    if args.image_processor:
-        if looks_like_path(args.image_processor) and not os.path.isdir(args.image_processor):
-            parser.error(f"argument --image-processor: {args.image_processor} is not a folder")
-        try:
-            processor = AutoImageProcessor.from_pretrained(args.image_processor)
-        except (OSError, ValueError) as error:
-            parser.error(f"argument --image-processor: cannot load an image processor: {one_line(error)}")
-    elif os.path.isfile(os.path.join(args.model, "preprocessor_config.json")):
-        # The checkpoint's own processor: a damaged one is an error, not a reason to fall back to the default.
-        try:
-            processor = AutoImageProcessor.from_pretrained(args.model)
-        except (OSError, ValueError) as error:
-            parser.error(
-                f"argument --model: cannot load the image processor in {args.model}: "
-                f"{one_line(error).rstrip('.')}; repair its preprocessor_config.json or pass --image-processor"
-            )
-    else:
-        processor = load_image_processor_or_default(args.model, config)
+    processor = image_processor_argument(parser, args.model, config, args.image_processor)
+    pixel_values = processed_pixels(parser, processor, image, args.image, args.model, config)
+    model = load_model_argument(parser, family.kept_token_picture_model.from_pretrained, args.model)
     try:
-        pixel_values = processor(images=image, return_tensors="pt").pixel_values
-    except (OSError, ValueError, TypeError) as error:
-        parser.error(f"argument --image-processor: the image processor fails on {args.image}: {one_line(error)}")
-    num_channels = vision_config_of(config).num_channels  # a two-tower model keeps it in its tower's
-    if pixel_values.shape[1] != num_channels:
-        parser.error(
-            f"argument --image-processor: the image processor makes {pixel_values.shape[1]}-channel pixels, but "
-            f"{args.model} takes {num_channels}; pass an --image-processor made for this model"
-        )
-
-    try:
-        model = family.kept_token_picture_model.from_pretrained(args.model)
-    except Exception as error:  # damaged weights raise safetensors', torch's or transformers' own errors
-        parser.error(f"argument --model: cannot load the model from {args.model}: {one_line(error)}")
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         visualize_kept_tokens(model, pixel_values, keep_rate=args.keep_rate, output_path=args.output)
     except OSError as error:  # the folder was writable when checked; a full disk or a lost mount fails here
         parser.error(f"argument --output: cannot write {args.output}: {one_line(error)}")
@@ -178,8 +259,6 @@ def visualize(argv) -> str:
             f"argument --image-processor: {args.model} cannot run on the processed image of shape "
             f"{list(pixel_values.shape)}: {one_line(error)}"
         )
-    print(f"wrote {args.output}")
-    return args.output
 
 
 def _load_config(parser, model: str):
@@ -332,10 +411,27 @@ def benchmark(argv) -> dict:
                 )
     except benchmark_library.InvalidBenchmarkSetting as error:
         parser.error(f"argument {error.option}: {error.problem}")
+    output_folder = None
     if args.output_dir is not None:
         problem = benchmark_library.output_dir_problem(args.output_dir)
         if problem:
             parser.error(f"argument --output-dir: {problem}")
+        check_output_apart_from_inputs(parser, "--output-dir", args.output_dir, [("--model", args.model)])
+        # Its three files, in a folder that may hold others: each must be new or an earlier benchmark's.
+        output_folder = take_output_folder(
+            parser, "--output-dir", args.output_dir, benchmark_library.OUTPUT_FILES, shared=True
+        )
+    try:
+        return _run_benchmark(parser, args, settings)
+    finally:
+        if output_folder is not None:
+            output_folder.release()
+
+
+def _run_benchmark(parser, args, settings) -> dict:
+    """`evit-hf benchmark` once its settings are checked and its output folder is held."""
+    from . import benchmark as benchmark_library
+
     try:
         results = benchmark_library.run_benchmark(settings, progress=not args.no_progress)
         if args.resolutions:
@@ -417,7 +513,12 @@ def convert(argv):
         default=None,
         help='JSON file of class names ({"0": "cat", ...} or a list); default: ImageNet-1k names for 1000 classes.',
     )
-    parser.add_argument("--overwrite", action="store_true", help="Write into an output folder that is not empty.")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace the files of an earlier conversion in output_dir (files no run of evit_hf wrote are never "
+        "touched: a folder holding any is refused).",
+    )
     args = parser.parse_args(argv)
 
     # Cheap checks first: a typo should not wait for a large checkpoint to load.
@@ -425,14 +526,52 @@ def convert(argv):
         parser.error(f"argument checkpoint: {args.checkpoint} does not exist or is not a file")
     if args.id2label is not None and not os.path.isfile(args.id2label):
         parser.error(f"argument --id2label: {args.id2label} does not exist or is not a file")
+    check_output_apart_from_inputs(
+        parser, "output_dir", args.output_dir, [("checkpoint", args.checkpoint), ("--id2label", args.id2label)]
+    )
     problem = writable_folder_problem(args.output_dir)
     if problem:
         parser.error(f"argument output_dir: cannot write {args.output_dir}: {problem}")
+    output_folder = take_output_folder(
+        parser, "output_dir", args.output_dir, CONVERTED_FILES, overwrite=args.overwrite
+    )
+    try:
+        model = _convert_into(parser, args)
+    finally:
+        output_folder.release()
+    config = model.config
+    print(
+        f"wrote {args.output_dir}: {type(model).__name__}, {config.num_hidden_layers} layers of width "
+        f"{config.hidden_size}, keep rate {config.keep_rate}, reduction layers {config.reduction_layers}, "
+        f"{'fused' if config.fuse_inattentive_tokens else 'dropped'} inattentive tokens, {config.num_labels} classes"
+    )
+    return model
 
+
+# The files `save_pretrained` writes for a model (weights, whole or in shards; its configuration; the model code
+# beside it, evit_hf's own files) and for an image processor: exact names and narrow patterns, since the manifest
+# keeps them as the names this project writes there.
+SAVED_MODEL_FILES = (
+    "config.json",
+    "model.safetensors",
+    "model-[0-9]*-of-[0-9]*.safetensors",
+    "model.safetensors.index.json",
+    "configuration_evit*.py",
+    "modeling_evit*.py",
+    "token_reorganization.py",
+    "image_processing_evit.py",
+    "preprocessor_config.json",
+)
+CONVERTED_FILES = (*SAVED_MODEL_FILES, "README.md")
+CALIBRATED_FILES = (*SAVED_MODEL_FILES, "calibration.json")
+
+
+def _convert_into(parser, args):
+    """`evit-hf convert` once its arguments are checked and its output folder is held."""
     from .conversion import CheckpointConversionError, convert_timm_checkpoint
 
     try:
-        model = convert_timm_checkpoint(
+        return convert_timm_checkpoint(
             args.checkpoint,
             args.output_dir,
             keep_rate=args.keep_rate,
@@ -447,13 +586,6 @@ def convert(argv):
         parser.error(one_line(error))
     except OSError as error:  # the folder was writable when checked; a full disk or a lost mount fails here
         parser.error(f"argument output_dir: cannot write {args.output_dir}: {one_line(error)}")
-    config = model.config
-    print(
-        f"wrote {args.output_dir}: {type(model).__name__}, {config.num_hidden_layers} layers of width "
-        f"{config.hidden_size}, keep rate {config.keep_rate}, reduction layers {config.reduction_layers}, "
-        f"{'fused' if config.fuse_inattentive_tokens else 'dropped'} inattentive tokens, {config.num_labels} classes"
-    )
-    return model
 
 
 def macs_argument(text: str) -> float:
@@ -483,19 +615,6 @@ def whole_number_argument(text: str) -> int:
     return value
 
 
-# Files `evit-hf calibrate` reads as images (upper or lower case).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
-
-
-def image_files(folder: str) -> list[str]:
-    """The image files of `folder` and its sub-folders (a flat folder or one sub-folder per class), sorted."""
-    found = []
-    for root, folders, names in os.walk(folder, followlinks=True):
-        folders.sort()
-        found += [os.path.join(root, name) for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS)]
-    return found
-
-
 def calibrate(argv) -> dict:
     parser = argparse.ArgumentParser(
         prog="evit-hf calibrate",
@@ -503,7 +622,9 @@ def calibrate(argv) -> dict:
         "training, and write the model folder with that schedule and a report of every schedule tried.",
     )
     parser.add_argument("--model", required=True, help="Folder or Hub id of a checkpoint of any supported family.")
-    parser.add_argument("--images", required=True, help="Folder of images, flat or one sub-folder per class.")
+    parser.add_argument(
+        "--images", required=True, help="Folder of images, flat or in sub-folders (each image counts once)."
+    )
     parser.add_argument("--macs", required=True, type=macs_argument, help="MACs per image, such as 3.03G.")
     parser.add_argument("--output-dir", required=True, help="New folder for the calibrated model and report.")
     parser.add_argument("--max-images", type=whole_number_argument, default=256, help="Images used (default 256).")
@@ -511,31 +632,68 @@ def calibrate(argv) -> dict:
         "--search-images", type=whole_number_argument, default=32, help="Images the search scores on (default 32)."
     )
     parser.add_argument("--batch-size", type=whole_number_argument, default=32, help="Images per forward pass.")
+    parser.add_argument(
+        "--image-processor",
+        default=None,
+        help="Image processor, if not the checkpoint's (default: the checkpoint's; a ViTImageProcessor at the "
+        "model's image size, mean/std 0.5, where the checkpoint has none). It is saved with the calibrated model.",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace the files of an earlier calibration in --output-dir (files no run of evit_hf wrote are never "
+        "touched: a folder holding any is refused).",
+    )
     args = parser.parse_args(argv)
 
     if not os.path.isdir(args.images):
         parser.error(f"argument --images: {args.images} is not a folder")
-    paths = image_files(args.images)[: args.max_images]
-    if not paths:
-        parser.error(
-            f"argument --images: {args.images} holds no images ({', '.join(IMAGE_EXTENSIONS)}, in it or in its "
-            "sub-folders)"
-        )
+    check_output_apart_from_inputs(
+        parser,
+        "--output-dir",
+        args.output_dir,
+        [("--model", args.model), ("--images", args.images), ("--image-processor", args.image_processor)],
+    )
     problem = writable_folder_problem(args.output_dir)
     if problem:
         parser.error(f"argument --output-dir: cannot write into {args.output_dir}: {problem}")
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
-        parser.error(
-            f"argument --output-dir: {args.output_dir} is not empty; give a new folder (nothing is overwritten)"
-        )
+    # Held from here to the end; a refusal below gives it back (and removes the folder if this run created it).
+    output_folder = take_output_folder(
+        parser, "--output-dir", args.output_dir, CALIBRATED_FILES, overwrite=args.overwrite
+    )
+    try:
+        return _calibrate_into(parser, args)
+    finally:
+        output_folder.release()
+
+
+def model_class_named_by(config) -> type | None:
+    """The EViT class of the model `config.architectures` names (by its own or its stock name), from the family
+    table: a classifier with its heads (DeiT's with the distillation head), a CLIP model with both towers. None where
+    it names none of a family's models."""
+    from .families import family_for_model_type
+
+    family = family_for_model_type(config.model_type)
+    named = set(getattr(config, "architectures", None) or [])
+    if family is None or not named:
+        return None
+    return next((evit for stock, evit in family.models.items() if named & {stock.__name__, evit.__name__}), None)
+
+
+def _calibrate_into(parser, args) -> dict:
+    """`evit-hf calibrate` once its output folder is held: the images and the model's settings are checked (each
+    refused in one line), then the images are read, the model loaded, the schedule searched and the folder written."""
+    from .data import unlabeled_image_files
+
+    try:
+        paths = unlabeled_image_files(args.images)[: args.max_images]
+    except ValueError as error:  # link loops, folders that cannot be listed: as the image-folder check says
+        parser.error(f"argument --images: {one_line(error)}")
+    if not paths:
+        parser.error(f"argument --images: {args.images} holds no images (in it or in its sub-folders)")
     config = _load_config(parser, args.model)
 
-    import torch
-
-    from .calibration import calibrate_schedule, cheapest_schedule_macs
-    from .images import load_rgb_image
-    from .patch import apply_evit
-    from .visualization import load_image_processor_or_default
+    from .calibration import cheapest_schedule_macs
 
     try:
         cheapest = cheapest_schedule_macs(config)
@@ -546,26 +704,26 @@ def calibrate(argv) -> dict:
             f"argument --macs: no schedule of {args.model} reaches {args.macs:,.0f} MACs: keep rate 0.1 in every "
             f"layer but the first costs {cheapest:,}; give a larger budget"
         )
-    images = []
-    for path in paths:
-        try:
-            images.append(load_rgb_image(path))  # upright (EXIF) and 8-bit RGB, as in training
-        except (OSError, ValueError) as error:
-            parser.error(f"argument --images: cannot read {path} as an image ({one_line(error)})")
 
-    from transformers import AutoModel, AutoModelForImageClassification
+    import torch
+    from transformers import AutoConfig, AutoModel
 
-    classifier = any(name.endswith("ForImageClassification") for name in config.architectures or [])
-    auto_class = AutoModelForImageClassification if classifier else AutoModel
-    try:
-        model = apply_evit(auto_class.from_pretrained(args.model)).eval()
-    except (OSError, ValueError, TypeError) as error:
-        parser.error(f"argument --model: cannot load {args.model} as EViT: {one_line(error)}")
-    processor = load_image_processor_or_default(args.model, model.config)
+    from .calibration import calibrate_schedule
+    from .macs import count_macs
+    from .patch import apply_evit
+
+    images = [read_image_argument(parser, "--images", path) for path in paths]
+    processor = image_processor_argument(parser, args.model, config, args.image_processor)
     batches = [
-        processor(images=images[start : start + args.batch_size], return_tensors="pt").pixel_values
+        processed_pixels(parser, processor, images[start : start + args.batch_size], args.images, args.model, config)
         for start in range(0, len(images), args.batch_size)
     ]
+    model_class = model_class_named_by(config)
+    if model_class is not None:  # the whole model, heads included
+        model = load_model_argument(parser, model_class.from_pretrained, args.model)
+    else:
+        model = load_model_argument(parser, lambda name: apply_evit(AutoModel.from_pretrained(name)), args.model)
+    model.eval()
     try:
         with torch.no_grad():
             result = calibrate_schedule(model, batches, args.macs, search_images=args.search_images)
@@ -573,13 +731,16 @@ def calibrate(argv) -> dict:
         parser.error(f"argument --macs: {one_line(error)}")
     model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
-    report = {"model": args.model, "images": args.images, **result.to_dict()}
+    # What the folder itself costs, as anyone who loads it counts it.
+    saved_macs = count_macs(AutoConfig.from_pretrained(args.output_dir))
+    report = {"model": args.model, "images": args.images, **result.to_dict(), "macs": saved_macs}
     with open(os.path.join(args.output_dir, "calibration.json"), "w") as handle:
         json.dump(report, handle, indent=2)
     print(
-        f"wrote {args.output_dir}: reduction layers {result.reduction_layers}, keep rates {result.keep_rate}, "
-        f"{result.macs:,} MACs (budget {result.target_macs:,}), {result.objective_name} {result.objective:.4g} on "
-        f"{result.num_images} images; every schedule tried is in calibration.json"
+        f"wrote {args.output_dir}: {type(model).__name__}, reduction layers {result.reduction_layers}, keep rates "
+        f"{result.keep_rate}, {saved_macs:,} MACs (count_macs of the folder; budget {result.target_macs:,}), "
+        f"{result.objective_name} {result.objective:.4g} on {result.num_images} images; every schedule tried is in "
+        "calibration.json"
     )
     return report
 

@@ -23,7 +23,10 @@ class EViTConfig(_EViTSettingsMixin, ViTConfig):
 
     keep_rate (`float`, *optional*, defaults to 0.7):
         Share of the non-prefix tokens that each reduction layer keeps, in (0, 1]. A reduction layer with `n`
-        candidate tokens keeps `ceil(keep_rate * n)` of them. 1.0 gives the stock ViT.
+        candidate tokens keeps `ceil(keep_rate * n)` of them. 1.0 gives the stock ViT. A list gives one rate per
+        reduction layer: given with `reduction_layers`, each rate goes with its layer as written
+        (`reduction_layers=[3, 1, 2], keep_rate=[0.9, 0.7, 0.5]`: layer 3 keeps 0.9, stored as layers `[1, 2, 3]`
+        with rates `[0.7, 0.5, 0.9]`); given alone, the rates follow the stored layers in ascending order.
     reduction_layers (`list[int]`, *optional*):
         0-based indices of the layers that reorganize tokens after their attention block, each once and below
         `num_hidden_layers`; stored as a sorted list. Defaults (also for `None`) to the paper's `[3, 6, 9]` for 12
@@ -34,7 +37,10 @@ class EViTConfig(_EViTSettingsMixin, ViTConfig):
 
     The three settings are checked whenever they are set: by the constructor, by `from_pretrained` keyword arguments
     and config.json values, and by assignment (`config.keep_rate = 0.5`). A bad value raises a `ValueError` that says
-    what is allowed. Changing `num_hidden_layers` is refused while `reduction_layers` holds a layer past the new depth.
+    what is allowed. Changing `num_hidden_layers` is refused while `reduction_layers` holds a layer past the new depth;
+    assigning `reduction_layers` out of ascending order while `keep_rate` holds per-layer rates is refused (which
+    rate goes with which layer would be a guess): assign both with `config.set_schedule(reduction_layers=...,
+    keep_rate=...)` or `config.update({...})`.
 
     Example:
 

@@ -67,6 +67,38 @@ def _keep_rate_length_message(rates: Sequence[float], reduction_layers: Sequence
     )
 
 
+def _unsorted_layers_message(written_layers: Sequence[int], keep_rate: Sequence[float]) -> str:
+    """The refusal of reduction layers out of ascending order set apart from the per-layer keep rates they would
+    pair with: which rate belongs to which layer would be a guess."""
+    layers = sorted(written_layers)
+    return (
+        f"reduction_layers {list(written_layers)} is not in ascending order, and keep_rate holds one rate per "
+        f"reduction layer in ascending layer order ({list(keep_rate)}, set apart from these layers): which rate "
+        "belongs to which layer is unclear. Give the layers and the rates together (the constructor, "
+        "from_pretrained, apply_evit, config.set_schedule or config.update), "
+        f"where each rate goes with its layer as written, or the layers in ascending order ({layers}) with the rates "
+        "in the same order."
+    )
+
+
+def _in_ascending_order(reduction_layers) -> bool:
+    """Whether a list of layer indices is in ascending order (anything else: not a list to pair rates with)."""
+    if not isinstance(reduction_layers, (list, tuple)) or not all(
+        isinstance(layer, numbers.Integral) for layer in reduction_layers
+    ):
+        return True
+    return list(reduction_layers) == sorted(reduction_layers)
+
+
+def rates_in_ascending_layer_order(written_layers: Sequence[int], keep_rate: Sequence[float]) -> list[float]:
+    """`keep_rate`, given one rate per layer of `written_layers` in that order, reordered to go with the layers in
+    ascending order: layers [3, 1, 2] with rates [0.9, 0.7, 0.5] become [0.7, 0.5, 0.9] for layers [1, 2, 3]."""
+    if len(keep_rate) != len(written_layers):
+        raise ValueError(_keep_rate_length_message(keep_rate, written_layers))
+    rate_of_layer = dict(zip(written_layers, keep_rate, strict=True))
+    return [rate_of_layer[layer] for layer in sorted(written_layers)]
+
+
 def keep_rates_by_layer(keep_rate: float | Sequence[float], reduction_layers: Sequence[int]) -> dict[int, float]:
     """Each reduction layer's keep rate: `{layer: rate}` from one rate for all, or a list in ascending layer order."""
     if isinstance(keep_rate, (list, tuple)):
@@ -158,6 +190,9 @@ def _where_model_type_loads(model_type: str) -> str:
     return f"such checkpoints load with {names}."
 
 
+_NOT_GIVEN = object()
+
+
 class _EViTSettingsMixin(_SourceModelTypesMixin):
     """What every EViT configuration that holds the settings shares: their validation, and loading of plain
     checkpoints."""
@@ -169,10 +204,19 @@ class _EViTSettingsMixin(_SourceModelTypesMixin):
         if name == "keep_rate":
             value = check_keep_rate(value, vars(self).get("reduction_layers"))
         elif name == "reduction_layers":
+            written = list(value) if isinstance(value, (list, tuple)) else None
             value = check_reduction_layers(value, self.num_hidden_layers)
             keep_rate = vars(self).get("keep_rate")
-            if isinstance(keep_rate, list) and len(keep_rate) != len(value):
-                raise ValueError(_keep_rate_length_message(keep_rate, value))
+            if isinstance(keep_rate, list):
+                if len(keep_rate) != len(value):
+                    raise ValueError(_keep_rate_length_message(keep_rate, value))
+                if written is not None and written != value:
+                    if "reduction_layers" in vars(self):
+                        # An assignment: the rates were set apart from these layers (and for others, perhaps).
+                        raise ValueError(_unsorted_layers_message(written, keep_rate))
+                    # The constructor sets keep_rate, then reduction_layers: both came in one call, so each rate
+                    # goes with its layer as written, and both are stored in ascending layer order.
+                    super().__setattr__("keep_rate", rates_in_ascending_layer_order(written, keep_rate))
         elif name == "fuse_inattentive_tokens":
             value = check_fuse_inattentive_tokens(value)
         elif name == "num_hidden_layers" and isinstance(value, int) and "reduction_layers" in vars(self):
@@ -190,6 +234,35 @@ class _EViTSettingsMixin(_SourceModelTypesMixin):
             return
         super().__setattr__(name, value)
 
+    def set_schedule(self, reduction_layers=_NOT_GIVEN, keep_rate=_NOT_GIVEN) -> None:
+        """Sets `reduction_layers` and `keep_rate` together: a list of keep rates goes with the layers as written
+        (`reduction_layers=[3, 1, 2], keep_rate=[0.9, 0.7, 0.5]`: layer 3 keeps 0.9), and both are stored in
+        ascending layer order. Nothing changes if either is refused."""
+        if reduction_layers is not _NOT_GIVEN and isinstance(keep_rate, (list, tuple)):
+            layers = check_reduction_layers(reduction_layers, self.num_hidden_layers)
+            written = list(reduction_layers) if isinstance(reduction_layers, (list, tuple)) else layers
+            rates = rates_in_ascending_layer_order(written, check_keep_rate(keep_rate, layers))
+            self.keep_rate = 1.0  # one rate fits any layers: no state in between pairs a list with other layers
+            self.reduction_layers = layers
+            self.keep_rate = rates
+            return
+        if keep_rate is not _NOT_GIVEN:
+            check_keep_rate(keep_rate)
+        if reduction_layers is not _NOT_GIVEN:
+            check_reduction_layers(reduction_layers, self.num_hidden_layers)
+        if keep_rate is not _NOT_GIVEN and not isinstance(keep_rate, (list, tuple)):
+            self.keep_rate = keep_rate  # a number first: it fits the new layers, whatever the old rates were
+        if reduction_layers is not _NOT_GIVEN:
+            self.reduction_layers = reduction_layers
+        if isinstance(keep_rate, (list, tuple)):
+            self.keep_rate = keep_rate
+
+    def update(self, config_dict):
+        # Layers and rates given in one dictionary go together, as in the constructor.
+        schedule = {key: config_dict[key] for key in ("reduction_layers", "keep_rate") if key in config_dict}
+        super().update({key: value for key, value in config_dict.items() if key not in schedule})
+        self.set_schedule(**schedule)
+
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
         # transformers sets keyword arguments one by one on the built configuration, and a depth, reduction layers and
@@ -198,6 +271,15 @@ class _EViTSettingsMixin(_SourceModelTypesMixin):
         constructor_settings = {
             key: kwargs.pop(key) for key in ("num_hidden_layers", "reduction_layers", "keep_rate") if key in kwargs
         }
+        stored_rates = config_dict.get("keep_rate")
+        new_layers = constructor_settings.get("reduction_layers")
+        if (
+            "keep_rate" not in constructor_settings
+            and isinstance(stored_rates, (list, tuple))
+            and not _in_ascending_order(new_layers)
+        ):
+            # The constructor would pair the stored rates, written for the stored layers, with these as written.
+            raise ValueError(_unsorted_layers_message(new_layers, stored_rates))
         return super().from_dict({**config_dict, **constructor_settings}, **kwargs)
 
 
@@ -238,4 +320,23 @@ class _VisionSettingsMixin(_SourceModelTypesMixin):
         evit_vision_config_class = self.sub_configs["vision_config"]
         if not isinstance(self.vision_config, (dict, evit_vision_config_class, type(None))):
             self.vision_config = self.vision_config.to_dict()
+        # transformers would assign these one at a time after the vision configuration is built; given together,
+        # they go together (a list of rates with its layers as written).
+        schedule = {key: kwargs.pop(key) for key in ("reduction_layers", "keep_rate") if key in kwargs}
         super().__post_init__(**kwargs)
+        self.vision_config.set_schedule(**schedule)
+
+    def update(self, config_dict):
+        schedule = {key: config_dict[key] for key in ("reduction_layers", "keep_rate") if key in config_dict}
+        super().update({key: value for key, value in config_dict.items() if key not in schedule})
+        self.vision_config.set_schedule(**schedule)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # `from_pretrained(folder, reduction_layers=..., keep_rate=...)`: transformers would assign the keyword
+        # arguments one by one after building the configuration; they go to the vision configuration together.
+        schedule = {key: kwargs.pop(key) for key in ("reduction_layers", "keep_rate") if key in kwargs}
+        built = super().from_dict(config_dict, **kwargs)
+        config = built[0] if isinstance(built, tuple) else built
+        config.vision_config.set_schedule(**schedule)
+        return built

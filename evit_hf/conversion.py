@@ -557,13 +557,21 @@ def _read_id2label(id2label, num_labels: int) -> dict[int, str]:
     return labels
 
 
-def _check_output_dir(output_dir, overwrite: bool) -> None:
+def _check_output_dir(output_dir, overwrite: bool, inputs) -> None:
     if output_dir is None:
         return
+    from .outputs import POLICY_FILES, check_outputs_apart_from_inputs
+
+    try:
+        # Written where the checkpoint is, the converted weights would replace it.
+        check_outputs_apart_from_inputs([("output_dir", str(output_dir))], inputs)
+    except ValueError as error:
+        raise CheckpointConversionError(str(error)) from None
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise CheckpointConversionError(f"the output folder {output_dir} is a file; give a folder name.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+    # The lock and the list of this project's files, which `evit-hf convert` keeps there while it runs, are no content.
+    if output_dir.is_dir() and any(entry.name not in POLICY_FILES for entry in output_dir.iterdir()) and not overwrite:
         raise CheckpointConversionError(
             f"the output folder {output_dir} is not empty; give a new folder, or pass --overwrite "
             "(overwrite=True) to write into it."
@@ -622,7 +630,14 @@ def convert_timm_checkpoint(
     from .modeling_evit import EViTForImageClassification
     from .modeling_evit_deit import EViTDeiTForImageClassificationWithTeacher
 
-    _check_output_dir(output_dir, overwrite)
+    _check_output_dir(
+        output_dir,
+        overwrite,
+        inputs=[
+            ("checkpoint", str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None),
+            ("id2label", str(id2label) if isinstance(id2label, (str, os.PathLike)) else None),
+        ],
+    )
     source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "a checkpoint in memory"
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint(checkpoint)

@@ -159,6 +159,42 @@ def _walk_image_folder(folder: str) -> _FolderWalk:
     return walk
 
 
+def _loop_problems(walk: _FolderWalk) -> list[str]:
+    """The link loops of a walk, as every check of an image folder reports them."""
+    if not walk.loops:
+        return []
+    return [
+        f"{len(walk.loops)} symbolic link loop(s) (links to a folder that holds them; remove them):\n"
+        + "\n".join(f"  {link} -> {target}" for link, target in walk.loops)
+    ]
+
+
+def _unlisted_problem(walk: _FolderWalk) -> str:
+    return f"{len(walk.unlisted)} folder(s) that cannot be listed (check their permissions):\n" + "\n".join(
+        f"  {path}: {error}" for path, error in walk.unlisted
+    )
+
+
+def unlabeled_image_files(folder: str) -> list[str]:
+    """The image files under `folder`, at any depth (a flat folder or one sub-folder per class: no labels are read),
+    sorted by path, each image once: symbolic links to files and folders are followed, and a file reached again
+    through another link or folder is not counted again. Link loops and folders that cannot be listed raise one
+    `ValueError`, as `scan_image_folder` reports them; a folder without images gives an empty list."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder} is not a folder.")
+    walk = _walk_image_folder(folder)
+    problems = _loop_problems(walk) + ([_unlisted_problem(walk)] if walk.unlisted else [])
+    if problems:
+        raise ValueError(f"The image folder {folder} cannot be used as it is:\n" + "\n".join(problems))
+    images, seen = [], set()
+    for path in sorted(walk.candidates + walk.misplaced):
+        real_path = os.path.realpath(path)
+        if real_path not in seen:
+            seen.add(real_path)
+            images.append(path)
+    return images
+
+
 def image_check_cache_file(folder: str, cache_dir: str | None = None) -> str:
     """Where the results of checking the images of `folder` are cached: a JSON file per folder (by its real path)
     under `cache_dir`, by default the datasets cache (`datasets.config.HF_DATASETS_CACHE`)."""
@@ -323,21 +359,14 @@ def scan_image_folder(
             f"{len(walk.misplaced)} image(s) outside the {folder}/CLASS/IMAGE layout (each image belongs in a "
             "sub-folder named after its class, one level down):\n" + "\n".join(f"  {path}" for path in walk.misplaced)
         )
-    if walk.loops:
-        problems.append(
-            f"{len(walk.loops)} symbolic link loop(s) (links to a folder that holds them; remove them):\n"
-            + "\n".join(f"  {link} -> {target}" for link, target in walk.loops)
-        )
+    problems += _loop_problems(walk)
     if walk.broken_links:
         problems.append(
             f"{len(walk.broken_links)} symbolic link(s) to nothing where class sub-folders belong (fix or remove "
             "them):\n" + "\n".join(f"  {link} -> {target} (does not exist)" for link, target in walk.broken_links)
         )
     if walk.unlisted:
-        problems.append(
-            f"{len(walk.unlisted)} folder(s) that cannot be listed (check their permissions):\n"
-            + "\n".join(f"  {path}: {error}" for path, error in walk.unlisted)
-        )
+        problems.append(_unlisted_problem(walk))
     if len(classes) < 2:
         found = f"one class ({classes[0]!r})" if classes else "no class sub-folder with a readable image"
         problems.append(

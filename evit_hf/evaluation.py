@@ -22,6 +22,7 @@ from .families import (
     family_for_model_type,
 )
 from .macs import count_macs
+from .messages import one_line
 from .modeling_evit_base import stock_class
 
 
@@ -153,11 +154,55 @@ def zero_shot_text_embeddings(model, tokenizer, label_names, prompt: str = ZERO_
         raise ValueError(f"The zero-shot prompt must hold {{label}}, where each label name goes; got {prompt!r}.")
     device = next(model.parameters()).device
     texts = [prompt.format(label=label) for label in label_names]
-    tokens = tokenizer(text=texts, padding=True, truncation=True, return_tensors="pt")
+    tokens = _prompt_tokens(tokenizer, texts)
+    _check_prompts_apart(tokenizer, tokens, label_names)
     inputs = {name: tokens[name].to(device) for name in ("input_ids", "attention_mask") if name in tokens}
     with torch.inference_mode():
         embeddings = model.get_text_features(**inputs).pooler_output.float()  # [labels, projection]
     return embeddings / embeddings.norm(dim=-1, keepdim=True)
+
+
+def _prompt_tokens(tokenizer, texts: list[str]):
+    """The tokenized prompts, or a one-line `ValueError` for a `tokenizer` that tokenizes no text: an image processor
+    (what `AutoProcessor` gives for a folder without tokenizer files), or anything else."""
+    try:
+        tokens = tokenizer(text=texts, padding=True, truncation=True, return_tensors="pt")
+    except (TypeError, ValueError, AttributeError) as error:
+        problem = one_line(error)
+    else:
+        if "input_ids" in tokens:
+            return tokens
+        problem = f"it gives {', '.join(tokens)}, no input_ids"
+    raise ValueError(
+        f"tokenizer= ({type(tokenizer).__name__}) does not tokenize the class prompts ({problem}): zero-shot accuracy "
+        "embeds them with the text tower; pass the checkpoint's tokenizer (AutoTokenizer.from_pretrained of a folder "
+        "that holds its tokenizer files; tokenizer.save_pretrained writes them)."
+    )
+
+
+def _check_prompts_apart(tokenizer, tokens, label_names) -> None:
+    """A one-line `ValueError` naming the labels whose prompts the tokenizer turns into the same tokens: cut to its
+    maximum length, or made of words it does not know (its unknown token). Such classes get one text embedding, so
+    zero-shot classification could never tell them apart."""
+    masks = tokens.get("attention_mask")
+    labels_by_tokens: dict[tuple[int, ...], list[str]] = {}
+    for index, label in enumerate(label_names):
+        ids = tokens["input_ids"][index]
+        if masks is not None:
+            ids = ids[masks[index].bool()]  # padding is no part of the prompt
+        labels_by_tokens.setdefault(tuple(ids.tolist()), []).append(label)
+    alike = [labels for labels in labels_by_tokens.values() if len(labels) > 1]
+    if not alike:
+        return
+    groups = "; ".join(", ".join(repr(label) for label in labels) for labels in alike)
+    max_length = getattr(tokenizer, "model_max_length", None)
+    cut = f"cut at {max_length} tokens" if isinstance(max_length, int) and max_length < 10**6 else "cut"
+    raise ValueError(
+        f"The tokenizer ({type(tokenizer).__name__}) turns the class prompts of labels {groups} into the same tokens "
+        f"(prompts are {cut}; words it does not know become its unknown token): zero-shot classification cannot tell "
+        "these classes apart. Pass the checkpoint's own tokenizer, a shorter prompt, or label names that differ "
+        "early and in words the tokenizer knows."
+    )
 
 
 def _zero_shot_logits(model, pixel_values, keep_rate, text_embeddings) -> torch.Tensor:
@@ -360,7 +405,7 @@ def results_markdown(rows: list[dict], title_column: str = "keep rate") -> str:
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
-        cells = [format_keep_rate(row["keep_rate"])]
+        cells = [format_keep_rate(row["keep_rate"]) + (" (the model's own)" if row.get("own_schedule") else "")]
         if mixed:
             cells.append(row.get("accuracy_kind", CLASSIFIER))
         cells.append(f"{100 * row['accuracy']:.2f}")

@@ -50,16 +50,19 @@ def _evit_config(config, config_class, keep_rate, reduction_layers, fuse_inatten
     """A new EViT configuration from `config`: the model gets its own object, models sharing `config` are untouched."""
     settings = config.to_dict()
     settings.pop("model_type", None)
+    given = {}
     for name, value in (
         ("keep_rate", keep_rate),
         ("reduction_layers", reduction_layers),
         ("fuse_inattentive_tokens", fuse_inattentive_tokens),
     ):
         if value is not _UNSET:
-            settings[name] = value
+            given[name] = value
         elif not isinstance(config, config_class):
             settings.pop(name, None)  # a plain config: the EViT defaults
-    evit_config = config_class.from_dict(settings)
+    # The settings given go in as from_pretrained's keyword arguments do: per-layer keep rates with the layers given
+    # beside them, as written; new layers out of ascending order beside the model's own per-layer rates are refused.
+    evit_config = config_class.from_dict(settings, **given)
     evit_config._attn_implementation = config._attn_implementation
     for key in config.sub_configs:  # CLIP: each tower keeps its backend
         if getattr(config, key, None) is not None:
@@ -92,10 +95,13 @@ def apply_evit(
             A model of one of the classes in `family.models` for a family of `evit_hf.FAMILIES` (or the EViT class of
             one): `ViTModel`, `ViTForImageClassification`, `DeiTForImageClassificationWithTeacher`, `CLIPModel`,
             `CLIPForImageClassification`, `Dinov2ForImageClassification`, ...
-        keep_rate (`float`, *optional*, defaults to 0.7):
-            Share of the candidate tokens each reduction layer keeps, in (0, 1].
+        keep_rate (`float` or `list[float]`, *optional*, defaults to 0.7):
+            Share of the candidate tokens each reduction layer keeps, in (0, 1]; or one rate per reduction layer,
+            which goes with the layers as given beside it (`reduction_layers=[3, 1, 2], keep_rate=[0.9, 0.7, 0.5]`:
+            layer 3 keeps 0.9), or in ascending layer order without them.
         reduction_layers (`list[int]`, *optional*):
-            0-based indices of the reduction layers; defaults to the paper's (3, 6, 9 for 12 layers).
+            0-based indices of the reduction layers; defaults to the paper's (3, 6, 9 for 12 layers). Stored in
+            ascending order, with per-layer keep rates reordered alike.
         fuse_inattentive_tokens (`bool`, *optional*, defaults to `True`):
             Fuse the tokens a reduction layer does not keep into one, or drop them.
 

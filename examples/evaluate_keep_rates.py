@@ -16,10 +16,15 @@ the markdown table; each row says whether its accuracy is the classifier's or ze
         --dataset_name imagenet-1k --split validation --streaming --output_dir outputs/clip-zero-shot
 
 Each image is decoded and transformed once, in --num_workers data-loader workers, and every batch runs at all keep
-rates. --streaming reads a Hub split as it downloads (ImageNet-1k validation without the training set), --dtype
+rates. A row is one keep rate for every reduction layer (0.7) or one per layer (0.9/0.7/0.5); an EViT folder's own
+schedule (its saved keep rates) is always a row, marked "the model's own", so that a calibrated model is measured
+as saved. --streaming reads a Hub split as it downloads (ImageNet-1k validation without the training set), --dtype
 bfloat16 or float16 runs under autocast. Several processes split the data among them:
 
     torchrun --nproc_per_node 8 examples/evaluate_keep_rates.py --model_name_or_path ... --streaming ...
+
+A refusal prints one line and exits with status 2 (`main(args)` raises it as a `ValueError`); --output_dir follows
+the output policy of `evit_hf.outputs` (docs/output_folders.md).
 """
 
 import functools
@@ -34,7 +39,7 @@ from datasets import load_dataset
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser
 
 import evit_hf
-from evit_hf.configuration_evit_base import vision_config_of
+from evit_hf.configuration_evit_base import check_keep_rate, default_reduction_layers, vision_config_of
 from evit_hf.data import collate_images, image_transforms
 from evit_hf.evaluation import (
     ZERO_SHOT,
@@ -44,29 +49,37 @@ from evit_hf.evaluation import (
     evaluation_model_class,
     resolve_dtype,
 )
-from evit_hf.run_lock import OutputDirLock, check_output_dir
-
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_image_classification import (  # noqa: E402
+from evit_hf.fine_tuning import (
     DataTrainingArguments,
     ModelArguments,
     check_data_arguments,
     check_image_size,
     head_label_mismatch,
+    keep_rate_flag_check,
     keep_rate_matching_macs,
     label_names,
     load_data,
     load_image_processor,
+    own_keep_rate,
     resize_to_image_size,
+    run_script,
 )
+from evit_hf.outputs import OutputFolder, check_outputs_apart_from_inputs
+
+
+# What an evaluation writes into --output_dir (see evit_hf.outputs).
+OUTPUT_CLAIMS = ["keep_rates.json", "keep_rates.md"]
 
 
 @dataclass
 class EvaluationArguments:
     output_dir: str = field(metadata={"help": "Where keep_rates.json and keep_rates.md go."})
-    keep_rates: list[float] = field(
-        default_factory=lambda: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5], metadata={"help": "Keep rates to evaluate."}
+    keep_rates: list[str] = field(
+        default_factory=lambda: ["1.0", "0.9", "0.8", "0.7", "0.6", "0.5"],
+        metadata={
+            "help": "Rows to evaluate: a keep rate for every reduction layer (0.7), or one per reduction layer "
+            "separated by / (0.9/0.7/0.5). An EViT folder's own schedule is always added."
+        },
     )
     split: str = field(default="validation", metadata={"help": "Dataset split to evaluate on."})
     batch_size: int = field(default=64, metadata={"help": "Images per forward pass."})
@@ -126,6 +139,33 @@ def load_streaming_split(data_args: DataTrainingArguments, model_args: ModelArgu
     return stream, label_names({split: stream}, data_args.label_column_name)
 
 
+def keep_rate_rows(values) -> list:
+    """The --keep_rates rows as keep rates: `0.7` -> 0.7, `0.9/0.7/0.5` -> [0.9, 0.7, 0.5] (a JSON file may give
+    numbers and lists), each checked as the configurations check a keep rate, with one line naming the flag."""
+    rows = []
+    for value in values:
+        if isinstance(value, str):
+            try:
+                parts = [float(part) for part in value.split("/")]
+            except ValueError:
+                raise ValueError(
+                    f"--keep_rates: {value!r} is not a keep rate; give numbers in (0, 1] such as 0.7, or one per "
+                    "reduction layer separated by / such as 0.9/0.7/0.5."
+                ) from None
+            value = parts[0] if len(parts) == 1 else parts
+        rows.append(keep_rate_flag_check("--keep_rates", value))
+    return rows
+
+
+def reduction_layers_of(checkpoint_config, model_args: ModelArguments) -> list[int]:
+    """The reduction layers the evaluated model will have: --reduction_layers, an EViT folder's own, or the paper's."""
+    vision_config = vision_config_of(checkpoint_config)
+    if model_args.reduction_layers is not None:
+        return list(model_args.reduction_layers)
+    own = getattr(vision_config, "reduction_layers", None)
+    return list(own) if own is not None else default_reduction_layers(vision_config.num_hidden_layers)
+
+
 def main(args=None) -> list[dict]:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, EvaluationArguments))
     args = sys.argv[1:] if args is None else list(args)
@@ -146,16 +186,26 @@ def main(args=None) -> list[dict]:
         raise ValueError(
             f"--zero_shot_prompt must hold {{label}}, where each class name goes; got {eval_args.zero_shot_prompt!r}."
         )
-    check_output_dir(eval_args.output_dir)
-    # The main process writes the results: it holds --output_dir for the whole evaluation (see
-    # evit_hf.run_lock), from before any work, so that a second evaluation into it is refused at once.
-    output_lock = OutputDirLock(eval_args.output_dir)
+    eval_args.keep_rates = keep_rate_rows(eval_args.keep_rates)
+    check_outputs_apart_from_inputs(
+        [("--output_dir", eval_args.output_dir)],
+        [
+            ("--model_name_or_path", model_args.model_name_or_path),
+            ("--image_processor_name", model_args.image_processor_name),
+            ("--dataset_name", data_args.dataset_name),
+            ("--train_dir", data_args.train_dir),
+            ("--validation_dir", data_args.validation_dir),
+        ],
+    )
+    # The main process writes the results: it holds --output_dir for the whole evaluation (see evit_hf.outputs),
+    # from before any work, so that a second evaluation into it, or one into a folder of a user's files, is refused.
+    output_folder = OutputFolder(eval_args.output_dir, "--output_dir", claims=OUTPUT_CLAIMS)
     if int(os.environ.get("RANK", "0")) == 0:
-        output_lock.acquire()
+        output_folder.acquire()
     try:
         return evaluate(model_args, data_args, eval_args)
     finally:
-        output_lock.release()
+        output_folder.release()
 
 
 def evaluate(model_args, data_args, eval_args) -> list[dict]:
@@ -167,9 +217,27 @@ def evaluate(model_args, data_args, eval_args) -> list[dict]:
     resolve_dtype(eval_args.dtype, device)  # refuses float16 on CPU before anything loads
 
     hub_kwargs = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token)
-    checkpoint_config = AutoConfig.from_pretrained(
-        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **hub_kwargs
-    )
+    try:
+        checkpoint_config = AutoConfig.from_pretrained(
+            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **hub_kwargs
+        )
+    except OSError as error:
+        raise ValueError(
+            f"--model_name_or_path {model_args.model_name_or_path}: no configuration loads "
+            f"({' '.join(str(error).split())}): pass a folder written by save_pretrained, or a Hub id."
+        ) from None
+    # Per-layer rows against the layers the model will have, before it loads; then the folder's own schedule.
+    reduction_layers = reduction_layers_of(checkpoint_config, model_args)
+    for row in eval_args.keep_rates:
+        if isinstance(row, list):
+            try:
+                check_keep_rate(row, reduction_layers)
+            except ValueError as error:
+                raise ValueError(f"--keep_rates {'/'.join(f'{rate:g}' for rate in row)}: {error}") from None
+    own = own_keep_rate(checkpoint_config)
+    own_layers = getattr(vision_config_of(checkpoint_config), "reduction_layers", None)
+    if own is not None and own_layers is not None and list(own_layers) != reduction_layers:
+        own = None  # --reduction_layers replaced the folder's layers: its schedule is not what runs
     # The family table picks the class: the zero-shot model for a CLIP-style checkpoint of both towers, else the
     # family's image classifier.
     evit_class = evaluation_model_class(checkpoint_config, model_args.model_name_or_path)
@@ -219,6 +287,8 @@ def evaluate(model_args, data_args, eval_args) -> list[dict]:
     # --image_size: positions resized once, as the fine-tuning example does; the processor resizes and crops to it.
     resize_to_image_size(model, model_args.image_size)
     keep_rates = list(eval_args.keep_rates)
+    if own is not None and own not in keep_rates:
+        keep_rates.append(own)
     if model_args.match_macs_of_image_size is not None:
         # The paper's setting: the keep rate at which this size costs what the unreduced model costs at the other.
         matched = keep_rate_matching_macs(model.config, None, model_args.match_macs_of_image_size)
@@ -257,6 +327,9 @@ def evaluate(model_args, data_args, eval_args) -> list[dict]:
         label_names=labels if zero_shot else None,
         prompt=eval_args.zero_shot_prompt,
     )
+    for row in rows:
+        if own is not None and row["keep_rate"] == own:
+            row["own_schedule"] = True  # the keep rates the folder was saved with
     if is_main_process:
         os.makedirs(eval_args.output_dir, exist_ok=True)
         markdown = evit_hf.results_markdown(rows)
@@ -267,8 +340,11 @@ def evaluate(model_args, data_args, eval_args) -> list[dict]:
             "dtype": eval_args.dtype,
             "accuracy_kind": rows[0]["accuracy_kind"],
             "image_size": vision_config_of(model.config).image_size,
-            **({"match_macs_of_image_size": model_args.match_macs_of_image_size}
-               if model_args.match_macs_of_image_size is not None else {}),
+            **(
+                {"match_macs_of_image_size": model_args.match_macs_of_image_size}
+                if model_args.match_macs_of_image_size is not None
+                else {}
+            ),
             **({"zero_shot_prompt": eval_args.zero_shot_prompt} if zero_shot else {}),
             "rows": rows,
         }
@@ -286,4 +362,4 @@ def evaluate(model_args, data_args, eval_args) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

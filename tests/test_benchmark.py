@@ -301,12 +301,13 @@ def test_small_batch_report_of_rows():
 
 
 def test_benchmark_takes_one_keep_rate_per_reduction_layer(tmp_path, capsys):
-    tiny_stock_model("vit-classifier").save_pretrained(tmp_path)
-    layers = benchmarked_reduction_layers(str(tmp_path), 32)
+    model = tmp_path / "model"  # the results go beside it: never into an input's folder
+    tiny_stock_model("vit-classifier").save_pretrained(model)
+    layers = benchmarked_reduction_layers(str(model), 32)
     per_layer = [0.9, 0.7, 0.5][: len(layers)]
     assert len(per_layer) == len(layers) == 3
     cli_main(
-        ["benchmark", "--model", str(tmp_path), "--batch-sizes", "1", "--rounds", "1", "--warmup", "0",
+        ["benchmark", "--model", str(model), "--batch-sizes", "1", "--rounds", "1", "--warmup", "0",
          "--keep-rates", "0.7", "/".join(map(str, per_layer)), "--image-sizes", "32", "--no-memory", "--no-progress",
          "--output-dir", str(tmp_path / "out")]
     )  # fmt: skip
@@ -314,7 +315,7 @@ def test_benchmark_takes_one_keep_rate_per_reduction_layer(tmp_path, capsys):
     assert "| evit | 0.9 / 0.7 / 0.5 |" in out
     rows = json.loads((tmp_path / "out" / "benchmark.json").read_text())["rows"]
     row = next(row for row in rows if row["keep_rate"] == per_layer)
-    config = macs_config(str(tmp_path), 32)
+    config = macs_config(str(model), 32)
     assert row["macs_ratio"] == pytest.approx(
         count_macs(config, keep_rate=1.0) / count_macs(config, keep_rate=per_layer)
     )

@@ -140,7 +140,7 @@ def test_the_calibrate_command_writes_the_calibrated_folder_and_its_report(calib
         ({"--macs": "10"}, "argument --macs: no schedule of .* reaches 10 MACs"),
         ({"--images": "missing"}, "argument --images: .*missing is not a folder"),
         ({"--images": "empty"}, "argument --images: .*empty holds no images"),
-        ({"--output-dir": "model"}, "argument --output-dir: .*model is not empty"),
+        ({"--output-dir": "model"}, "--output-dir .*model is --model .*model: a run never writes where its inputs"),
         ({"--max-images": "0"}, "argument --max-images: expected a whole number >= 1"),
     ],
 )

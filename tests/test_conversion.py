@@ -479,7 +479,7 @@ REFUSALS = {
     ),
     "reduction-layer-past-depth": (lambda tmp: timm_state_dict(), ["--reduction_layers", "1", "7"], "got 7 in [1, 7]"),
     "reduction-layer-not-an-index": (lambda tmp: timm_state_dict(), ["--reduction_layers", "x"], "0-based layer"),
-    "keep-rate": (lambda tmp: timm_state_dict(), ["--keep_rate", "0"], "argument --keep_rate: a keep rate is"),
+    "keep-rate": (lambda tmp: timm_state_dict(), ["--keep_rate", "0"], "argument --keep_rate: keep_rate must be in"),
     "heads-do-not-divide": (
         lambda tmp: timm_state_dict(),
         ["--num_attention_heads", "3"],
@@ -600,19 +600,18 @@ def test_refusals(case, tmp_path, capsys):
     assert message in line, line
 
 
-def test_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+def test_refuses_a_folder_of_someone_elses_files_even_with_overwrite(tmp_path, capsys):
     torch.save(timm_state_dict(), tmp_path / "checkpoint.pth")
     output = tmp_path / "out"
     output.mkdir()
     (output / "keep.txt").write_text("someone's file")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["convert", str(tmp_path / "checkpoint.pth"), str(output), "--num_attention_heads", str(HEADS)])
-    assert exit_info.value.code == 2
-    assert "is not empty; give a new folder, or pass --overwrite" in capsys.readouterr().err
-    assert os.listdir(output) == ["keep.txt"]
-    with pytest.warns(UserWarning, match="no id2label was given"):
-        main(["convert", str(tmp_path / "checkpoint.pth"), str(output), "--num_attention_heads", "2", "--overwrite"])
-    assert {"keep.txt", "model.safetensors", "config.json"} <= set(os.listdir(output))
+    for overwrite in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["convert", str(tmp_path / "checkpoint.pth"), str(output), "--num_attention_heads", str(HEADS),
+                  *overwrite])  # fmt: skip
+        assert exit_info.value.code == 2
+        assert "files that no run of this project wrote there (keep.txt)" in capsys.readouterr().err
+        assert os.listdir(output) == ["keep.txt"]
 
 
 def test_api_refusals_raise_value_errors(tmp_path):

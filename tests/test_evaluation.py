@@ -403,7 +403,9 @@ def test_the_example_evaluates_a_folder_of_every_family(family, builder, tmp_pat
         for path in sorted((tmp_path / "data" / name).iterdir())
     ]  # fmt: skip
     zero_shot_arguments = dict(tokenizer=tiny_tokenizer(), label_names=EXAMPLE_LABELS) if zero_shot else {}
-    expected = evaluate_keep_rates(model, items, keep_rates=(1.0, 0.5), progress=False, **zero_shot_arguments)
+    expected = evaluate_keep_rates(model, items, keep_rates=(1.0, 0.5, 0.7), progress=False, **zero_shot_arguments)
+    # The folder's own keep rate (0.7) is a row of its own, marked as such.
+    assert [row.pop("own_schedule", False) for row in rows] == [False, False, True]
     assert comparable(rows) == comparable(expected)
 
 
@@ -505,7 +507,7 @@ def test_the_example_evaluates_at_a_larger_image_size_with_the_keep_rate_of_equa
     )  # fmt: skip
     stock_macs = count_macs(model.config, keep_rate=1.0)  # at the model's own size
     matched = rows[-1]
-    assert [row["keep_rate"] for row in rows][:1] == [1.0] and len(rows) == 2
+    assert [row["keep_rate"] for row in rows][:2] == [1.0, 0.7] and len(rows) == 3  # 0.7: the folder's own
     one_step_more = count_macs(model.config, image_size=larger, keep_rate=round(matched["keep_rate"] + 0.01, 2))
     assert matched["macs"] <= stock_macs < one_step_more  # the largest keep rate within the budget
     assert rows[0]["macs"] == count_macs(model.config, image_size=larger, keep_rate=1.0) > stock_macs

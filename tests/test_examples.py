@@ -11,6 +11,7 @@ from PIL import Image
 from transformers import BertConfig, ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 import evit_hf
+from evit_hf import fine_tuning
 
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -101,7 +102,7 @@ def test_published_folder_holds_safetensors_code_processor_and_card(fine_tuned):
     output_dir, _ = fine_tuned
     (output_dir / "checkpoint-2").mkdir(exist_ok=True)
     (output_dir / "checkpoint-2" / "model.safetensors").write_bytes(b"")
-    published = run_image_classification.published_files(str(output_dir))
+    published = fine_tuning.published_files(str(output_dir))
     assert {
         "model.safetensors",
         "config.json",
@@ -131,7 +132,7 @@ def test_published_model_loads_by_repo_id_from_an_offline_cache(fine_tuned, tmp_
     output_dir, _ = fine_tuned
     revision = "f" * 40
     snapshot = tmp_path / "hub" / "models--me--evit-digits" / "snapshots" / revision
-    for relative in run_image_classification.published_files(str(output_dir)):
+    for relative in fine_tuning.published_files(str(output_dir)):
         (snapshot / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(output_dir / relative, snapshot / relative)
     (snapshot.parent.parent / "refs").mkdir()
@@ -256,9 +257,13 @@ def test_evaluate_keep_rates_streaming_gives_the_rows_of_the_downloaded_split(sm
         assert row.pop("images_per_s") > 0 and expected.pop("images_per_s") > 0
         assert row == expected
     with pytest.raises(ValueError, match="--streaming reads a Hub dataset: pass --dataset_name"):
-        evaluate_keep_rates.main(["--model_name_or_path", small_vit, "--output_dir", str(tmp_path), "--streaming"])
+        evaluate_keep_rates.main(
+            ["--model_name_or_path", small_vit, "--output_dir", str(tmp_path / "x"), "--streaming"]
+        )
     with pytest.raises(ValueError, match="float16 is for CUDA"):
-        evaluate_keep_rates.main([*common, "--output_dir", str(tmp_path), "--dtype", "float16", "--device", "cpu"])
+        evaluate_keep_rates.main(
+            [*common, "--output_dir", str(tmp_path / "x"), "--dtype", "float16", "--device", "cpu"]
+        )
 
 
 def test_visualize_kept_tokens_and_cli(fine_tuned, tmp_path):

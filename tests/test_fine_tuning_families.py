@@ -20,6 +20,7 @@ from transformers import (
 )
 
 import evit_hf
+from evit_hf import fine_tuning
 from evit_hf.families import FAMILIES
 from evit_hf.macs import count_macs
 from evit_hf.resolution import resize_position_embeddings
@@ -257,14 +258,14 @@ def test_a_larger_image_size_resizes_positions_processor_config_and_card(small_v
 def test_image_processor_at_size_scales_the_resize_before_a_center_crop():
     from transformers import CLIPImageProcessor, ViTImageProcessor
 
-    clip = run_image_classification.image_processor_at_size(CLIPImageProcessor(), 288)
+    clip = fine_tuning.image_processor_at_size(CLIPImageProcessor(), 288)
     assert clip.crop_size["height"] == clip.crop_size["width"] == 288
     assert clip.size["shortest_edge"] == 288  # 224 -> 224 before: the same ratio
-    deit = run_image_classification.image_processor_at_size(
+    deit = fine_tuning.image_processor_at_size(
         ViTImageProcessor(size={"height": 256, "width": 256}, do_center_crop=True, crop_size=224), 288
     )
     assert (deit.size["height"], deit.crop_size["height"]) == (329, 288)
-    plain = run_image_classification.image_processor_at_size(ViTImageProcessor(), 64)
+    plain = fine_tuning.image_processor_at_size(ViTImageProcessor(), 64)
     assert (plain.size["height"], plain.size["width"]) == (64, 64)
     assert ViTImageProcessor().size["height"] == 224  # a copy: the original is left as it was
 

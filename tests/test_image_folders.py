@@ -12,6 +12,7 @@ from datasets import Image as ImageFeature
 from PIL import Image, ImageOps
 
 import evit_hf
+from evit_hf import fine_tuning
 from evit_hf.cli import main as cli
 from evit_hf.data import image_transforms, scan_image_folder, to_rgb
 from evit_hf.images import load_rgb_image
@@ -46,9 +47,7 @@ def test_names_that_read_as_patterns_are_taken_as_they_are(tmp_path):
     assert contents.classes == ["cat", "dog[1]"]
     assert sorted(os.path.basename(path) for path in contents.images) == sorted([*PATTERN_NAMES, "a.png", "b.png"])
 
-    dataset = run_image_classification.load_image_folders(
-        run_image_classification.DataTrainingArguments(train_dir=str(root))
-    )
+    dataset = fine_tuning.load_image_folders(fine_tuning.DataTrainingArguments(train_dir=str(root)))
     train = dataset["train"]
     files = [os.path.basename(row["path"]) for row in train.cast_column("image", ImageFeature(decode=False))["image"]]
     assert sorted(files) == sorted([*PATTERN_NAMES, "a.png", "b.png"])
@@ -64,8 +63,8 @@ def test_folders_at_different_depths_share_one_label_space(tmp_path):
     write_image(validation / "cat" / "0.png")  # only the last class: its id must still be 2
     write_image(validation / "bee" / "0.png")
     write_image(validation / "bee" / "1.png")
-    dataset = run_image_classification.load_image_folders(
-        run_image_classification.DataTrainingArguments(train_dir=str(train), validation_dir=str(validation))
+    dataset = fine_tuning.load_image_folders(
+        fine_tuning.DataTrainingArguments(train_dir=str(train), validation_dir=str(validation))
     )
     assert list(dataset) == ["train", "validation"]
     for split in dataset.values():
@@ -280,9 +279,9 @@ def test_training_evaluation_and_visualize_see_the_same_pixels(kind, tmp_path):
     model = evit_hf.EViTForImageClassification.from_pretrained(model_folder)
     processor = evit_hf.visualization.load_image_processor_or_default(model_folder, model.config)
 
-    dataset = run_image_classification.load_image_folders(
-        run_image_classification.DataTrainingArguments(validation_dir=str(folder))
-    )["validation"]
+    dataset = fine_tuning.load_image_folders(fine_tuning.DataTrainingArguments(validation_dir=str(folder)))[
+        "validation"
+    ]
     decoded = dataset[0]["image"]  # as datasets decodes it for training and evaluation
     train_transform, eval_transform = image_transforms(processor, "image", crop_scale=(1.0, 1.0), random_flip=False)
     evaluated = eval_transform({"image": [decoded]})["pixel_values"][0]

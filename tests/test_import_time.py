@@ -116,7 +116,7 @@ def test_command_line_imports_no_torch_at_module_level():
     [(["benchmark", "--bogus"], "unrecognized arguments: --bogus"),
      (["benchmark", "--batch-sizes", "0"], "argument --batch-sizes: a batch size is a whole number >= 1, got 0"),
      (["benchmark", "--dtypes", "int8"], "argument --dtypes: invalid choice: 'int8'"),
-     (["convert", "--keep_rate", "2"], "argument --keep_rate: a keep rate is the share of tokens")],
+     (["convert", "--keep_rate", "2"], "argument --keep_rate: keep_rate must be in (0, 1] (the share")],
     ids=["unknown-flag", "batch-size", "dtype", "convert-keep-rate"],
 )  # fmt: skip
 def test_argument_errors_answer_before_torch_loads(argv, message):

@@ -12,7 +12,7 @@ import pytest
 
 import evit_hf
 
-from .test_examples import EXAMPLES, run_image_classification, save_small_vit
+from .test_examples import EXAMPLES, save_small_vit
 
 
 SCRIPT = os.path.join(EXAMPLES, "run_image_classification.py")
@@ -111,7 +111,7 @@ def test_leaving_the_process_group_frees_the_wrapped_model_first(tmp_path, monke
             destroy(*args, **kwargs)
 
         monkeypatch.setattr(torch.distributed, "destroy_process_group", recording_destroy)
-        run_image_classification.leave_process_group(trainer)
+        evit_hf.leave_process_group(trainer)
         assert wrapped_alive_at_destroy == [False]
         assert trainer.model_wrapped is model
         assert not torch.distributed.is_initialized()

@@ -14,6 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 
+from evit_hf import checkpoints
+from evit_hf.outputs import MANIFEST_FILE
+
 from .test_examples import EXAMPLES, run_image_classification, save_small_vit
 
 
@@ -166,7 +169,10 @@ def test_an_evaluation_only_run_leaves_a_trained_model_and_its_results_even_with
     )  # fmt: skip
     after = snapshot(output_dir)
     written = json.loads(after.pop("eval_only_results.json"))
+    listed = json.loads(after.pop(MANIFEST_FILE))["written"]
+    before_listed = json.loads(before.pop(MANIFEST_FILE))["written"]
     assert after == before  # model, card, all_results.json and checkpoints untouched
+    assert sorted(listed) == sorted([*before_listed, "eval_only_results.json"])  # listed as this project's
     assert written["model_name_or_path"] == small_vit
     assert 0 <= written["metrics"]["eval_accuracy"] <= 1
     assert [row["keep_rate"] for row in written["keep_rate_results"]] == [1.0, 0.7, 0.5]
@@ -199,7 +205,11 @@ def test_overwrite_output_dir_starts_over(small_vit, tmp_path):
 
 def test_training_into_a_folder_that_holds_another_model_is_refused(small_vit, tmp_path):
     output_dir = tmp_path / "run"
-    save_small_vit(output_dir)
+    save_small_vit(output_dir)  # not written by a run: a user's files
+    with pytest.raises(ValueError, match=r"holds files that no run of this project wrote there \(config.json, model"):
+        run_image_classification.main(resume_args(small_vit, output_dir, "--max_steps", "2"))
+    # The model of an evaluation-only run (listed as this project's), which no training there produced.
+    (output_dir / MANIFEST_FILE).write_text(json.dumps({"written": os.listdir(output_dir), "claimed": []}))
     with pytest.raises(ValueError, match="already holds a model.*--overwrite_output_dir"):
         run_image_classification.main(resume_args(small_vit, output_dir, "--max_steps", "2"))
 
@@ -256,10 +266,13 @@ def test_augmentation_draws_depend_on_seed_epoch_and_index_only(num_workers):
 
 
 def copy_checkpoints(finished_output_dir, folder, names) -> None:
-    """`folder` as a run killed after writing the checkpoints `names` of the finished run left it."""
+    """`folder` as a run killed after writing the checkpoints `names` of the finished run left it: with the names it
+    claimed as this project's (see evit_hf.outputs)."""
     folder.mkdir()
     for name in names:
         shutil.copytree(finished_output_dir / name, folder / name)
+    claims = {"written": [], "claimed": run_image_classification.OUTPUT_CLAIMS}
+    (folder / MANIFEST_FILE).write_text(json.dumps(claims))
 
 
 def test_a_run_killed_after_its_last_checkpoint_ends_with_that_checkpoint(finished_run, small_vit, tmp_path):
@@ -367,9 +380,9 @@ def test_the_newest_readable_checkpoint_by_step_number_is_resumed(tmp_path):
     for step in (2, 9, 10):
         fake_checkpoint(tmp_path / f"checkpoint-{step}", step)
     (tmp_path / "checkpoint-11").mkdir()  # half-written
-    assert run_image_classification.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert checkpoints.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
     truncate(tmp_path / "checkpoint-10" / "model.safetensors")
-    assert run_image_classification.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-9")
+    assert checkpoints.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-9")
 
 
 def test_a_checkpoint_of_several_processes_needs_the_random_state_of_each(tmp_path):
@@ -378,10 +391,10 @@ def test_a_checkpoint_of_several_processes_needs_the_random_state_of_each(tmp_pa
         torch.save({"cpu": torch.random.get_rng_state()}, tmp_path / f"checkpoint-{step}" / "rng_state_0.pth")
     torch.save({"cpu": torch.random.get_rng_state()}, tmp_path / "checkpoint-2" / "rng_state_1.pth")
     # Process 1 was killed before writing its random state into checkpoint-4, after the main process wrote the rest.
-    assert run_image_classification.last_complete_checkpoint(str(tmp_path), 2) == str(tmp_path / "checkpoint-2")
+    assert checkpoints.last_complete_checkpoint(str(tmp_path), 2) == str(tmp_path / "checkpoint-2")
     (tmp_path / "checkpoint-4" / "rng_state_1.pth").write_bytes(b"PK\x03\x04")  # begun, not finished
-    assert run_image_classification.last_complete_checkpoint(str(tmp_path), 2) == str(tmp_path / "checkpoint-2")
-    assert run_image_classification.last_complete_checkpoint(str(tmp_path), 1) == str(tmp_path / "checkpoint-4")
+    assert checkpoints.last_complete_checkpoint(str(tmp_path), 2) == str(tmp_path / "checkpoint-2")
+    assert checkpoints.last_complete_checkpoint(str(tmp_path), 1) == str(tmp_path / "checkpoint-4")
 
 
 class EpochRecorder(torch.utils.data.Dataset):

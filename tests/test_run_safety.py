@@ -123,14 +123,18 @@ def test_overwrite_never_deletes_the_model_the_run_starts_from(tmp_path, monkeyp
     (tmp_path / "link").symlink_to(output_dir)
     monkeypatch.chdir(tmp_path)
     model, output, expected = {
-        "output-dir-itself": (output_dir, output_dir, "is --output_dir itself"),
-        "checkpoint-inside": (output_dir / "checkpoint-3", output_dir, "is inside --output_dir"),
-        "through-a-symlink": (tmp_path / "link" / "checkpoint-3", output_dir, "is inside --output_dir"),
-        "relative-path": ("run/checkpoint-3", "link", "is inside --output_dir link"),
+        "output-dir-itself": (output_dir, output_dir, f"--output_dir {output_dir} is --model_name_or_path"),
+        "checkpoint-inside": (output_dir / "checkpoint-3", output_dir, f"{output_dir} contains --model_name_or_path"),
+        "through-a-symlink": (tmp_path / "link" / "checkpoint-3", output_dir, "contains --model_name_or_path"),
+        "relative-path": (
+            "run/checkpoint-3",
+            "link",
+            "--output_dir link contains --model_name_or_path run/checkpoint-3",
+        ),
     }[where]
     message = refusal(run_image_classification.main, training_args(model, output, "--overwrite_output_dir"))
     assert expected in message
-    assert "copy the model out of" in message and "choose another --output_dir" in message
+    assert "choose an --output_dir apart from --model_name_or_path" in message
     assert model_files(output_dir) == model_files(output_dir / "checkpoint-3") == {"model.safetensors", "config.json"}
 
 
@@ -139,7 +143,9 @@ def test_overwrite_never_deletes_the_checkpoint_the_run_resumes_from(small_vit, 
     save_small_vit(output_dir / "checkpoint-3")
     args = training_args(small_vit, output_dir, "--overwrite_output_dir", "--resume_from_checkpoint")
     message = refusal(run_image_classification.main, [*args, str(output_dir / "checkpoint-3")])
-    assert message.startswith(f"--resume_from_checkpoint {output_dir / 'checkpoint-3'} is inside --output_dir")
+    assert message.startswith(
+        f"--output_dir {output_dir} contains --resume_from_checkpoint {output_dir / 'checkpoint-3'}"
+    )
     assert model_files(output_dir / "checkpoint-3") == {"model.safetensors", "config.json"}
 
 
@@ -206,7 +212,7 @@ def test_killed_run_leaves_no_stale_lock_and_a_second_command_is_refused(small_v
             time.sleep(0.02)
         assert checkpoint_written(output_dir / "checkpoint-2"), "checkpoint-2 was not written in time"
         second = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=120)
-        assert second.returncode != 0
+        assert second.returncode == 2
         assert f"--output_dir {output_dir} is in use by another run (pid {first.pid} on " in second.stderr
         assert first.poll() is None  # refused at once, while the first one still runs
     finally:
@@ -215,7 +221,7 @@ def test_killed_run_leaves_no_stale_lock_and_a_second_command_is_refused(small_v
     assert first.returncode == -signal.SIGKILL
     assert (output_dir / LOCK_FILE).exists()  # left behind by kill -9, locked by nobody
     # The same command again, in this process: the refusal above went through the real command line already.
-    with caplog.at_level(logging.INFO, logger=run_image_classification.logger.name):
+    with caplog.at_level(logging.INFO, logger="evit_hf.checkpoints"):
         run_image_classification.main(args)
     assert f"Resuming from {output_dir / 'checkpoint-2'}." in caplog.messages
     assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 4
