@@ -242,7 +242,7 @@ def test_a_folder_of_a_users_files_is_refused_naming_them(small_vit, tmp_path, n
     ("tool", "flags", "expected"),
     [
         ("training", ["--card_keep_rates", "0", "1.5"], "--card_keep_rates: keep_rate must be in (0, 1]"),
-        ("training", ["--card_keep_rates", "1", "0"], "got 0."),
+        ("training", ["--card_keep_rates", "0", "1"], "got 0."),
         ("training", ["--keep_rate", "1.5"], "--keep_rate: keep_rate must be in (0, 1]"),
         ("training", ["--keep_rate", "0.9", "0.7", "--reduction_layers", "1", "2", "3"], "it has 2"),
         ("keep-rate table", ["--keep_rates", "0"], "--keep_rates: keep_rate must be in (0, 1]"),
