@@ -14,6 +14,11 @@ from .model_builders import TINY
 TINY_VIT = TINY
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)  # tiny models: one thread is fastest and steady on a busy machine; restored after
+
+
 def test_distillation_loss_by_hand():
     student = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
     teacher = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
