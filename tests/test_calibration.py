@@ -133,6 +133,22 @@ def test_the_calibrate_command_writes_the_calibrated_folder_and_its_report(calib
     assert "every schedule tried is in calibration.json" in capsys.readouterr().out
 
 
+def test_the_calibrate_command_meets_a_budget_that_needs_the_smallest_keep_rates(calibration_folders):
+    # The cheapest budget the command accepts (it refuses anything below, before loading the model): the folder it
+    # writes costs at most that, and reports what count_macs gives for it.
+    from evit_hf.calibration import cheapest_schedule_macs
+    from evit_hf.cli import main
+
+    model_dir, output_dir = calibration_folders / "model", calibration_folders / "out"
+    budget = cheapest_schedule_macs(evit_hf.EViTConfig.from_pretrained(model_dir))
+    main(["calibrate", "--model", str(model_dir), "--images", str(calibration_folders / "images"),
+          "--macs", str(budget), "--output-dir", str(output_dir), "--search-images", "8", "--max-images", "8"])  # fmt: skip
+    report = json.loads((output_dir / "calibration.json").read_text())
+    saved = evit_hf.EViTConfig.from_pretrained(output_dir)
+    assert report["macs"] == evit_hf.count_macs(saved) <= budget
+    assert report["keep_rate"] == [0.1, 0.1, 0.1]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
