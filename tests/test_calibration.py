@@ -141,8 +141,8 @@ def test_the_calibrate_command_meets_a_budget_that_needs_the_smallest_keep_rates
 
     model_dir, output_dir = calibration_folders / "model", calibration_folders / "out"
     budget = cheapest_schedule_macs(evit_hf.EViTConfig.from_pretrained(model_dir))
-    main(["calibrate", "--model", str(model_dir), "--images", str(calibration_folders / "images"),
-          "--macs", str(budget), "--output-dir", str(output_dir), "--search-images", "8", "--max-images", "8"])  # fmt: skip
+    main(["calibrate", "--model", str(model_dir), "--images", str(calibration_folders / "images"), "--macs",
+          str(budget), "--output-dir", str(output_dir), "--search-images", "8", "--max-images", "8"])  # fmt: skip
     report = json.loads((output_dir / "calibration.json").read_text())
     saved = evit_hf.EViTConfig.from_pretrained(output_dir)
     assert report["macs"] == evit_hf.count_macs(saved) <= budget
