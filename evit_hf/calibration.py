@@ -1,6 +1,7 @@
 """Calibration without training: the reduction layers and per-layer keep rates that fit a MACs budget and change the
 model's predictions least, found on unlabeled images."""
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -10,6 +11,8 @@ from torch import nn
 from .configuration_evit_base import vision_config_of
 from .macs import count_macs
 
+
+logger = logging.getLogger(__name__)
 
 # Keep rates are searched on this grid: coarse steps first, then finer ones that spend what is left of the budget.
 COARSE_STEP = 0.1
@@ -32,7 +35,8 @@ class CalibrationCandidate:
 @dataclass
 class CalibrationResult:
     """The chosen schedule (`reduction_layers`, `keep_rate`), its MACs and objective, the budget, and every candidate
-    the search evaluated (`candidates`, in the order evaluated)."""
+    the search evaluated (`candidates`, in the order evaluated). `source` says which schedule was kept: `"search"`, the
+    greedy per-layer search's, or `"uniform"`, the paper's layers at one keep rate, when that did better."""
 
     reduction_layers: list[int]
     keep_rate: list[float]
@@ -43,11 +47,10 @@ class CalibrationResult:
     objective_name: str
     num_images: int
     candidates: list[CalibrationCandidate] = field(default_factory=list)
+    source: str = "search"
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
 
 
 def _token_reduction_encoder(model: nn.Module) -> nn.Module:
@@ -120,15 +123,17 @@ class _LayerInputCache:
             return hidden_states
 
         skipped = list(self.layers)[:start]
-        for layer in skipped:
-            layer.forward = skip  # an instance attribute: the class's forward comes back when it is deleted
-        handle = self.layers[start].register_forward_pre_hook(feed, with_kwargs=True)
-        try:
+        handle = None
+        try:  # everything set up inside: an interruption at any point leaves the layers as they were
+            for layer in skipped:
+                layer.forward = skip  # an instance attribute: the class's forward comes back when it is removed
+            handle = self.layers[start].register_forward_pre_hook(feed, with_kwargs=True)
             return run()
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
             for layer in skipped:
-                del layer.forward
+                layer.__dict__.pop("forward", None)
 
 
 def _set_schedule(config, rates: dict[int, float]) -> None:
@@ -210,13 +215,13 @@ class _ScheduleSearch:
     def _replay_held(self, start: int, position: int, run):
         """Runs `run()` with each layer `< start` returning its held output for the `position`-th batch scored."""
         skipped = list(self.cache.layers)[:start]
-        for layer, output in zip(skipped, self.held[position], strict=False):
-            layer.forward = lambda *args, output=output, **kwargs: output  # instance attribute, deleted after
         try:
+            for layer, output in zip(skipped, self.held[position], strict=False):
+                layer.forward = lambda *args, output=output, **kwargs: output  # instance attribute, removed after
             return run()
         finally:
             for layer in skipped:
-                del layer.forward
+                layer.__dict__.pop("forward", None)
 
     def macs(self, rates: dict[int, float]) -> int:
         # The model's own configuration: its head (a CLIP model's projection) counts too.
@@ -262,23 +267,36 @@ class _ScheduleSearch:
         return objective
 
 
+def _lowered(search: _ScheduleSearch, rates: dict[int, float], layer: int, macs: int) -> dict[int, float] | None:
+    """`rates` with `layer`'s keep rate lowered by as many coarse steps as it takes to save MACs, or None when not even
+    the smallest rate saves any. One step may save nothing: the kept count is a ceiling (ceil(0.5 * 8) == ceil(0.4 *
+    8)), and the first reduction of a layer adds a fused token. Skipping such a layer for good would stop the search
+    above a budget that the smallest rates reach."""
+    lowered = rates[layer]
+    while True:
+        lowered = round(lowered - COARSE_STEP, 2)
+        if lowered < SMALLEST_KEEP_RATE - 1e-9:
+            return None
+        proposal = {**rates, layer: lowered}
+        if search.macs(proposal) < macs:
+            return proposal
+
+
 def _greedy(search: _ScheduleSearch, target_macs: float, search_images: int) -> tuple[dict[int, float], float]:
-    """From the unreduced model, lower one layer's keep rate by a coarse step at a time, the layer that costs the least
-    objective per MAC saved, until the budget is met; then raise rates by fine steps where that lowers the objective
-    most, within the budget."""
+    """From the unreduced model, lower one layer's keep rate by a coarse step at a time (more where one step saves
+    nothing, see `_lowered`), the layer that costs the least objective per MAC saved, until the budget is met; then
+    raise rates by fine steps where that lowers the objective most, within the budget. The smallest rates in every
+    layer meet any budget the caller accepted, so the first loop ends within the budget."""
     rates = dict.fromkeys(search.candidate_layers, 1.0)
     macs, current = search.macs(rates), 0.0
     search.hold(rates, search_images)
     while macs > target_macs:
         best = None
         for layer in search.candidate_layers:
-            lowered = round(rates[layer] - COARSE_STEP, 2)
-            if lowered < SMALLEST_KEEP_RATE - 1e-9:
+            proposal = _lowered(search, rates, layer, macs)
+            if proposal is None:
                 continue
-            proposal = {**rates, layer: lowered}
             saved = macs - search.macs(proposal)
-            if saved <= 0:
-                continue
             objective = search.objective(proposal, "greedy", search_images, changed_layer=layer)
             cost = max(objective - current, 0.0) / saved
             if best is None or cost < best[0]:
@@ -306,9 +324,10 @@ def _greedy(search: _ScheduleSearch, target_macs: float, search_images: int) -> 
 
 
 def cheapest_schedule_macs(config, candidate_layers: Sequence[int] | None = None) -> int:
-    """A lower bound of what any schedule `calibrate_schedule` may choose costs: the vision tower of `config` (stock or
-    EViT, of any family) at the smallest keep rate in every candidate layer. From the configuration alone, so that an
-    unreachable budget is refused before a model is loaded."""
+    """What the cheapest schedule `calibrate_schedule` may choose costs: the model of `config` (stock or EViT, of any
+    family; the whole configuration, so that a CLIP model's projection counts as it does for the model) at the
+    smallest keep rate in every candidate layer. From the configuration alone, so that an unreachable budget is
+    refused before a model is loaded."""
     from .families import family_for_model_type
 
     vision_config = vision_config_of(config)
@@ -320,7 +339,12 @@ def cheapest_schedule_macs(config, candidate_layers: Sequence[int] | None = None
     settings = {"keep_rate": 1.0, "reduction_layers": layers}
     cheapest = family.config_classes[0].from_dict({**vision_config.to_dict(), **settings})
     cheapest.keep_rate = [SMALLEST_KEEP_RATE] * len(layers)
-    return count_macs(cheapest)
+    # The tower's layers from the EViT vision configuration; the head (a projection, a classifier) from `config`.
+    return (
+        count_macs(cheapest)
+        - family.head_macs(cheapest, vision_config.hidden_size)
+        + family.head_macs(config, vision_config.hidden_size)
+    )
 
 
 def calibrate_schedule(
@@ -341,7 +365,8 @@ def calibrate_schedule(
     that helps most. The search scores candidates on the first `search_images` images; a candidate changes one layer of
     the current schedule and runs from that layer, on the outputs the current schedule's earlier layers gave (the
     layers before the first reduction layer are computed once, unreduced). The chosen schedule and the paper's layers
-    at one keep rate for the same budget are then scored on every image, and the better one is kept.
+    at one keep rate for the same budget are then scored on every image, and the better one is kept (the result's
+    `source` says which).
 
     Args:
         model (`nn.Module`): an EViT model of any family.
@@ -402,6 +427,7 @@ def calibrate_schedule(
                 )
             rates, _ = _greedy(search, target_macs, search_images)
             best = (rates, search.objective(rates, "chosen"))
+            source = "search"
 
             # The paper's layers at one keep rate for the same budget: kept when it does better.
             default_layers = saved[0] or default_reduction_layers(num_layers)
@@ -414,7 +440,12 @@ def calibrate_schedule(
                 uniform = dict.fromkeys(default_layers, uniform_rate)
                 uniform_objective = search.objective(uniform, "uniform")
                 if uniform_objective < best[1]:
+                    logger.info(
+                        f"The paper's layers {default_layers} at keep rate {uniform_rate} change the predictions "
+                        f"less than the searched schedule ({uniform_objective:.4g} against {best[1]:.4g}): kept."
+                    )
                     best = (uniform, uniform_objective)
+                    source = "uniform"
     except BaseException:
         config.keep_rate = 1.0
         config.reduction_layers, config.keep_rate = saved
@@ -436,8 +467,8 @@ def calibrate_schedule(
         objective_name="kl_divergence" if search.kind == "logits" else "1 - cosine_similarity",
         num_images=sum(len(batch) for batch in batches),
         candidates=search.candidates,
+        source=source,
     )
 
 
 __all__ = ["CalibrationCandidate", "CalibrationResult", "calibrate_schedule", "cheapest_schedule_macs"]
-

@@ -1,6 +1,5 @@
 """Higher resolution at equal cost: learned absolute position embeddings resized once to a new image size."""
 
-import inspect
 import numbers
 
 import torch
@@ -11,14 +10,9 @@ from .configuration_evit_base import vision_config_of
 
 def _position_embedding_modules(model: nn.Module) -> list[nn.Module]:
     """The embedding modules that add learned absolute positions and can interpolate them (`interpolate_pos_encoding`):
-    ViT's, DeiT's, CLIP's vision embeddings, DINOv2's. Text embeddings have no such method."""
+    ViT's, DeiT's, CLIP's vision embeddings, DINOv2's (with or without registers). Text embeddings have no such
+    method, nor has DINOv3 (rotary positions)."""
     return [module for module in model.modules() if callable(getattr(module, "interpolate_pos_encoding", None))]
-
-
-def _interpolates_by_itself(embeddings: nn.Module) -> bool:
-    # DINOv2 interpolates to every input size in its forward (it takes no `interpolate_pos_encoding` flag): its weights
-    # stay, only the configuration changes.
-    return "interpolate_pos_encoding" not in inspect.signature(embeddings.forward).parameters
 
 
 def _check_image_size(image_size, patch_size) -> int:
@@ -36,9 +30,12 @@ def resize_position_embeddings(model: nn.Module, image_size: int) -> nn.Module:
 
     The new embeddings are exactly what the stock model computes on the fly with `interpolate_pos_encoding=True` at
     that size (bicubic over the patch grid, prefix positions unchanged), so the model gives the same outputs without
-    the flag. `config.image_size` (the vision configuration's, for CLIP) is updated, and CLIP's position ids, so the
-    saved folder runs at the new size. DINOv2 interpolates by itself and models with rotary positions (DINOv3) need
-    no resizing: only their configuration changes. Works on stock and EViT models.
+    the flag. DINOv2 (with or without registers), which interpolates by itself at every size, gets the table its own
+    interpolation computes at `image_size`: the same outputs at that size, and a table of the size its configuration
+    builds. `config.image_size` (the vision configuration's, for CLIP) is updated, and CLIP's position ids, so the
+    folder `save_pretrained` writes loads with `from_pretrained` and runs at the new size. Models with rotary
+    positions (DINOv3) need no resizing: only their configuration changes. Works on stock and EViT models, any number
+    of times; a frozen table stays frozen. The table is a new parameter: build the optimizer after resizing.
 
     Args:
         model (`nn.Module`): a ViT, DeiT, CLIP (whole, vision tower or classifier), DINOv2 or DINOv3 model.
@@ -58,8 +55,6 @@ def resize_position_embeddings(model: nn.Module, image_size: int) -> nn.Module:
     patch_size = config.patch_size if isinstance(config.patch_size, int) else max(config.patch_size)
     image_size = _check_image_size(image_size, patch_size)
     for embeddings in _position_embedding_modules(model):
-        if _interpolates_by_itself(embeddings):
-            continue
         if isinstance(getattr(embeddings, "position_embedding", None), nn.Embedding):
             _resize_embedding_table(embeddings, image_size)
         else:
@@ -77,7 +72,9 @@ def _new_positions(embeddings: nn.Module, num_prefix_positions: int, image_size:
 
 
 def _resize_position_parameter(embeddings: nn.Module, image_size: int) -> None:
-    # ViT, DeiT: `position_embeddings` [1, prefix + patches, dim]; DeiT has two prefix positions.
+    # ViT, DeiT, DINOv2: `position_embeddings` [1, prefix + patches, dim]; DeiT has two prefix positions (DINOv2's
+    # registers have none). DINOv2 builds the table from `config.image_size`: a folder whose size changed without its
+    # table would not load.
     old = embeddings.position_embeddings
     patch_embeddings = embeddings.patch_embeddings
     num_prefix_positions = old.shape[1] - patch_embeddings.num_patches

@@ -125,11 +125,28 @@ def test_the_calibrate_command_writes_the_calibrated_folder_and_its_report(calib
     report = json.loads((output_dir / "calibration.json").read_text())
     calibrated = evit_hf.EViTForImageClassification.from_pretrained(output_dir)
     assert (calibrated.config.reduction_layers, calibrated.config.keep_rate) == (
-        report["reduction_layers"], report["keep_rate"]
+        report["reduction_layers"],
+        report["keep_rate"],
     )
     assert report["num_images"] == 24 and report["macs"] <= budget
     assert all({"reduction_layers", "keep_rate", "macs", "objective"} <= set(row) for row in report["candidates"])
     assert "every schedule tried is in calibration.json" in capsys.readouterr().out
+
+
+def test_the_calibrate_command_meets_a_budget_that_needs_the_smallest_keep_rates(calibration_folders):
+    # The cheapest budget the command accepts (it refuses anything below, before loading the model): the folder it
+    # writes costs at most that, and reports what count_macs gives for it.
+    from evit_hf.calibration import cheapest_schedule_macs
+    from evit_hf.cli import main
+
+    model_dir, output_dir = calibration_folders / "model", calibration_folders / "out"
+    budget = cheapest_schedule_macs(evit_hf.EViTConfig.from_pretrained(model_dir))
+    main(["calibrate", "--model", str(model_dir), "--images", str(calibration_folders / "images"), "--macs",
+          str(budget), "--output-dir", str(output_dir), "--search-images", "8", "--max-images", "8"])  # fmt: skip
+    report = json.loads((output_dir / "calibration.json").read_text())
+    saved = evit_hf.EViTConfig.from_pretrained(output_dir)
+    assert report["macs"] == evit_hf.count_macs(saved) <= budget
+    assert report["keep_rate"] == [0.1, 0.1, 0.1]
 
 
 @pytest.mark.parametrize(
@@ -187,3 +204,145 @@ def test_a_proposal_scored_from_the_held_schedule_scores_as_from_the_start(build
             search.hold(current, 8)
             assert held == pytest.approx(full, rel=1e-5, abs=1e-9)
             assert full > 0  # the proposal changes the predictions: equal objectives are not both zero
+
+
+# Budgets at the edge: the cheapest schedule (every candidate layer at the smallest keep rate), just above it, just
+# below the unreduced cost and the unreduced cost itself. `cheapest_schedule_macs` is what the command refuses below,
+# from the configuration alone: it must be what the model's cheapest schedule costs, head included.
+EDGES = {
+    "cheapest": lambda cheapest, unreduced: cheapest,
+    "just-above-cheapest": lambda cheapest, unreduced: cheapest + 1,
+    "just-below-unreduced": lambda cheapest, unreduced: unreduced - 1,
+    "unreduced": lambda cheapest, unreduced: unreduced,
+}
+
+
+@pytest.mark.parametrize("edge", EDGES)
+@pytest.mark.parametrize("builder", ["vit-classifier", "clip"])
+def test_budgets_at_the_edge_are_met(builder, edge):
+    from evit_hf.calibration import cheapest_schedule_macs
+
+    model = evit_hf.apply_evit(tiny_stock_model(builder))
+    cheapest = cheapest_schedule_macs(model.config)
+    unreduced = evit_hf.count_macs(model.config, keep_rate=1.0)
+    target = EDGES[edge](cheapest, unreduced)
+    result = calibrate_schedule(model, _batches(count=1), target, search_images=8, progress=False)
+    assert result.macs <= target
+    assert evit_hf.count_macs(model.config) == result.macs  # the schedule set on the model is the one reported
+    if edge == "unreduced":
+        assert result.reduction_layers == []
+    else:
+        assert result.reduction_layers  # it had to reduce
+    if edge.endswith("cheapest"):
+        assert result.keep_rate == [0.1, 0.1, 0.1]  # nothing else fits
+        with pytest.raises(ValueError, match=f"costs {cheapest:,}"):
+            calibrate_schedule(model, _batches(count=1), cheapest - 1, search_images=8, progress=False)
+
+
+def _schedule_of(candidate) -> dict:
+    return dict(zip(candidate.reduction_layers, candidate.keep_rate, strict=True))
+
+
+def test_each_greedy_step_lowers_the_layer_that_costs_least_objective_per_mac_saved(classifier):
+    # The greedy rounds, read back from the candidates in the order scored: each round lowers one layer of the schedule
+    # (in layer order); the next round starts from the proposal with the least objective increase per MAC saved.
+    model = copy.deepcopy(classifier)
+    target = evit_hf.count_macs(model.config, keep_rate=0.4)
+    result = calibrate_schedule(model, _batches(), target, search_images=16, progress=False)
+    greedy = [candidate for candidate in result.candidates if candidate.stage == "greedy"]
+    rates, macs, objective = {}, result.unreduced_macs, 0.0
+    rounds, position, rounds_where_the_saving_decided = 0, 0, 0
+    while position < len(greedy):
+        proposals, last_layer = [], -1
+        while position < len(greedy):
+            schedule = _schedule_of(greedy[position])
+            changed = [
+                layer for layer in set(schedule) | set(rates) if schedule.get(layer, 1.0) != rates.get(layer, 1.0)
+            ]
+            if len(changed) != 1 or changed[0] <= last_layer:
+                break
+            assert schedule[changed[0]] < rates.get(changed[0], 1.0)  # lowered
+            proposals.append(greedy[position])
+            last_layer, position = changed[0], position + 1
+        assert proposals, f"candidate {position} lowers no single layer of {rates}"
+        assert macs > target  # the search lowers rates only while over budget
+        chosen = min(proposals, key=lambda c: max(c.objective - objective, 0.0) / (macs - c.macs))
+        if chosen is not min(proposals, key=lambda c: c.objective):
+            rounds_where_the_saving_decided += 1
+        rates, macs, objective = _schedule_of(chosen), chosen.macs, chosen.objective
+        rounds += 1
+    assert rounds >= 3 and macs <= target  # the rounds ended within the budget
+    # In some round the least objective alone would have chosen another layer: these images tell the rules apart.
+    assert rounds_where_the_saving_decided >= 1
+    # The result says which schedule it kept: the search's (scored on every image as "chosen") or the uniform one.
+    final = {candidate.stage: candidate for candidate in result.candidates if candidate.stage in ("chosen", "uniform")}
+    kept = final["uniform"] if final["uniform"].objective < final["chosen"].objective else final["chosen"]
+    assert result.source == ("uniform" if kept is final["uniform"] else "search")
+    assert (result.reduction_layers, result.keep_rate, result.objective) == (
+        kept.reduction_layers,
+        kept.keep_rate,
+        kept.objective,
+    )
+
+
+def _per_layer_schedule(classifier):
+    model = copy.deepcopy(classifier)
+    model.config.keep_rate = 1.0
+    model.config.reduction_layers = [1, 2, 3]
+    model.config.keep_rate = [0.9, 0.8, 0.7]  # a schedule of another length than most the search tries
+    return model
+
+
+class CountedCalls:
+    """A pre-hook on one layer that counts its calls and raises `error` at call `stop_at`."""
+
+    def __init__(self, stop_at=None, error=None):
+        self.count, self.stop_at, self.error = 0, stop_at, error
+
+    def __call__(self, module, args, kwargs):
+        self.count += 1
+        if self.count == self.stop_at:
+            raise self.error("stopped by the user")
+
+
+@pytest.fixture(scope="module")
+def layer_calls_of_a_search(classifier):
+    """How often the search runs layer 2 of the model of the test below, uninterrupted."""
+    model, counter = _per_layer_schedule(classifier), CountedCalls()
+    model.vit.layers[2].register_forward_pre_hook(counter, with_kwargs=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the tests (a module fixture runs before the function fixture `one_thread`)
+    try:
+        calibrate_schedule(model, _batches(), evit_hf.count_macs(model.config, keep_rate=0.3), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return counter.count
+
+
+@pytest.mark.parametrize(
+    "interruption, moment",
+    [(KeyboardInterrupt, 0.0), (torch.OutOfMemoryError, 0.3), (KeyboardInterrupt, 1.0)],
+    ids=["ctrl-c-while-recording", "out-of-memory-in-the-search", "ctrl-c-at-the-last-schedule"],
+)
+def test_an_interrupted_search_leaves_the_model_as_it_was_and_raises_the_users_error(
+    classifier, layer_calls_of_a_search, interruption, moment
+):
+    model = _per_layer_schedule(classifier)
+    batches = _batches()
+    with torch.no_grad():
+        expected = model(batches[0]).logits
+    model.train()
+    counter = CountedCalls(stop_at=max(1, round(moment * layer_calls_of_a_search)), error=interruption)
+    layers = model.vit.layers
+    handle = layers[2].register_forward_pre_hook(counter, with_kwargs=True)
+    try:
+        with pytest.raises(interruption, match="stopped by the user"):
+            calibrate_schedule(model, batches, evit_hf.count_macs(model.config, keep_rate=0.3), progress=False)
+    finally:
+        handle.remove()
+    assert (model.config.reduction_layers, model.config.keep_rate) == ([1, 2, 3], [0.9, 0.8, 0.7])
+    assert model.training
+    assert all("forward" not in vars(layer) for layer in layers)  # no layer left skipped or replaying
+    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(batches[0]).logits, expected, rtol=0, atol=0)

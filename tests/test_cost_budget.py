@@ -1,3 +1,5 @@
+import inspect
+
 import pytest
 import torch
 from transformers import (
@@ -5,8 +7,6 @@ from transformers import (
     CLIPVisionModelWithProjection,
     DeiTConfig,
     DeiTForImageClassificationWithTeacher,
-    Dinov2Config,
-    Dinov2Model,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -16,7 +16,20 @@ from evit_hf.planning import keep_rate_for_macs
 from evit_hf.resolution import resize_position_embeddings
 
 from .model_builders import DEIT_SMALL as DEIT_SMALL_SHAPE
-from .model_builders import TINY
+from .model_builders import (
+    FAMILY_TESTERS,
+    TESTERS,
+    TINY,
+    cached_stock_model,
+    encoder_main_output,
+    evit_settings,
+    model_inputs,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)  # tiny models: one thread is fastest and steady on a busy machine; restored after
 
 
 TINY_SHAPE = {key: value for key, value in TINY.items() if key not in ("num_labels", "initializer_range")}
@@ -92,17 +105,90 @@ def test_resized_positions_equal_the_stock_interpolation_and_survive_saving(name
         assert torch.equal(reloaded(pixel_values)[0], expected)
 
 
-def test_dinov2_changes_only_its_configuration():
-    torch.manual_seed(0)
-    model = Dinov2Model(Dinov2Config(**TINY_SHAPE)).eval()
-    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    pixel_values = torch.randn(1, 3, 48, 48)
+def _images(size, count=2, seed=1):
+    height, width = (size, size) if isinstance(size, int) else size
+    return torch.randn(count, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def _takes_the_flag(tester) -> bool:
+    return "interpolate_pos_encoding" in inspect.signature(tester.stock_class.forward).parameters
+
+
+def _runs_at_any_size(tester) -> bool:
+    """Whether the model, unresized, runs at another size: with the flag, or by itself (DINOv2 interpolates at every
+    size, DINOv3 has no learned positions). CLIP's classifiers take no flag."""
+    return _takes_the_flag(tester) or tester.family.startswith("dino")
+
+
+def _outputs(model, tester, pixel_values, on_the_fly=False):
+    """The model's main output; with `on_the_fly`, with its positions interpolated to the input size as the stock
+    model does (`interpolate_pos_encoding=True` where the family takes the flag)."""
+    inputs = model_inputs(tester, pixel_values)
+    if on_the_fly and _takes_the_flag(tester):
+        inputs["interpolate_pos_encoding"] = True
     with torch.no_grad():
-        expected = model(pixel_values).last_hidden_state
-        resize_position_embeddings(model, 48)
-        assert torch.equal(model(pixel_values).last_hidden_state, expected)
-    assert model.config.image_size == 48
-    assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items())
+        return encoder_main_output(model(**inputs))
+
+
+def _position_tables(model) -> list[torch.Tensor]:
+    return [tensor for name, tensor in model.named_parameters() if "position_embedding" in name and "text" not in name]
+
+
+@pytest.mark.parametrize("builder", list(TESTERS))
+def test_a_resized_model_saves_a_folder_that_loads_and_runs_at_the_new_size(builder, tmp_path):
+    # Every family, EViT through its Auto class, as a user reloads a folder that `--image_size` wrote.
+    tester = TESTERS[builder]
+    model = evit_hf.apply_evit(cached_stock_model(builder), keep_rate=0.5).eval()
+    pixel_values = _images(48)
+    on_the_fly = _outputs(model, tester, pixel_values, on_the_fly=True) if _runs_at_any_size(tester) else None
+    assert resize_position_embeddings(model, 48) is model
+    expected = _outputs(model, tester, pixel_values)
+    if on_the_fly is not None:
+        assert torch.equal(expected, on_the_fly)
+    model.save_pretrained(tmp_path)
+    reloaded = tester.auto_class.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(model)
+    assert evit_settings(reloaded).image_size == 48
+    torch.testing.assert_close(_outputs(reloaded, tester, pixel_values), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TESTERS))
+def test_a_resized_stock_model_reloads_with_its_own_class(family, tmp_path):
+    builder = FAMILY_TESTERS[family][0]
+    tester = TESTERS[builder]
+    model = cached_stock_model(builder)
+    pixel_values = _images(48)
+    expected = _outputs(model, tester, pixel_values, on_the_fly=True)
+    assert torch.equal(_outputs(resize_position_embeddings(model, 48), tester, pixel_values), expected)
+    model.save_pretrained(tmp_path)
+    reloaded = tester.stock_class.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_outputs(reloaded, tester, pixel_values), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
+@pytest.mark.parametrize("family", list(FAMILY_TESTERS))
+def test_resizing_again_resizes_the_current_table_and_keeps_it_frozen_or_trainable(family, frozen):
+    # 32 -> 48 -> 32 -> 40: each resize gives what the model as it is then computes on the fly at the new size.
+    builder = FAMILY_TESTERS[family][0]
+    tester = TESTERS[builder]
+    model = evit_hf.apply_evit(cached_stock_model(builder), keep_rate=0.5).eval()
+    tables = _position_tables(model)
+    for table in tables:
+        table.requires_grad_(not frozen)
+    shapes = [tuple(table.shape) for table in tables]
+    for size in (48, 32, 40):
+        pixel_values = _images(size)
+        expected = _outputs(model, tester, pixel_values, on_the_fly=True)
+        resize_position_embeddings(model, size)
+        assert torch.equal(_outputs(model, tester, pixel_values), expected), size
+        assert evit_settings(model).image_size == size
+        assert all(table.requires_grad == (not frozen) for table in _position_tables(model)), size
+    if tables:
+        grid = 40 // tester.settings["patch_size"]
+        prefix = 2 if family == "deit" else 1  # DINOv2's registers have no position
+        assert [tuple(table.shape)[-2:] for table in _position_tables(model)] == [
+            (prefix + grid * grid, shape[-1]) for shape in shapes
+        ]
 
 
 @pytest.mark.parametrize("image_size", [0, 3, -48, 48.0, "48", True])

@@ -14,6 +14,11 @@ from .model_builders import TINY
 TINY_VIT = TINY
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)  # tiny models: one thread is fastest and steady on a busy machine; restored after
+
+
 def test_distillation_loss_by_hand():
     student = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
     teacher = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
@@ -148,3 +153,94 @@ def test_distillation_changes_the_training(tmp_path):
     assert "loss_distillation" not in logs[0]
     difference = (student.classifier.weight - plain.classifier.weight).abs().max().item()
     assert difference > 1e-4
+
+
+# The settings users change: gradient accumulation, logging windows, evaluation during training. A run with
+# `accumulation` micro-batches of 8 / accumulation images per step sees, in each step, the same 8 images as a run with
+# batches of 8 (the sampler draws the same permutation from the seed): its logged means, gradient norm, clipping and
+# weights must be those of the plain run. SGD, so that the weights move by the (clipped) gradients themselves, not by
+# Adam's normalization of rounding noise.
+
+
+def _run(tmp_path, alpha, accumulation=1, logging_steps=1, eval_dataset=None):
+    student, teacher = _pair(student_keep=0.5, teacher_keep=1.0)
+    args = TrainingArguments(
+        tmp_path,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        max_steps=2,
+        per_device_train_batch_size=8 // accumulation,
+        gradient_accumulation_steps=accumulation,
+        optim="sgd",
+        learning_rate=0.1,
+        max_grad_norm=0.5,  # the gradient norms of these steps are above it: clipping is active
+        logging_steps=logging_steps,
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher if alpha > 0 else None,
+        distillation_alpha=alpha,
+        distillation_temperature=2.0,
+        args=args,
+        train_dataset=_images(16),
+        eval_dataset=eval_dataset,
+    )
+    trainer.train()
+    return trainer, [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def plain_runs(tmp_path_factory):
+    """The run with batches of 8, one log per step, by alpha (each trained once per module)."""
+    runs = {}
+
+    def run(alpha):
+        if alpha not in runs:
+            runs[alpha] = _run(tmp_path_factory.mktemp("reference"), alpha)
+        return runs[alpha]
+
+    return run
+
+
+LOGGED = ("loss", "loss_ce", "loss_distillation")
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5], ids=["plain", "distilled"])
+@pytest.mark.parametrize("accumulation, logging_steps", [(4, 1), (2, 2)], ids=["accumulate-4", "accumulate-2-log-2"])
+def test_accumulation_and_logging_windows_log_the_means_of_the_plain_run(
+    tmp_path, plain_runs, alpha, accumulation, logging_steps
+):
+    reference, reference_logs = plain_runs(alpha)
+    trainer, logs = _run(tmp_path, alpha, accumulation, logging_steps)
+    assert all(step["grad_norm"] > 0.5 for step in reference_logs)  # every step is clipped
+    assert len(logs) == 2 // logging_steps
+    for window, entry in enumerate(logs):
+        steps = reference_logs[window * logging_steps : (window + 1) * logging_steps]
+        for name in LOGGED if alpha > 0 else ("loss",):
+            expected = sum(step[name] for step in steps) / logging_steps
+            assert entry[name] == pytest.approx(expected, rel=2e-3, abs=1e-6), (window, name)
+        # Trainer logs the gradient norm of the window's last step.
+        assert entry["grad_norm"] == pytest.approx(steps[-1]["grad_norm"], rel=2e-3), window
+    for name, tensor in reference.model.state_dict().items():
+        torch.testing.assert_close(trainer.model.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_evaluation_reports_the_students_own_loss(tmp_path):
+    # eval_loss is the cross-entropy of the student at its keep rate, not the distillation mix (0.5 * CE + 2 * KL).
+    eval_images = _images(12)
+    trainer, _ = _run(tmp_path, alpha=0.5, eval_dataset=eval_images)
+    model = trainer.model.eval()
+    batch = eval_images[:]
+    with torch.no_grad():
+        expected = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss.item()
+        teacher_logits = trainer.teacher_model(pixel_values=batch["pixel_values"], keep_rate=1.0).logits
+        student_logits = model(pixel_values=batch["pixel_values"]).logits
+    mix, _, _ = distillation_loss(student_logits, teacher_logits, batch["labels"], 0.5, 2.0)
+    assert abs(mix.item() - expected) > 0.05  # the two differ: the check below can tell them apart
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-4)
+    assert "eval_loss_distillation" not in metrics

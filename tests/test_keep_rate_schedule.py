@@ -42,8 +42,15 @@ def test_no_warmup_uses_the_target_from_the_start():
         ({"target_keep_rate": 0.7, "warmup": -1}, "must be >= 0"),
         ({"target_keep_rate": 0.7, "unit": "minute"}, "unit must be 'epoch' or 'step'"),
     ],
-    ids=["ends-above-start", "target-above-one", "start-zero", "layer-target-above-one", "layer-above-start",
-         "negative-span", "bad-unit"],
+    ids=[
+        "ends-above-start",
+        "target-above-one",
+        "start-zero",
+        "layer-target-above-one",
+        "layer-above-start",
+        "negative-span",
+        "bad-unit",
+    ],
 )
 def test_invalid_schedules_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -181,3 +188,54 @@ def test_epochs_count_the_steps_of_an_epoch_when_max_steps_ends_inside_one(tmp_p
 
 def test_exported_from_the_package():
     assert evit_hf.KeepRateScheduler is KeepRateScheduler
+
+
+# Warm-up starts users change: below 1, with one target or one per reduction layer (each layer from the start down to
+# its own target).
+@pytest.mark.parametrize("start", [1.0, 0.9, 0.75])
+@pytest.mark.parametrize("target", [0.5, [0.7, 0.6, 0.5]], ids=["one-target", "per-layer"])
+def test_the_warm_up_starts_at_the_start_rate_for_every_layer(start, target):
+    scheduler = KeepRateScheduler(target, warmup=2, shrink=4, unit="step", start_keep_rate=start)
+    targets = target if isinstance(target, list) else [target]
+
+    def per_layer(value):
+        return value if isinstance(value, list) else [value]
+
+    for step in (0, 1, 2):  # the warm-up, and the first step of the cosine (progress 0)
+        assert per_layer(scheduler.keep_rate_at(step)) == [start] * len(targets)
+    halfway = per_layer(scheduler.keep_rate_at(4))
+    assert halfway == pytest.approx([(start + layer_target) / 2 for layer_target in targets], abs=1e-12)
+    for step in (6, 9):
+        assert per_layer(scheduler.keep_rate_at(step)) == pytest.approx(targets, abs=1e-12)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_training_follows_a_per_layer_warm_up_from_a_start_below_one(tmp_path, accumulation):
+    torch.set_num_threads(1)  # a tiny model: one thread is fastest and steady on a busy machine; restored after
+    # 48 images in batches of 8 / accumulation: 6 optimizer steps per epoch whatever the accumulation.
+    _, model = stock_and_evit("vit-classifier")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8 // accumulation,
+        gradient_accumulation_steps=accumulation,
+        max_steps=6,  # ends inside the cosine: the model is left at the targets all the same
+        learning_rate=1e-3,
+        save_strategy="no",
+        logging_steps=1,
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+    )
+    targets = [0.7, 0.6, 0.5]
+    scheduler = KeepRateScheduler(targets, warmup=1 / 3, shrink=2 / 3, unit="epoch", start_keep_rate=0.9)
+    recorder = KeepRateRecorder()
+    Trainer(model=model, args=args, train_dataset=RandomImages(), callbacks=[scheduler, recorder]).train()
+    # Epoch of step s: (s - 1) / 6. 0.9 until epoch 1/3 (steps 1-3), then the cosine over 2/3 epoch (steps 3-7).
+    for step, keep_rate in recorder.keep_rates.items():
+        progress = min(max(((step - 1) / 6 - 1 / 3) / (2 / 3), 0.0), 1.0)
+        expected = [t + (0.9 - t) * 0.5 * (1 + math.cos(math.pi * progress)) for t in targets]
+        assert keep_rate == pytest.approx(expected, abs=1e-12), step
+    assert sorted(recorder.keep_rates) == list(range(1, 7))
+    assert recorder.keep_rates[1] == [0.9, 0.9, 0.9]
+    assert all(rate > target for rate, target in zip(recorder.keep_rates[6], targets, strict=True))
+    assert model.config.keep_rate == targets

@@ -11,6 +11,11 @@ from .model_builders import DEIT_SMALL, TESTERS, TINY
 DEIT_S = {**DEIT_SMALL, "num_labels": 1000}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)  # tiny models: one thread is fastest and steady on a busy machine; restored after
+
+
 @pytest.mark.parametrize(
     "keep_rate, giga_macs",
     [(1.0, 4.60), (0.9, 4.02), (0.8, 3.48), (0.7, 3.03), (0.6, 2.64), (0.5, 2.31)],
@@ -220,3 +225,66 @@ def test_configurations_of_other_families_are_refused_with_the_reason():
 
     with pytest.raises(ValueError, match="'convnext' is none of them: pass the configuration of a ViT, DeiT"):
         count_macs(ConvNextConfig())
+
+
+# Non-square and tuple sizes, stock configurations next to EViT ones: the count of every path must be the multiply-adds
+# the EViT model computes on that input. A stock configuration with a keep rate counts the EViT model with the paper's
+# reduction layers (the tiny models' 1, 2, 3), fused token included.
+NON_SQUARE = (32, 48)  # 8 x 12 patches
+
+
+def _flops_at(model, tester, size, keep_rate) -> int:
+    image = torch.zeros(1, 3, *size)
+    forward = model.get_image_features if tester.takes_text else model
+    # ViT, DeiT and CLIP interpolate their 8 x 8 position table to the 8 x 12 grid (no multiply-adds torch counts).
+    flag = {} if tester.family.startswith("dino") else {"interpolate_pos_encoding": True}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        forward(image, keep_rate=keep_rate, **flag)
+    return counter.get_total_flops() // 2
+
+
+def _with_image_size(config, image_size):
+    config = config.__class__.from_dict(config.to_dict())
+    vision = getattr(config, "vision_config", config)
+    vision.image_size = image_size
+    return config
+
+
+@pytest.mark.parametrize("builder", TESTERS)
+@pytest.mark.parametrize("keep_rate", [1.0, 0.5])
+def test_non_square_and_stock_counts_are_what_the_model_computes(builder, keep_rate):
+    tester = TESTERS[builder]
+    model = evit_model_of(builder, True)
+    expected = _flops_at(model, tester, NON_SQUARE, keep_rate)
+    stock = tester.stock_config_class(**tester.settings, architectures=[tester.stock_class.__name__])
+    counts = {
+        "tuple argument": count_macs(model.config, image_size=NON_SQUARE, keep_rate=keep_rate),
+        "list argument": count_macs(model.config, image_size=list(NON_SQUARE), keep_rate=keep_rate),
+        "tuple in the configuration": count_macs(_with_image_size(model.config, NON_SQUARE), keep_rate=keep_rate),
+        "list in the configuration": count_macs(_with_image_size(model.config, list(NON_SQUARE)), keep_rate=keep_rate),
+        "stock configuration": count_macs(stock, image_size=NON_SQUARE, keep_rate=keep_rate),
+    }
+    assert counts == dict.fromkeys(counts, expected)
+    if keep_rate == 1.0:  # the stock configuration without a keep rate is the stock model
+        assert count_macs(stock, image_size=NON_SQUARE) == expected
+
+
+@pytest.mark.parametrize("image_size", [None, 48, NON_SQUARE, (48, 32)], ids=["own", "48", "32x48", "48x32"])
+@pytest.mark.parametrize("budget", [0.6, 0.75, 0.95], ids=lambda share: f"{share:.0%}-of-unreduced")
+@pytest.mark.parametrize("family", ["vit", "deit-teacher", "dinov2-registers"])
+def test_keep_rate_for_macs_is_the_largest_within_the_budget_for_stock_and_evit_configurations(
+    family, budget, image_size
+):
+    # The answer for a stock configuration is the EViT model's: the configuration of the model with the reduction the
+    # answer sets (the paper's layers) costs at most the budget, and 0.01 more costs more.
+    from evit_hf import keep_rate_for_macs
+
+    builder = {"vit": "vit-classifier", "deit-teacher": "deit-teacher", "dinov2-registers": "dinov2-registers-base"}
+    tester = TESTERS[builder[family]]
+    stock = tester.stock_config_class(**tester.settings, architectures=[tester.stock_class.__name__])
+    evit = tester.evit_config_class(**tester.settings, architectures=[tester.evit_class.__name__])
+    target = budget * count_macs(evit, image_size=image_size, keep_rate=1.0)
+    keep_rate = keep_rate_for_macs(stock, target, image_size=image_size)
+    assert keep_rate == keep_rate_for_macs(evit, target, image_size=image_size)
+    assert count_macs(evit, image_size=image_size, keep_rate=keep_rate) <= target
+    assert count_macs(evit, image_size=image_size, keep_rate=round(keep_rate + 0.01, 2)) > target
