@@ -8,7 +8,12 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, LlavaConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .configuration_evit_base import check_keep_rate, keep_rates_by_layer, _VisionSettingsMixin
+from .configuration_evit_base import (
+    _VisionSettingsMixin,
+    check_keep_rate,
+    default_reduction_layers,
+    keep_rates_by_layer,
+)
 from .configuration_evit_clip import EViTCLIPVisionConfig
 from .token_reorganization import num_kept_tokens
 
@@ -27,6 +32,8 @@ LLAVA_VISION_DEFAULTS = {
     "projection_dim": 768,
 }
 
+_SETTINGS = ("num_hidden_layers", "reduction_layers", "keep_rate", "fuse_inattentive_tokens")
+
 
 def feature_hidden_state_indices(vision_feature_layer, num_hidden_layers: int) -> list[int]:
     """The vision tower's hidden states that `vision_feature_layer` (an index or a list, negative from the end)
@@ -37,8 +44,8 @@ def feature_hidden_state_indices(vision_feature_layer, num_hidden_layers: int) -
     for layer in layers:
         if not -num_hidden_states <= layer < num_hidden_states:
             raise ValueError(
-                f"vision_feature_layer {layer} selects none of the {num_hidden_states} hidden states of a vision tower "
-                f"with {num_hidden_layers} layers; use an index in [{-num_hidden_states}, {num_hidden_layers}]."
+                f"vision_feature_layer {layer} selects none of the {num_hidden_states} hidden states of a vision "
+                f"tower with {num_hidden_layers} layers; use an index in [{-num_hidden_states}, {num_hidden_layers}]."
             )
     return [layer % num_hidden_states for layer in layers]
 
@@ -57,9 +64,7 @@ def check_feature_layers_schedule(hidden_state_indices, reduction_layers) -> Non
         )
 
 
-def candidates_after_reductions(
-    num_patches: int, reduction_layers, keep_rate, fuse: bool, last_layer: int
-) -> int:
+def candidates_after_reductions(num_patches: int, reduction_layers, keep_rate, fuse: bool, last_layer: int) -> int:
     """The candidate tokens (patches, kept and fused) left after the reduction layers at or before `last_layer`
     (0-based; -1 for the embeddings), as the vision tower leaves them."""
     layer_keep_rates = keep_rates_by_layer(check_keep_rate(keep_rate, reduction_layers), reduction_layers)
@@ -112,9 +117,24 @@ class _LlavaSettingsMixin(_VisionSettingsMixin):
     """A LLaVA-style configuration whose vision tower is an EViT CLIP tower, which holds the settings."""
 
     def __post_init__(self, **kwargs):
-        if self.vision_config is not None:
-            check_clip_tower(self.vision_config, type(self).__name__)
+        if self.vision_config is None:
+            self.vision_config = dict(self.sub_configs_defaults["vision_config"].init_kwargs)
+        check_clip_tower(self.vision_config, type(self).__name__)
+        # The settings go to the vision configuration's constructor together, which takes a depth, reduction layers
+        # and per-layer keep rates that only fit each other (set one by one, the first would be refused).
+        settings = {key: kwargs.pop(key) for key in _SETTINGS if key in kwargs}
+        if not isinstance(self.vision_config, dict):
+            self.vision_config = self.vision_config.to_dict()
+        vision_config = {**self.vision_config, **settings}
+        if vision_config.get("reduction_layers") is None:
+            depth = vision_config.get("num_hidden_layers", LLAVA_VISION_DEFAULTS["num_hidden_layers"])
+            vision_config["reduction_layers"] = self.default_reduction_layers(depth)
+        self.vision_config = vision_config
         super().__post_init__(**kwargs)
+
+    def default_reduction_layers(self, num_hidden_layers: int) -> list[int]:
+        """The reduction layers when none are given: the paper's for a tower of that depth."""
+        return default_reduction_layers(num_hidden_layers)
 
     @property
     def feature_hidden_states(self) -> list[int]:

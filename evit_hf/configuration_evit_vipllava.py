@@ -44,16 +44,11 @@ class EViTVipLlavaConfig(_LlavaSettingsMixin, VipLlavaConfig):
     }
 
     def __post_init__(self, **kwargs):
-        if self.vision_config is None:
-            self.vision_config = dict(LLAVA_VISION_DEFAULTS)
-        if isinstance(self.vision_config, dict) and self.vision_config.get("reduction_layers") is None:
-            depth = self.vision_config.get("num_hidden_layers", LLAVA_VISION_DEFAULTS["num_hidden_layers"])
-            self.vision_config = {
-                **self.vision_config,
-                "reduction_layers": vipllava_default_reduction_layers(depth, self.vision_feature_layer),
-            }
         super().__post_init__(**kwargs)
         check_feature_layers_schedule(self.feature_hidden_states, self.vision_config.reduction_layers)
+
+    def default_reduction_layers(self, num_hidden_layers: int) -> list[int]:
+        return vipllava_default_reduction_layers(num_hidden_layers, self.vision_feature_layer)
 
 
 __all__ = ["EViTVipLlavaConfig"]

@@ -32,10 +32,10 @@ from transformers import (
     MetaClip2Model,
     MetaClip2VisionModel,
     MetaClip2VisionModelWithProjection,
-    ViTForImageClassification,
-    ViTModel,
     VipLlavaForConditionalGeneration,
     VipLlavaModel,
+    ViTForImageClassification,
+    ViTModel,
 )
 
 from .configuration_evit import EViTConfig
@@ -259,6 +259,7 @@ class EViTFamily:
             return None
         stock, evit = self.benchmark_models
         return (stock.config_class, stock, evit.config_class, evit)
+
 
 _NEEDS_WHOLE_GRID = (
     "its projector and packing need the whole patch grid (image tiles with unpadding and image-newline tokens), and "

@@ -185,7 +185,9 @@ class EViTLlavaForConditionalGeneration(_LlavaImageFeaturesMixin, LlavaForCondit
     config_class = EViTLlavaConfig
     evit_submodels = (EViTLlavaModel, EViTCLIPVisionModel)
 
-    def get_image_features(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
+    def get_image_features(
+        self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs
+    ):
         return self.model.get_image_features(
             pixel_values=pixel_values,
             vision_feature_layer=vision_feature_layer,

@@ -57,7 +57,9 @@ class EViTVipLlavaForConditionalGeneration(_VipLlavaImageFeaturesMixin, VipLlava
     evit_submodels = (EViTVipLlavaModel, EViTCLIPVisionModel)
 
     def get_image_features(self, pixel_values, vision_feature_layer=None, **kwargs):
-        return self.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=vision_feature_layer, **kwargs)
+        return self.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=vision_feature_layer, **kwargs
+        )
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
         return self.model.get_placeholder_mask(input_ids, inputs_embeds, image_features)

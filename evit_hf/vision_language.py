@@ -119,9 +119,7 @@ def _projector_macs(config, num_feature_layers: int) -> int:
     return num_feature_layers * vision_dim * text_dim + text_dim * text_dim
 
 
-def count_vision_language_macs(
-    config, image_size=None, keep_rate=None, prompt_length: int | None = None
-) -> int:
+def count_vision_language_macs(config, image_size=None, keep_rate=None, prompt_length: int | None = None) -> int:
     """Multiply-accumulates of one prompt of a LLaVA-style model with one image: the vision tower up to its (last)
     feature layer (as `count_macs` counts a CLIP tower, no head), the projector on the image features, and the
     language model's prefill on `prompt_length` text tokens (default 32) plus the image tokens."""
@@ -135,7 +133,10 @@ def count_vision_language_macs(
     ran_layers = max(max(indices), 1)
     # The tower as deep as the layers that run, with the reduction layers among them.
     kept_layers = [layer for layer in layers if layer < ran_layers]
-    rates = rate if not isinstance(rate, list) else [r for layer, r in zip(layers, rate) if layer < ran_layers]
+    if isinstance(rate, list):
+        rates = [r for layer, r in zip(layers, rate, strict=True) if layer < ran_layers]
+    else:
+        rates = rate
     settings = vision.to_dict()
     for key in ("model_type", "architectures", "keep_rate", "reduction_layers", "fuse_inattentive_tokens"):
         settings.pop(key, None)

@@ -330,7 +330,7 @@ def reference_llava_logits(stock, input_ids, image_features, image_token_id):
     flat = torch.cat(image_features)
     rows = (input_ids == image_token_id).nonzero()
     assert len(rows) == len(flat), f"{len(rows)} placeholders for {len(flat)} image features"
-    for (batch, position), feature in zip(rows.tolist(), flat):
+    for (batch, position), feature in zip(rows.tolist(), flat, strict=True):
         embeds[batch, position] = feature
     hidden = stock.model.language_model(inputs_embeds=embeds).last_hidden_state
     return stock.lm_head(hidden)
