@@ -132,6 +132,19 @@ class _LlavaSettingsMixin(_VisionSettingsMixin):
         self.vision_config = vision_config
         super().__post_init__(**kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # `from_pretrained` keyword arguments would be set one by one on the built configuration; reduction layers and
+        # per-layer keep rates that only fit each other go to the constructor instead (see `__post_init__`).
+        settings = {key: kwargs.pop(key) for key in _SETTINGS if key in kwargs}
+        if settings:
+            vision_config = config_dict.get("vision_config")
+            vision_config = vision_config.to_dict() if hasattr(vision_config, "to_dict") else dict(vision_config or {})
+            if "num_hidden_layers" in settings and "reduction_layers" not in settings:
+                vision_config.pop("reduction_layers", None)  # the new depth's defaults
+            config_dict = {**config_dict, "vision_config": {**vision_config, **settings}}
+        return super().from_dict(config_dict, **kwargs)
+
     def default_reduction_layers(self, num_hidden_layers: int) -> list[int]:
         """The reduction layers when none are given: the paper's for a tower of that depth."""
         return default_reduction_layers(num_hidden_layers)
