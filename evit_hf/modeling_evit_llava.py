@@ -50,6 +50,11 @@ class _LlavaStyleMixin(_EViTModuleMixin):
                 module.config = evit_vision_config
         convert_to_evit(self, type(self))
 
+    @property
+    def kept_token_picture_tower(self):
+        """The EViT vision tower, whose kept tokens `evit-hf visualize` draws."""
+        return self.model.vision_tower if hasattr(self, "model") else self.vision_tower
+
     def _reorganized_image_tokens(
         self,
         pixel_values: torch.Tensor,

@@ -9,14 +9,31 @@ from transformers import (
     CLIPImageProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaModel,
     LlavaProcessor,
     PreTrainedTokenizerFast,
     VipLlavaConfig,
     VipLlavaForConditionalGeneration,
+    VipLlavaModel,
 )
+
+import evit_hf
 
 from .model_builders import TINY_CLIP_VISION
 
+
+# The model classes (stock -> EViT) the tests of each vision-language family of evit_hf.FAMILIES build.
+VISION_LANGUAGE_TESTERS = {
+    "llava": {
+        LlavaForConditionalGeneration: evit_hf.EViTLlavaForConditionalGeneration,
+        LlavaModel: evit_hf.EViTLlavaModel,
+    },
+    "vipllava": {
+        VipLlavaForConditionalGeneration: evit_hf.EViTVipLlavaForConditionalGeneration,
+        VipLlavaModel: evit_hf.EViTVipLlavaModel,
+    },
+}
+STOCK_CONFIGS = {"llava": LlavaConfig, "vipllava": VipLlavaConfig}
 
 IMAGE_TOKEN = "<image>"
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN, "USER:", "ASSISTANT:", "what", "digit", "is", "this", "?"]
