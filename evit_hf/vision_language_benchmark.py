@@ -203,7 +203,8 @@ def command(parser, args, argv) -> dict:
     given = [option for option in FIXED_OPTIONS if any(arg.split("=")[0] == option for arg in argv)]
     if given:
         parser.error(
-            f"argument {given[0]}: the vision-language preset {args.model} measures batch 1 at its tower's image size, "
+            f"argument {given[0]}: the vision-language preset {args.model} measures batch 1 at its tower's image "
+            "size, "
             "in inference; leave out " + ", ".join(given)
         )
     for option, values, check in (

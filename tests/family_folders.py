@@ -7,7 +7,15 @@ from transformers import CLIPTokenizer
 
 import evit_hf
 
-from .model_builders import FAMILY_TESTERS, IMAGE_MODEL_FAMILIES, TINY, TINY_CLIP_TEXT, builder_classes, has_text_tower, tiny_stock_model
+from .model_builders import (
+    FAMILY_TESTERS,
+    IMAGE_MODEL_FAMILIES,
+    TINY,
+    TINY_CLIP_TEXT,
+    builder_classes,
+    has_text_tower,
+    tiny_stock_model,
+)
 
 
 def tiny_tokenizer() -> CLIPTokenizer:

@@ -17,7 +17,14 @@ from evit_hf.families import FAMILIES, IMAGE_CLASSIFICATION, PIPELINE_AUTO_CLASS
 
 from .fake_clock import FakeClock
 from .family_folders import builders_for, tiny_image_processor, tiny_tokenizer, write_family_folder
-from .model_builders import FAMILY_TESTERS, IMAGE_MODEL_FAMILIES, TINY, builder_classes, stock_and_evit, tiny_stock_model
+from .model_builders import (
+    FAMILY_TESTERS,
+    IMAGE_MODEL_FAMILIES,
+    TINY,
+    builder_classes,
+    stock_and_evit,
+    tiny_stock_model,
+)
 
 
 SHAPE = {**TINY, "num_labels": 10}  # more than 5 classes: the rows have a top-5 accuracy

@@ -9,8 +9,8 @@ import textwrap
 
 import numpy as np
 import pytest
-from PIL import Image
 import torch
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 import evit_hf
@@ -111,7 +111,8 @@ REMOTE_SCRIPT = textwrap.dedent(
     with torch.no_grad():
         logits = model(**inputs).logits
     generator = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
-    text = generator(images=Image.fromarray(image), text="USER: <image> what ASSISTANT:", max_new_tokens=2)[0]["generated_text"]
+    text = generator(images=Image.fromarray(image), text="USER: <image> what ASSISTANT:", max_new_tokens=2)
+    text = text[0]["generated_text"]
     assert "evit_hf" not in sys.modules, "evit_hf was imported"
     torch.save({"model": type(model).__name__, "module": type(model).__module__,
                 "processor": type(processor).__name__, "input_ids": inputs["input_ids"], "logits": logits,

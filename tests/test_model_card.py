@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import evit_hf
-from evit_hf.families import FAMILIES, PIPELINE_AUTO_CLASSES
+from evit_hf.families import PIPELINE_AUTO_CLASSES
 
 from .model_builders import FAMILY_TESTERS, IMAGE_MODEL_FAMILIES, tiny_stock_model
 

@@ -11,7 +11,15 @@ from evit_hf.images import load_rgb_image
 from evit_hf.visualization import kept_patch_masks
 
 from .family_folders import tiny_image_processor, write_family_folder
-from .model_builders import FAMILY_TESTERS, IMAGE_MODEL_FAMILIES, TINY, builder_classes, has_text_tower, stock_and_evit, text_inputs
+from .model_builders import (
+    FAMILY_TESTERS,
+    IMAGE_MODEL_FAMILIES,
+    TINY,
+    builder_classes,
+    has_text_tower,
+    stock_and_evit,
+    text_inputs,
+)
 
 
 def grid_mask(rows, cols, kept_cells):
