@@ -147,3 +147,26 @@ def test_get_image_features_takes_a_keep_rate_per_call(evit_folder):
     with torch.no_grad():
         features = model.get_image_features(tiny_pixels(), keep_rate=1.0).pooler_output
     assert [len(f) for f in features] == [64, 64]
+
+
+def test_visualize_draws_the_towers_kept_patches_of_a_saved_folder(evit_folder, tmp_path):
+    from evit_hf.cli import main
+    from evit_hf.visualization import kept_token_panels
+
+    image_path, output = tmp_path / "digit.png", tmp_path / "kept.png"
+    Image.fromarray(_image(3)).save(image_path)
+    main(["visualize", "--model", evit_folder, "--image", str(image_path), "--output", str(output)])
+    drawn = Image.open(output)
+    model = evit_hf.EViTLlavaForConditionalGeneration.from_pretrained(evit_folder)
+    panels = kept_token_panels(model, _pixels_of(evit_folder)[0])
+    assert [title for title, _ in panels] == ["input", "after layer 1", "after layer 2", "after layer 3"]
+    assert drawn.width > 4 * drawn.height / 2  # four panels side by side
+
+
+def test_the_model_card_says_what_was_reduced_and_by_how_much(evit_folder):
+    model = evit_hf.EViTLlavaForConditionalGeneration.from_pretrained(evit_folder)
+    card = str(evit_hf.create_model_card(model, "me/evit-llava"))
+    assert "pipeline_tag: image-text-to-text" in card
+    assert "AutoModelForImageTextToText" in card
+    assert f"64 -> {evit_hf.num_image_tokens(model.config)}" in card
+    assert "0.5" in card and "1, 2, 3" in card
