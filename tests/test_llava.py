@@ -2,6 +2,7 @@
 stock (logits and generate), placeholders from the processor, refusals, and the counts (tokens, MACs)."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -68,9 +69,22 @@ def _largest_difference(got, want) -> float:
     return max(float((a - b).abs().max() / b.abs().max().clamp(min=1)) for a, b in zip(got, want, strict=True))
 
 
-@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-@pytest.mark.parametrize("strategy", ["default", "full"])
-@pytest.mark.parametrize("schedule", SCHEDULES, ids=list(SCHEDULES))
+# Every schedule with both strategies and both backends; the suite runs one case of each schedule (the reference
+# takes seconds), --runslow all of them.
+FAST_SPEC_CASES = {
+    ("default-0.7", "default", "sdpa"),
+    ("default-0.5", "default", "eager"),
+    ("per-layer", "full", "sdpa"),
+    ("feature-layer-only", "full", "eager"),
+    ("after-feature-layer", "default", "sdpa"),
+}
+SPEC_CASES = [
+    pytest.param(*case, id="-".join(case), marks=() if case in FAST_SPEC_CASES else pytest.mark.slow)
+    for case in itertools.product(SCHEDULES, ["default", "full"], ["eager", "sdpa"])
+]
+
+
+@pytest.mark.parametrize("schedule, strategy, attn_implementation", SPEC_CASES)
 def test_image_features_and_logits_equal_the_spec(schedule, strategy, attn_implementation):
     reduction_layers, keep_rate = SCHEDULES[schedule]
     stock = tiny_stock("llava", attn_implementation, vision_feature_select_strategy=strategy)
@@ -208,8 +222,17 @@ def test_resize_position_embeddings_works_on_the_llava_tower():
 # VipLLaVA: several feature layers, which must hold the same tokens.
 
 
-@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-@pytest.mark.parametrize("reduction_layers, keep_rate", [([0], 0.5), ([3], 0.4), ([0, 3], [0.6, 0.5])])
+@pytest.mark.parametrize(
+    "reduction_layers, keep_rate, attn_implementation",
+    [
+        ([0], 0.5, "eager"),
+        pytest.param([0], 0.5, "sdpa", marks=pytest.mark.slow),
+        pytest.param([3], 0.4, "eager", marks=pytest.mark.slow),
+        pytest.param([3], 0.4, "sdpa", marks=pytest.mark.slow),
+        pytest.param([0, 3], [0.6, 0.5], "eager", marks=pytest.mark.slow),
+        ([0, 3], [0.6, 0.5], "sdpa"),
+    ],
+)
 def test_vipllava_features_and_logits_equal_the_spec(reduction_layers, keep_rate, attn_implementation):
     # Feature layers -2 and 1: the outputs of layers 2 and 0. Reductions at layer 0 (before both) and at layer 3 (after
     # both: it does not run) are allowed.
@@ -305,3 +328,27 @@ def test_the_family_records_name_the_models():
         evit_hf.EViTLlavaForConditionalGeneration
     )
     assert evit_hf.families.family_for_model_type("vipllava").name == "vipllava"
+
+
+# The ordering math on hand-made tensors
+
+
+def test_raster_order_puts_patches_in_ascending_index_then_fused_tokens_in_tower_order():
+    from evit_hf.token_reorganization import raster_order
+
+    positions = torch.tensor([[7, -1, 2, 9, -1, 0], [3, 1, 2, 0, 5, 4]])
+    order = raster_order(positions)
+    assert order.tolist() == [[5, 2, 0, 3, 1, 4], [3, 1, 2, 0, 5, 4]]
+    assert positions.gather(1, order).tolist() == [[0, 2, 7, 9, -1, -1], [0, 1, 2, 3, 4, 5]]
+    assert raster_order(torch.tensor([[-1, -1]])).tolist() == [[0, 1]]
+
+
+def test_candidate_positions_follow_the_last_reduction_layer():
+    from evit_hf.token_reorganization import candidate_positions
+
+    kept = torch.tensor([[4, -1, 0], [2, 3, 1]])
+    assert candidate_positions(None, 4, 2).tolist() == [[0, 1, 2, 3]] * 2
+    assert torch.equal(candidate_positions(kept, 3, 2), kept)  # no fused token appended (or none made)
+    assert candidate_positions(kept, 4, 2).tolist() == [[4, -1, 0, -1], [2, 3, 1, -1]]
+    with pytest.raises(ValueError, match="5 candidate tokens"):
+        candidate_positions(kept, 5, 2)
