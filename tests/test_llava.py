@@ -352,3 +352,17 @@ def test_candidate_positions_follow_the_last_reduction_layer():
     assert candidate_positions(kept, 4, 2).tolist() == [[4, -1, 0, -1], [2, 3, 1, -1]]
     with pytest.raises(ValueError, match="5 candidate tokens"):
         candidate_positions(kept, 5, 2)
+
+
+def test_the_embeddings_as_feature_layer_are_not_reduced():
+    # vision_feature_layer 0 reads the embeddings after pre_layrnorm: a reduction in layer 0 comes after them.
+    stock = tiny_stock("llava", vision_feature_layer=0)
+    evit = _evit_from(stock, keep_rate=0.5, reduction_layers=[0, 2])
+    assert evit_hf.num_image_tokens(evit.config) == 64
+    pixel_values = tiny_pixels()
+    with torch.no_grad():
+        got = evit.get_image_features(pixel_values).pooler_output
+        # (transformers' own get_image_features captures no hidden state for index 0, which is falsy)
+        embeddings = stock.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[0]
+        want = stock.model.multi_modal_projector(embeddings[:, 1:])
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

@@ -105,16 +105,23 @@ def _demo():
 
 
 def test_the_digits_vqa_demo_runs_with_tiny_settings(tmp_path, capsys):
-    results = _demo().main(["--output_dir", str(tmp_path), "--epochs", "1", "--limit", "16", "--batch_size", "16",
-                            "--finetune_keep_rate", "0.5", "--finetune_epochs", "1"])  # fmt: skip
+    results = _demo().main(["--output_dir", str(tmp_path), "--epochs", "1", "--limit", "16", "--batch_size", "16"])
     rows = results["trained at keep 1.0"]
     assert [row["schedule"] for row in rows] == [
         "keep 1, default layers", "keep 0.7, default layers", "keep 0.5, default layers", "keep 0.5, layer 2 only"
     ]  # fmt: skip
     assert [row["image_tokens"] for row in rows] == [64, 34, 18, 33]
     assert all(0 <= row["accuracy"] <= 1 and row["prefill_ms"] > 0 for row in rows)
-    assert "fine-tuned at keep 0.5" in results
+    assert list(results) == ["trained at keep 1.0"]
     assert "| keep 0.5, layer 2 only | 33 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # a quick run of the fine-tuning stage with LoRA
+def test_the_digits_vqa_demo_fine_tunes_with_lora(tmp_path):
+    pytest.importorskip("peft")
+    arguments = ["--output_dir", str(tmp_path), "--epochs", "1", "--limit", "16", "--batch_size", "16"]
+    results = _demo().main([*arguments, "--finetune_keep_rate", "0.5", "--finetune_epochs", "1", "--lora", "true"])
+    assert [row["image_tokens"] for row in results["fine-tuned at keep 0.5 (LoRA)"]] == [64, 34, 18, 33]
 
 
 @pytest.mark.slow  # the full demo: minutes on 2 CPU cores
