@@ -24,7 +24,9 @@ _NAMES_BY_MODULE = {
     "configuration_evit_deit": ["EViTDeiTConfig"],
     "configuration_evit_dinov2": ["EViTDinov2Config", "EViTDinov2WithRegistersConfig"],
     "configuration_evit_dinov3_vit": ["EViTDINOv3ViTConfig"],
+    "configuration_evit_llava": ["EViTLlavaConfig"],
     "configuration_evit_metaclip_2": ["EViTMetaClip2Config", "EViTMetaClip2VisionConfig"],
+    "configuration_evit_vipllava": ["EViTVipLlavaConfig"],
     "conversion": ["convert_timm_checkpoint"],
     "data": ["digits_dataset"],
     "distillation": ["DistillationTrainer"],
@@ -59,16 +61,20 @@ _NAMES_BY_MODULE = {
         "EViTDinov2WithRegistersModel",
     ],
     "modeling_evit_dinov3_vit": ["EViTDINOv3ViTModel"],
+    "modeling_evit_llava": ["EViTLlavaForConditionalGeneration", "EViTLlavaModel"],
     "modeling_evit_metaclip_2": [
         "EViTMetaClip2ForImageClassification",
         "EViTMetaClip2Model",
         "EViTMetaClip2VisionModel",
         "EViTMetaClip2VisionModelWithProjection",
     ],
+    "modeling_evit_vipllava": ["EViTVipLlavaForConditionalGeneration", "EViTVipLlavaModel"],
     "patch": ["apply_evit"],
     "planning": ["keep_rate_for_macs"],
+    "processing_evit_llava": ["EViTLlavaProcessor"],
     "resolution": ["resize_position_embeddings"],
     "token_reorganization": ["num_kept_tokens"],
+    "vision_language": ["keep_rate_for_image_tokens", "num_image_tokens"],
     "visualization": ["visualize_kept_tokens"],
 }
 _MODULE_BY_NAME = {name: module for module, names in _NAMES_BY_MODULE.items() for name in names}
@@ -82,7 +88,9 @@ if TYPE_CHECKING:
     from .configuration_evit_deit import EViTDeiTConfig
     from .configuration_evit_dinov2 import EViTDinov2Config, EViTDinov2WithRegistersConfig
     from .configuration_evit_dinov3_vit import EViTDINOv3ViTConfig
+    from .configuration_evit_llava import EViTLlavaConfig
     from .configuration_evit_metaclip_2 import EViTMetaClip2Config, EViTMetaClip2VisionConfig
+    from .configuration_evit_vipllava import EViTVipLlavaConfig
     from .conversion import convert_timm_checkpoint
     from .data import digits_dataset
     from .distillation import DistillationTrainer
@@ -117,16 +125,20 @@ if TYPE_CHECKING:
         EViTDinov2WithRegistersModel,
     )
     from .modeling_evit_dinov3_vit import EViTDINOv3ViTModel
+    from .modeling_evit_llava import EViTLlavaForConditionalGeneration, EViTLlavaModel
     from .modeling_evit_metaclip_2 import (
         EViTMetaClip2ForImageClassification,
         EViTMetaClip2Model,
         EViTMetaClip2VisionModel,
         EViTMetaClip2VisionModelWithProjection,
     )
+    from .modeling_evit_vipllava import EViTVipLlavaForConditionalGeneration, EViTVipLlavaModel
     from .patch import apply_evit
     from .planning import keep_rate_for_macs
+    from .processing_evit_llava import EViTLlavaProcessor
     from .resolution import resize_position_embeddings
     from .token_reorganization import num_kept_tokens
+    from .vision_language import keep_rate_for_image_tokens, num_image_tokens
     from .visualization import visualize_kept_tokens
 
 
@@ -177,6 +189,10 @@ __all__ = [
     "EViTForImageClassification",
     "EViTImageClassifierOutput",
     "EViTImageProcessor",
+    "EViTLlavaConfig",
+    "EViTLlavaForConditionalGeneration",
+    "EViTLlavaModel",
+    "EViTLlavaProcessor",
     "EViTMetaClip2Config",
     "EViTMetaClip2ForImageClassification",
     "EViTMetaClip2Model",
@@ -185,6 +201,9 @@ __all__ = [
     "EViTMetaClip2VisionModelWithProjection",
     "EViTModel",
     "EViTModelOutput",
+    "EViTVipLlavaConfig",
+    "EViTVipLlavaForConditionalGeneration",
+    "EViTVipLlavaModel",
     "FAMILIES",
     "KeepRateScheduler",
     "TopKAccuracy",
@@ -198,8 +217,10 @@ __all__ = [
     "default_reduction_layers",
     "digits_dataset",
     "evaluate_keep_rates",
+    "keep_rate_for_image_tokens",
     "keep_rate_for_macs",
     "leave_process_group",
+    "num_image_tokens",
     "num_kept_tokens",
     "register_evit_auto_classes",
     "resize_position_embeddings",

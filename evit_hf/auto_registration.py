@@ -18,7 +18,7 @@ def register_evit_auto_classes() -> None:
     makes `save_pretrained` write an `auto_map` and copy the code, so that a process without evit_hf loads saved
     folders with `trust_remote_code=True`."""
     import transformers
-    from transformers import AutoConfig, AutoImageProcessor
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
 
     from .families import FAMILIES
     from .image_processing_evit import EViTImageProcessor
@@ -42,6 +42,12 @@ def register_evit_auto_classes() -> None:
                 auto_class.register(config_class, models[0] if len(models) == 1 else tuple(models), exist_ok=True)
         for model_class, auto_class_name in saved_auto_class.items():
             model_class.register_for_auto_class(auto_class_name)
+
+        # Vision-language models save their processor (placeholders per image), with an `auto_map` and its code.
+        if family.processor_class is not None:
+            for config_class in family.config_classes:
+                AutoProcessor.register(config_class, family.processor_class, exist_ok=True)
+            family.processor_class.register_for_auto_class("AutoProcessor")
 
         # Converted reference checkpoints save EViTImageProcessor (the reference's crop); their
         # preprocessor_config.json names it, and gets an `auto_map` and the code for processes without evit_hf.

@@ -383,6 +383,10 @@ def benchmark(argv) -> dict:
         parser.error("argument --output-dir: give a folder name (an empty one writes nowhere)")
 
     from . import benchmark as benchmark_library
+    from . import vision_language_benchmark
+
+    if vision_language_benchmark.is_vision_language_shape(args.model):
+        return vision_language_benchmark.command(parser, args, argv)
 
     # The settings that need torch or the model's configuration, checked before any model is built.
     try:

@@ -23,10 +23,17 @@ from transformers import (
     Dinov2WithRegistersModel,
     DINOv3ViTBackbone,
     DINOv3ViTModel,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaNextForConditionalGeneration,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
     MetaClip2ForImageClassification,
     MetaClip2Model,
     MetaClip2VisionModel,
     MetaClip2VisionModelWithProjection,
+    VipLlavaForConditionalGeneration,
+    VipLlavaModel,
     ViTForImageClassification,
     ViTModel,
 )
@@ -36,7 +43,9 @@ from .configuration_evit_clip import EViTCLIPConfig, EViTCLIPVisionConfig
 from .configuration_evit_deit import EViTDeiTConfig
 from .configuration_evit_dinov2 import EViTDinov2Config, EViTDinov2WithRegistersConfig
 from .configuration_evit_dinov3_vit import EViTDINOv3ViTConfig
+from .configuration_evit_llava import EViTLlavaConfig
 from .configuration_evit_metaclip_2 import EViTMetaClip2Config, EViTMetaClip2VisionConfig
+from .configuration_evit_vipllava import EViTVipLlavaConfig
 from .modeling_evit import EViTForImageClassification, EViTModel
 from .modeling_evit_base import stock_class
 from .modeling_evit_clip import (
@@ -57,23 +66,28 @@ from .modeling_evit_dinov2 import (
     EViTDinov2WithRegistersModel,
 )
 from .modeling_evit_dinov3_vit import EViTDINOv3ViTModel
+from .modeling_evit_llava import EViTLlavaForConditionalGeneration, EViTLlavaModel
 from .modeling_evit_metaclip_2 import (
     EViTMetaClip2ForImageClassification,
     EViTMetaClip2Model,
     EViTMetaClip2VisionModel,
     EViTMetaClip2VisionModelWithProjection,
 )
+from .modeling_evit_vipllava import EViTVipLlavaForConditionalGeneration, EViTVipLlavaModel
+from .processing_evit_llava import EViTLlavaProcessor
 
 
 IMAGE_CLASSIFICATION = "image-classification"
 ZERO_SHOT_IMAGE_CLASSIFICATION = "zero-shot-image-classification"
 IMAGE_FEATURE_EXTRACTION = "image-feature-extraction"
+IMAGE_TEXT_TO_TEXT = "image-text-to-text"
 # The Auto class a pipeline task loads its model with.
 PIPELINE_AUTO_CLASSES: Mapping[str, str] = MappingProxyType(
     {
         IMAGE_CLASSIFICATION: "AutoModelForImageClassification",
         ZERO_SHOT_IMAGE_CLASSIFICATION: "AutoModelForZeroShotImageClassification",
         IMAGE_FEATURE_EXTRACTION: "AutoModel",
+        IMAGE_TEXT_TO_TEXT: "AutoModelForImageTextToText",
     }
 )
 
@@ -185,6 +199,10 @@ class EViTFamily:
         classifier_key_mapping: checkpoint key pattern -> key in the family's first image classifier, for a head that
             another of its classifiers saves under another name (the class head of a distilled DeiT), so that
             fine-tuning starts from it (`from_pretrained(..., key_mapping=...)`).
+        count_macs: for families whose cost is not one image through the tower and a head (vision-language models:
+            the tower up to the feature layer, the projector, the language model's prefill), the function
+            `count_macs` hands the configuration to: `(config, image_size, keep_rate, **options) -> int`.
+        processor_class: the processor its saved folders name (vision-language models: placeholders per image).
     """
 
     name: str
@@ -202,6 +220,8 @@ class EViTFamily:
     kept_token_picture_model: type | None = None
     refused_models: Mapping[type, str] = field(default_factory=dict)
     classifier_key_mapping: Mapping[str, str] = field(default_factory=dict)
+    count_macs: Callable[..., int] | None = None
+    processor_class: type | None = None
 
     @property
     def model_types(self) -> tuple[str, ...]:
@@ -239,6 +259,23 @@ class EViTFamily:
             return None
         stock, evit = self.benchmark_models
         return (stock.config_class, stock, evit.config_class, evit)
+
+
+_NEEDS_WHOLE_GRID = (
+    "its projector and packing need the whole patch grid (image tiles with unpadding and image-newline tokens), and "
+    "a reorganized sequence has fewer tokens, in another order, and a fused one; convert a LLaVA or VipLLaVA model "
+    "(one image of a fixed size, features in sequence) instead."
+)
+
+
+def _vision_language_macs(config, image_size, keep_rate, **options) -> int:
+    from .vision_language import count_vision_language_macs
+
+    return count_vision_language_macs(config, image_size=image_size, keep_rate=keep_rate, **options)
+
+
+def _vision_tower_mlp_macs(config) -> int:
+    return _plain_mlp_macs(config)
 
 
 _VIT_SHAPE = dict(patch_size=16, num_labels=1000, layer_norm_eps=1e-6)
@@ -472,6 +509,85 @@ FAMILIES: tuple[EViTFamily, ...] = (
                 )
             }
         ),
+    ),
+    EViTFamily(
+        name="llava",
+        display_name="LLaVA",
+        config_classes=(EViTLlavaConfig,),
+        models=MappingProxyType(
+            {LlavaModel: EViTLlavaModel, LlavaForConditionalGeneration: EViTLlavaForConditionalGeneration}
+        ),
+        auto_classes=MappingProxyType(
+            {
+                "AutoModelForImageTextToText": (EViTLlavaForConditionalGeneration,),
+                "AutoModel": (EViTLlavaModel,),
+            }
+        ),
+        pipelines=frozenset({IMAGE_TEXT_TO_TEXT}),
+        num_prefix_tokens=_one_prefix_token,
+        mlp_macs_per_token=_vision_tower_mlp_macs,
+        head_macs=_no_head_macs,
+        benchmark_shapes=MappingProxyType(
+            {
+                # LLaVA-1.5's vision tower (CLIP ViT-L/14 at 336 px: 576 patches, feature layer -2) and a small
+                # language model (random weights) that a CPU prefills in a fraction of a second.
+                "llava-1.5-tower-small-lm": dict(
+                    vision_config=dict(
+                        hidden_size=1024,
+                        num_hidden_layers=24,
+                        num_attention_heads=16,
+                        intermediate_size=4096,
+                        image_size=336,
+                        patch_size=14,
+                        layer_norm_eps=1e-5,
+                        projection_dim=768,
+                    ),
+                    text_config=dict(
+                        model_type="llama",
+                        hidden_size=512,
+                        num_hidden_layers=4,
+                        num_attention_heads=8,
+                        num_key_value_heads=8,
+                        intermediate_size=1376,
+                        vocab_size=32064,
+                        max_position_embeddings=2048,
+                    ),
+                    image_token_index=32000,
+                ),
+            }
+        ),
+        benchmark_models=(LlavaForConditionalGeneration, EViTLlavaForConditionalGeneration),
+        kept_token_picture_model=EViTLlavaForConditionalGeneration,
+        refused_models=MappingProxyType(
+            {
+                LlavaNextForConditionalGeneration: _NEEDS_WHOLE_GRID,
+                LlavaNextVideoForConditionalGeneration: _NEEDS_WHOLE_GRID,
+                LlavaOnevisionForConditionalGeneration: _NEEDS_WHOLE_GRID,
+            }
+        ),
+        count_macs=_vision_language_macs,
+        processor_class=EViTLlavaProcessor,
+    ),
+    EViTFamily(
+        name="vipllava",
+        display_name="VipLLaVA",
+        config_classes=(EViTVipLlavaConfig,),
+        models=MappingProxyType(
+            {VipLlavaModel: EViTVipLlavaModel, VipLlavaForConditionalGeneration: EViTVipLlavaForConditionalGeneration}
+        ),
+        auto_classes=MappingProxyType(
+            {
+                "AutoModelForImageTextToText": (EViTVipLlavaForConditionalGeneration,),
+                "AutoModel": (EViTVipLlavaModel,),
+            }
+        ),
+        pipelines=frozenset({IMAGE_TEXT_TO_TEXT}),
+        num_prefix_tokens=_one_prefix_token,
+        mlp_macs_per_token=_vision_tower_mlp_macs,
+        head_macs=_no_head_macs,
+        kept_token_picture_model=EViTVipLlavaForConditionalGeneration,
+        count_macs=_vision_language_macs,
+        processor_class=EViTLlavaProcessor,
     ),
 )
 

@@ -12,7 +12,10 @@ def _pair(value) -> tuple[int, int]:
 
 
 def count_macs(
-    config, image_size: int | tuple[int, int] | None = None, keep_rate: float | list[float] | None = None
+    config,
+    image_size: int | tuple[int, int] | None = None,
+    keep_rate: float | list[float] | None = None,
+    **options,
 ) -> int:
     """Multiply-accumulates of one image through the patch embedding, the layers and the head.
 
@@ -34,6 +37,10 @@ def count_macs(
         keep_rate (`float` or `list[float]`, *optional*):
             One rate for every reduction layer, or one per reduction layer in ascending layer order. Defaults to
             `config.keep_rate` for EViT configurations, 1.0 otherwise.
+        options:
+            What a family's own count takes: `prompt_length` (text tokens besides the image tokens, default 32) for
+            vision-language models (LLaVA, VipLLaVA), whose count is the vision tower up to the feature layer, the
+            projector and the language model's prefill of the prompt.
 
     Returns:
         `int`: the count (DeiT-S at 224 px: 4.60e9 at keep 1, 3.03e9 at keep 0.7).
@@ -44,6 +51,10 @@ def count_macs(
             f"count_macs counts the models of the families in evit_hf.FAMILIES; model_type {config.model_type!r} "
             f"is none of them: pass the configuration of a {', '.join(f.display_name for f in FAMILIES)} model."
         )
+    if family.count_macs is not None:
+        return family.count_macs(config, image_size, keep_rate, **options)
+    if options:
+        raise TypeError(f"count_macs takes no {', '.join(options)} for a {family.display_name} model.")
     # CLIP: the vision tower, where the EViT settings live too.
     vision_config = vision_config_of(config)
     height, width = _pair(image_size if image_size is not None else vision_config.image_size)

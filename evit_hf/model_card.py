@@ -118,6 +118,12 @@ def create_model_card(
         eval_results=eval_results,
     )
     image_size = config.image_size
+    training_settings = dict(training_settings or {})
+    if hasattr(model.config, "image_feature_count"):  # vision-language models: what the language model reads
+        training_settings.setdefault(
+            "image tokens per image (stock -> EViT)",
+            f"{model.config.image_feature_count(keep_rate=1.0)} -> {model.config.image_feature_count()}",
+        )
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path),

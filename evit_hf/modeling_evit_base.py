@@ -365,12 +365,15 @@ class _TokenReductionEncoderMixin(_EViTModuleMixin):
         masks_tokens: bool,
         keep_rate: float | None,
         per_token_inputs=None,
+        num_layers: int | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, tuple[torch.LongTensor, ...]]:
         """Runs the layers. `attention_mask` is the backend's mask for the embedding tokens; `masks_tokens` says
         whether the caller passed a mask (a backend may build one, flex's block mask, without any masking).
         `per_token_inputs(token_positions)`, if given, returns the layer keyword arguments that follow the tokens
-        (rotary position embeddings) after a reorganization, from each candidate's patch index (-1: fused)."""
+        (rotary position embeddings) after a reorganization, from each candidate's patch index (-1: fused).
+        `num_layers`, if given, runs only the first `num_layers` layers (a vision-language model reads a hidden state
+        before the last layer, and the layers after it would change nothing it reads)."""
         reduction_layers = self.config.reduction_layers
         keep_rate = check_keep_rate(self.config.keep_rate if keep_rate is None else keep_rate, reduction_layers)
         layer_keep_rates = keep_rates_by_layer(keep_rate, reduction_layers)  # {layer: its keep rate}
@@ -380,7 +383,8 @@ class _TokenReductionEncoderMixin(_EViTModuleMixin):
         hidden_states = embedding_output  # [batch, tokens, dim]
         token_positions = None  # [batch, candidates]: patch index of each candidate, -1 for a fused token
         kept_token_indices = []
-        for index, layer in enumerate(self.get_submodule(self.layers_name)):
+        layers = self.get_submodule(self.layers_name)
+        for index, layer in enumerate(layers if num_layers is None else layers[:num_layers]):
             if index not in reduction_layers:
                 hidden_states = layer(hidden_states, attention_mask, **kwargs)
                 continue

@@ -150,6 +150,48 @@ def track_token_positions(
     return kept_positions, torch.cat([kept_positions, fused_position], dim=1)
 
 
+def candidate_positions(
+    kept_positions: torch.Tensor | None, num_candidates: int, batch: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """The patch index of each candidate token in a sequence, from the kept positions of the last reduction layer
+    that ran before it.
+
+    Args:
+        kept_positions (`torch.Tensor` of shape `[batch, k]`, *optional*): that layer's kept tokens' patch indices (-1
+            for a fused token an earlier layer made), as `track_token_positions` returns them; `None` when no
+            reduction layer ran (the candidates are then every patch, in raster order).
+        num_candidates (`int`): the candidates in the sequence: `k`, or `k + 1` when that layer appended a fused token.
+        batch (`int`), device (`torch.device`): of the sequence, for the case without a reduction layer.
+
+    Returns:
+        `torch.Tensor` of shape `[batch, num_candidates]` (LongTensor), -1 for fused tokens.
+    """
+    if kept_positions is None:
+        return torch.arange(num_candidates, device=device).expand(batch, -1)
+    kept = kept_positions.shape[1]
+    if num_candidates == kept:
+        return kept_positions
+    if num_candidates == kept + 1:  # the fused token that layer appended
+        return torch.cat([kept_positions, kept_positions.new_full((kept_positions.shape[0], 1), -1)], dim=1)
+    raise ValueError(f"{num_candidates} candidate tokens cannot follow a reduction layer that kept {kept}.")
+
+
+def raster_order(token_positions: torch.Tensor) -> torch.Tensor:
+    """The order that puts candidate tokens in ascending patch index (raster order of the patch grid), followed by
+    the fused tokens (-1) in the order they had.
+
+    Args:
+        token_positions (`torch.Tensor` of shape `[batch, candidates]`): each candidate's patch index, -1 if fused.
+
+    Returns:
+        `torch.Tensor` of shape `[batch, candidates]` (LongTensor): indices into the candidates, for `gather_tokens`.
+    """
+    # Fused tokens sort after every patch (patch indices are < the largest index + 1); a stable sort keeps their order.
+    after_patches = token_positions.max().clamp(min=0) + 1
+    keys = torch.where(token_positions >= 0, token_positions, after_patches)
+    return torch.sort(keys, dim=1, stable=True).indices
+
+
 def rotations_for_tokens(
     patch_cos: torch.Tensor, patch_sin: torch.Tensor, token_positions: torch.Tensor, num_prefix_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,11 +224,13 @@ def rotations_for_tokens(
 
 
 __all__ = [
+    "candidate_positions",
     "candidate_scores",
     "class_token_attention",
     "fuse_inattentive_tokens",
     "gather_tokens",
     "num_kept_tokens",
+    "raster_order",
     "reorganize_tokens",
     "rotations_for_tokens",
     "select_attentive_tokens",

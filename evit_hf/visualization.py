@@ -87,6 +87,8 @@ def kept_token_panels(
     """The panels `visualize_kept_tokens` draws, as (title, [height, width, 3] uint8 array) pairs: the input, then one
     per reduction layer, titled "after layer N" with N the layer's 0-based index. Arguments as there."""
     pixel_values = _pixel_values(model, image_or_pixel_values, image_processor)
+    # Vision-language models draw their vision tower's kept tokens.
+    model = getattr(model, "kept_token_picture_tower", model)
     was_training = model.training
     model.eval()
     with torch.no_grad():

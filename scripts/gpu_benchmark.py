@@ -37,6 +37,8 @@ DEFAULT_BATCH_SIZES = [1, 64, 256]
 LEFT_OUT_SHAPES = {
     "deit-tiny": "too small to load a GPU: its speed-ups measure kernel launches",
     "vit-base": "the shape of deit-base",
+    "llava-1.5-tower-small-lm": "a vision-language model: `evit-hf benchmark --model llava-1.5-tower-small-lm` times "
+    "its prefill and decoding",
 }
 # transformers' flash attention implementations and the package each needs; used only where it is installed.
 FLASH_IMPLEMENTATIONS = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}

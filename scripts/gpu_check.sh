@@ -2,7 +2,7 @@
 # Checks every CUDA path on a machine with a CUDA GPU, in one command of at most 8 minutes:
 #     bash scripts/gpu_check.sh [OUTPUT_DIR]        (default OUTPUT_DIR: gpu_check_results)
 # 1. installs evit_hf and its test extras if they are not importable, keeping the installed torch (never replaced);
-# 2. runs the gpu-marked tests (tests/test_gpu.py);
+# 2. runs the gpu-marked tests (tests/test_gpu.py, tests/test_llava_gpu.py);
 # 3. writes the benchmark table, OUTPUT_DIR/gpu_benchmark.json and .md (scripts/gpu_benchmark.py), in the time left.
 # Exits 1 when a test or a benchmark group fails. Without a CUDA device it says so in one line and exits 0.
 # PYTHON selects the interpreter (default python3).
@@ -91,7 +91,7 @@ fi
 
 # 2. The gpu-marked tests.
 echo "gpu_check.sh: gpu-marked tests"
-timeout 240 "$python" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -rs
+timeout 240 "$python" -m pytest -q -m gpu tests/test_gpu.py tests/test_llava_gpu.py -p no:cacheprovider -rs
 tests_status=$?
 [ $tests_status -eq 124 ] && echo "gpu_check.sh: the gpu-marked tests ran past 240 s and were stopped" >&2
 

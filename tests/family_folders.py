@@ -6,9 +6,16 @@ import string
 from transformers import CLIPTokenizer
 
 import evit_hf
-from evit_hf.families import FAMILIES
 
-from .model_builders import FAMILY_TESTERS, TINY, TINY_CLIP_TEXT, builder_classes, has_text_tower, tiny_stock_model
+from .model_builders import (
+    FAMILY_TESTERS,
+    IMAGE_MODEL_FAMILIES,
+    TINY,
+    TINY_CLIP_TEXT,
+    builder_classes,
+    has_text_tower,
+    tiny_stock_model,
+)
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
@@ -32,7 +39,7 @@ def tiny_image_processor():
 def builders_for(auto_class_name: str) -> list[tuple[str, str]]:
     """(family name, builder) for the first builder of each family whose EViT model `auto_class_name` loads."""
     found = []
-    for family in FAMILIES:
+    for family in IMAGE_MODEL_FAMILIES:
         models = family.auto_classes.get(auto_class_name, ())
         builder = next((b for b in FAMILY_TESTERS[family.name] if builder_classes(b)[1] in models), None)
         if builder is not None:

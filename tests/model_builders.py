@@ -294,7 +294,12 @@ def encoder_main_output(output):
     return output.last_hidden_state
 
 
-# The builders above that test each family of evit_hf.FAMILIES (by its name).
+# The families of image models (all but the vision-language ones, which serve image-text-to-text: tests/test_llava*.py
+# test those against their own reference, with tests/llava_builders.py).
+IMAGE_MODEL_FAMILIES = tuple(family for family in evit_hf.FAMILIES if "image-text-to-text" not in family.pipelines)
+VISION_LANGUAGE_FAMILIES = tuple(family for family in evit_hf.FAMILIES if family not in IMAGE_MODEL_FAMILIES)
+
+# The builders above that test each family of IMAGE_MODEL_FAMILIES (by its name).
 FAMILY_TESTERS = {
     "vit": ("vit-base", "vit-classifier"),
     "deit": ("deit-base", "deit-classifier", "deit-teacher"),

@@ -287,3 +287,50 @@ def reference_timm_logits(
             image_logits = (image_logits + linear(x[1], "head_dist")) / 2
         logits.append(image_logits)
     return torch.stack(logits)
+
+
+# LLaVA and VipLLaVA (a CLIP vision tower, a projector, a language model)
+
+
+def reference_llava_image_features(stock, pixel_values, keep_rates, fuse, hidden_state_indices, keep_class_token):
+    """The image features of a stock LLaVA-style model (`LlavaForConditionalGeneration` or VipLLaVA's) with EViT in
+    its vision tower, as the spec orders them: per image, the class token (strategy "full"), the kept patches in
+    ascending patch index, then the fused tokens in tower order; the selected hidden states (0: the embeddings after
+    `pre_layrnorm`, i: the output of layer i - 1) concatenated along features, then projected.
+
+    `keep_rates` maps each reduction layer (0-based) to its keep rate. Returns a list of `[features, text dim]`."""
+    base = stock.model
+    tower = base.vision_tower
+    blocks = [_clip_block(layer) for layer in tower.encoder.layers]
+    features = []
+    for x in tower.pre_layrnorm(tower.embeddings(pixel_values)):
+        positions = list(range(x.shape[0] - 1))
+        states = {0: (x, list(positions))}
+        for index, block in enumerate(blocks[: max(hidden_state_indices)]):
+            out, probs = _attention(block, block.norm_before(x), 1, positions, None)
+            x = x + out
+            if index in keep_rates:
+                x, _, positions = _reorganize(x, probs, 1, keep_rates[index], fuse, positions)
+            x = x + block.mlp(block.norm_after(x))
+            states[index + 1] = (x, list(positions))
+        per_layer = []
+        for index in hidden_state_indices:
+            tokens, token_positions = states[index]
+            patches = sorted((p, 1 + j) for j, p in enumerate(token_positions) if p >= 0)
+            fused = [1 + j for j, p in enumerate(token_positions) if p < 0]
+            rows = ([0] if keep_class_token else []) + [row for _, row in patches] + fused
+            per_layer.append(tokens[rows])
+        features.append(base.multi_modal_projector(torch.cat(per_layer, dim=-1)))
+    return features
+
+
+def reference_llava_logits(stock, input_ids, image_features, image_token_id):
+    """The stock language model and head on the prompt whose placeholders hold `image_features` (in order)."""
+    embeds = stock.model.language_model.get_input_embeddings()(input_ids).clone()
+    flat = torch.cat(image_features)
+    rows = (input_ids == image_token_id).nonzero()
+    assert len(rows) == len(flat), f"{len(rows)} placeholders for {len(flat)} image features"
+    for (batch, position), feature in zip(rows.tolist(), flat, strict=True):
+        embeds[batch, position] = feature
+    hidden = stock.model.language_model(inputs_embeds=embeds).last_hidden_state
+    return stock.lm_head(hidden)

@@ -12,6 +12,7 @@ import evit_hf
 
 from .model_builders import (
     FAMILY_TESTERS,
+    IMAGE_MODEL_FAMILIES,
     TINY,
     builder_classes,
     cached_stock_model,
@@ -159,7 +160,7 @@ FAMILY_FILES = {
 }
 
 
-@pytest.mark.parametrize("family", evit_hf.FAMILIES, ids=lambda family: family.name)
+@pytest.mark.parametrize("family", IMAGE_MODEL_FAMILIES, ids=lambda family: family.name)
 def test_saved_folders_ship_only_their_familys_code(family, tmp_path):
     for builder in FAMILY_TESTERS[family.name]:
         model = evit_hf.apply_evit(cached_stock_model(builder), keep_rate=0.5)
@@ -168,7 +169,7 @@ def test_saved_folders_ship_only_their_familys_code(family, tmp_path):
         assert shipped == FAMILY_FILES[family.name] | BASE_FILES, builder
 
 
-@pytest.mark.parametrize("family", evit_hf.FAMILIES, ids=lambda family: family.name)
+@pytest.mark.parametrize("family", IMAGE_MODEL_FAMILIES, ids=lambda family: family.name)
 def test_constructors_take_the_path_of_apply_evit(family):
     # A model built as EViT and a stock model converted by apply_evit: the same class for every module and the same
     # keys. The constructor builds the stock modules, then runs apply_evit's conversion.
@@ -182,7 +183,7 @@ def test_constructors_take_the_path_of_apply_evit(family):
         assert built.state_dict().keys() == converted.state_dict().keys()
 
 
-@pytest.mark.parametrize("family", evit_hf.FAMILIES, ids=lambda family: family.name)
+@pytest.mark.parametrize("family", IMAGE_MODEL_FAMILIES, ids=lambda family: family.name)
 def test_layers_and_attention_are_where_the_table_says(family):
     for builder in FAMILY_TESTERS[family.name]:
         model = evit_hf.apply_evit(cached_stock_model(builder), keep_rate=0.5)

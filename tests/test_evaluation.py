@@ -17,7 +17,14 @@ from evit_hf.families import FAMILIES, IMAGE_CLASSIFICATION, PIPELINE_AUTO_CLASS
 
 from .fake_clock import FakeClock
 from .family_folders import builders_for, tiny_image_processor, tiny_tokenizer, write_family_folder
-from .model_builders import FAMILY_TESTERS, TINY, builder_classes, stock_and_evit, tiny_stock_model
+from .model_builders import (
+    FAMILY_TESTERS,
+    IMAGE_MODEL_FAMILIES,
+    TINY,
+    builder_classes,
+    stock_and_evit,
+    tiny_stock_model,
+)
 
 
 SHAPE = {**TINY, "num_labels": 10}  # more than 5 classes: the rows have a top-5 accuracy
@@ -238,7 +245,7 @@ def headless_builders() -> list[tuple[str, str]]:
     """(family, builder) for the first model of each family that is neither an image classifier nor a zero-shot
     model (a base model or a vision tower)."""
     found = []
-    for family in FAMILIES:
+    for family in IMAGE_MODEL_FAMILIES:
         scored = {model for name in SCORED_AUTO_CLASSES for model in family.auto_classes.get(name, ())}
         builder = next(b for b in FAMILY_TESTERS[family.name] if builder_classes(b)[1] not in scored)
         found.append((family.name, builder))
@@ -342,7 +349,7 @@ def test_models_without_a_head_are_refused_before_any_work(family, builder):
         evaluate_keep_rates(evit, UntouchableDataset(), progress=False)
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=[family.name for family in FAMILIES])
+@pytest.mark.parametrize("family", IMAGE_MODEL_FAMILIES, ids=[family.name for family in IMAGE_MODEL_FAMILIES])
 def test_the_family_table_picks_the_class_a_checkpoint_is_evaluated_with(family):
     for builder in FAMILY_TESTERS[family.name]:
         stock_class, evit_class = builder_classes(builder)

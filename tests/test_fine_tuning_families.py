@@ -26,14 +26,14 @@ from evit_hf.macs import count_macs
 from evit_hf.resolution import resize_position_embeddings
 
 from .image_files import good_folder, image_check_cache  # noqa: F401  (autouse: the test's own image-check cache)
-from .model_builders import FAMILY_TESTERS, TESTERS, stock_config, tiny_stock_model
+from .model_builders import FAMILY_TESTERS, IMAGE_MODEL_FAMILIES, TESTERS, stock_config, tiny_stock_model
 from .test_examples import run_image_classification, save_small_vit
 from .test_resume import kill_after_first_checkpoint, largest_difference, resume_args, weights
 
 
 CLASSIFIER = "AutoModelForImageClassification"
 CLASSIFIER_FAMILIES = [family for family in FAMILIES if family.auto_classes.get(CLASSIFIER)]
-FAMILIES_WITHOUT_CLASSIFIER = [family for family in FAMILIES if not family.auto_classes.get(CLASSIFIER)]
+FAMILIES_WITHOUT_CLASSIFIER = [family for family in IMAGE_MODEL_FAMILIES if not family.auto_classes.get(CLASSIFIER)]
 
 
 def family_checkpoints():

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import evit_hf
-from evit_hf.families import FAMILIES, PIPELINE_AUTO_CLASSES
+from evit_hf.families import PIPELINE_AUTO_CLASSES
 
-from .model_builders import FAMILY_TESTERS, tiny_stock_model
+from .model_builders import FAMILY_TESTERS, IMAGE_MODEL_FAMILIES, tiny_stock_model
 
 
 ROWS = [
@@ -55,7 +55,7 @@ def test_per_layer_keep_rates_image_size_and_training_settings_are_recorded():
     assert [result.metric_value for result in card.data.eval_results] == [0.85]
 
 
-ALL_BUILDERS = [(family, builder) for family in FAMILIES for builder in FAMILY_TESTERS[family.name]]
+ALL_BUILDERS = [(family, builder) for family in IMAGE_MODEL_FAMILIES for builder in FAMILY_TESTERS[family.name]]
 
 
 @pytest.mark.parametrize("family, builder", ALL_BUILDERS, ids=[builder for _, builder in ALL_BUILDERS])

@@ -17,12 +17,15 @@ from transformers import DeiTConfig, DeiTModel, ViTConfig, ViTModel
 import evit_hf
 from evit_hf.token_reorganization import num_kept_tokens
 
+from .llava_builders import VISION_LANGUAGE_TESTERS
 from .model_builders import (
     DEIT_SMALL,
     FAMILIES,
     FAMILY_TESTERS,
+    IMAGE_MODEL_FAMILIES,
     TESTERS,
     TINY,
+    VISION_LANGUAGE_FAMILIES,
     cached_stock_and_evit,
     cached_stock_model,
     encoder_main_output,
@@ -52,8 +55,11 @@ def vision_output(output):
 
 
 def test_every_family_has_a_tester():
-    assert list(FAMILY_TESTERS) == [family.name for family in evit_hf.FAMILIES]
-    for family in evit_hf.FAMILIES:
+    assert list(FAMILY_TESTERS) == [family.name for family in IMAGE_MODEL_FAMILIES]
+    assert {family.name for family in VISION_LANGUAGE_FAMILIES} == set(VISION_LANGUAGE_TESTERS)
+    for family in VISION_LANGUAGE_FAMILIES:
+        assert set(VISION_LANGUAGE_TESTERS[family.name].items()) == set(family.models.items())
+    for family in IMAGE_MODEL_FAMILIES:
         testers = [tester for tester in TESTERS.values() if tester.family == family.name]
         assert testers, f"family {family.name!r} has no tester in tests/model_builders.py"
         assert {(tester.stock_class, tester.evit_class) for tester in testers} == set(family.models.items())
