@@ -6,20 +6,22 @@ import pytest
 import torch
 from transformers import ViTConfig
 
-from evit_hf import benchmark as benchmark_module
-from evit_hf import count_macs
+from evit_hf import benchmark_timing, count_macs
 from evit_hf.benchmark import (
     BenchmarkSettings,
     InvalidBenchmarkSetting,
     benchmarked_reduction_layers,
     build_models,
     macs_config,
+    max_logit_difference_between_backends,
     model_patch_size,
     reorganization_overhead,
+    resolution_comparison,
     run_benchmark,
     smallest_batches_at_bound,
 )
 from evit_hf.cli import main as cli_main
+from evit_hf.configuration_evit_base import check_keep_rate
 from evit_hf.families import FAMILIES_BY_NAME
 
 from .fake_clock import FakeClock
@@ -94,8 +96,9 @@ def test_reorganization_overhead_is_a_share():
 @pytest.mark.parametrize(
     "settings, field, message",
     [({"model": "resnet"}, "model", "must be one of deit-tiny"), ({"dtypes": ["int8"]}, "dtypes", "must be among"),
-     ({"keep_rates": [0.0]}, "keep_rates", "in (0, 1]; got 0.0"),
-     ({"keep_rates": [float("nan")]}, "keep_rates", "in (0, 1]; got nan"),
+     ({"keep_rates": [0.0]}, "keep_rates", "keep_rate must be in (0, 1] (the share of candidate tokens each "
+      "reduction layer keeps), got 0.0"),
+     ({"keep_rates": [float("nan")]}, "keep_rates", "keep_rate must be a number in (0, 1], such as 0.7; got nan"),
      ({"batch_sizes": [0]}, "batch_sizes", "a batch size is a whole number >= 1"),
      ({"image_sizes": [8]}, "image_sizes", "at least the patch size (16 px for deit-small); got 8"),
      ({"rounds": 0}, "rounds", "whole number >= 1"), ({"warmup": -1}, "warmup", "whole number >= 0"),
@@ -109,6 +112,52 @@ def test_benchmark_settings_are_validated(settings, field, message):
     with pytest.raises(InvalidBenchmarkSetting, match=re.escape(message)) as error:
         BenchmarkSettings(**settings)
     assert isinstance(error.value, ValueError) and error.value.field == field
+
+
+# Keep rates the settings refuse: each with the configurations' own check, `check_keep_rate`, and its message.
+REFUSED_KEEP_RATES = {
+    "zero": (0.0, None),
+    "above-one": (1.5, None),
+    "infinite": (float("inf"), None),
+    "a-yes": (True, None),
+    "a-word": ("0.7", None),
+    "empty-list": ([], None),
+    "per-layer-with-a-zero": ([0.9, 0.0, 0.5], None),
+    "per-layer-too-short": ([0.9, 0.7], [3, 6, 9]),
+}
+
+
+@pytest.mark.parametrize("keep_rate, layers", REFUSED_KEEP_RATES.values(), ids=REFUSED_KEEP_RATES.keys())
+def test_benchmark_settings_refuse_keep_rates_with_the_configurations_check(keep_rate, layers):
+    with pytest.raises(ValueError) as expected:
+        check_keep_rate(keep_rate, layers)
+    with pytest.raises(InvalidBenchmarkSetting) as refused:
+        BenchmarkSettings(model="deit-tiny", keep_rates=[0.7, keep_rate])  # deit-tiny: reduction layers 3, 6 and 9
+    assert refused.value.field == "keep_rates"
+    assert str(refused.value) == "keep_rates: " + str(expected.value).rstrip(".")
+
+
+def test_every_benchmark_builds_its_models_with_the_timing_modules_build_models(monkeypatch):
+    # The refusal tests (test_cli.py, test_command_outputs.py) replace `benchmark_timing.build_models` to prove that no
+    # model is built before the arguments are checked: every measurement must look the name up there.
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(benchmark_timing, "build_models", refuse)
+    settings = BenchmarkSettings(model="deit-tiny", keep_rates=[0.5], batch_sizes=[1], rounds=1, warmup=0)
+    measurements = {
+        "run_benchmark": lambda: run_benchmark(settings, progress=False),
+        "resolution_comparison": lambda: resolution_comparison("deit-tiny", image_sizes=(32,), batch_size=1),
+        "reorganization_overhead": lambda: reorganization_overhead("deit-tiny", batch_size=1, image_size=32),
+        "max_logit_difference_between_backends": lambda: max_logit_difference_between_backends("deit-tiny"),
+    }
+    for name, measure in measurements.items():
+        with pytest.raises(AssertionError, match="a model was built"):
+            measure()
+        assert calls and calls.pop()[0] == "deit-tiny", name
 
 
 @pytest.mark.parametrize(
@@ -159,9 +208,9 @@ def test_images_per_s_is_each_variants_own_step_time(tmp_path, monkeypatch):
     # own time, neither the time of all variants' steps nor the wall time with the loading.
     ViTConfig(**TWO_LAYERS).save_pretrained(tmp_path)
     clock = FakeClock()
-    monkeypatch.setattr(benchmark_module, "time", SimpleNamespace(perf_counter=clock))
+    monkeypatch.setattr(benchmark_timing, "time", SimpleNamespace(perf_counter=clock))
     step_seconds = {None: 0.4, 0.7: 0.25, 0.5: 0.125}
-    build = benchmark_module.build_models
+    build = benchmark_timing.build_models
 
     def slow_build(*args, **kwargs):
         clock.advance(1000.0)
@@ -170,8 +219,8 @@ def test_images_per_s_is_each_variants_own_step_time(tmp_path, monkeypatch):
     def timed_step(model, pixel_values, labels, mode, keep_rate):
         return lambda: clock.advance(step_seconds[keep_rate])
 
-    monkeypatch.setattr(benchmark_module, "build_models", slow_build)
-    monkeypatch.setattr(benchmark_module, "_step_function", timed_step)
+    monkeypatch.setattr(benchmark_timing, "build_models", slow_build)
+    monkeypatch.setattr(benchmark_timing, "_step_function", timed_step)
     settings = BenchmarkSettings(
         model=str(tmp_path), keep_rates=[0.7, 0.5], batch_sizes=[4], image_sizes=[16], rounds=3, warmup=1,
         measure_memory=False,
@@ -252,7 +301,7 @@ def test_small_batch_report_names_the_smallest_batch_at_95_percent_of_the_macs_r
     macs_ratio = {rate: count_macs(config, keep_rate=1.0) / count_macs(config, keep_rate=rate) for rate in (0.7, 0.5)}
     share_of_bound = {(0.7, 1): 0.90, (0.7, 2): 0.96, (0.7, 4): 0.99, (0.5, 1): 0.80, (0.5, 2): 0.90, (0.5, 4): 0.94}
     clock = FakeClock()
-    monkeypatch.setattr(benchmark_module, "time", SimpleNamespace(perf_counter=clock))
+    monkeypatch.setattr(benchmark_timing, "time", SimpleNamespace(perf_counter=clock))
 
     def timed_step(model, pixel_values, labels, mode, keep_rate):
         batch_size = pixel_values.shape[0]
@@ -260,7 +309,7 @@ def test_small_batch_report_names_the_smallest_batch_at_95_percent_of_the_macs_r
             return lambda: clock.advance(1.0 * batch_size)
         return lambda: clock.advance(batch_size / (share_of_bound[keep_rate, batch_size] * macs_ratio[keep_rate]))
 
-    monkeypatch.setattr(benchmark_module, "_step_function", timed_step)
+    monkeypatch.setattr(benchmark_timing, "_step_function", timed_step)
     output_dir = tmp_path / "results"
     cli_main(
         ["benchmark", "--model", str(tmp_path / "model"), "--keep-rates", "0.7", "0.5", "--batch-sizes", "4", "1", "2",
@@ -351,3 +400,15 @@ def test_layer_efficiency_bound_refuses_other_shapes_before_any_work(capsys):
     with pytest.raises(SystemExit) as error:
         load_script("benchmark_layer_efficiency").main(["--model", "clip-base"])
     assert error.value.code == 2 and "--model must be one of deit-tiny" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text, checked", [("0", 0.0), ("1.5", 1.5), ("nan", float("nan"))], ids=["zero", "above-one", "nan"]
+)
+def test_layer_efficiency_bound_refuses_keep_rates_with_the_configurations_check(text, checked, capsys):
+    with pytest.raises(ValueError) as expected:
+        check_keep_rate(checked)
+    with pytest.raises(SystemExit) as error:
+        load_script("benchmark_layer_efficiency").main(["--model", "deit-tiny", "--keep-rate", text])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.value.code == 2 and line.endswith("argument --keep-rate: " + str(expected.value).rstrip(".")), line
