@@ -114,6 +114,12 @@ def test_benchmark_settings_are_validated(settings, field, message):
     assert isinstance(error.value, ValueError) and error.value.field == field
 
 
+def test_the_smallest_image_size_is_one_patch():
+    assert BenchmarkSettings(model="deit-tiny", image_sizes=[16, 17]).image_sizes == [16, 17]  # 16 px patches
+    with pytest.raises(InvalidBenchmarkSetting, match=r"at least the patch size \(16 px for deit-tiny\); got 15"):
+        BenchmarkSettings(model="deit-tiny", image_sizes=[16, 15])
+
+
 # Keep rates the settings refuse: each with the configurations' own check, `check_keep_rate`, and its message.
 REFUSED_KEEP_RATES = {
     "zero": (0.0, None),
