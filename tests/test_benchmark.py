@@ -299,6 +299,42 @@ def test_benchmark_runs_a_saved_evit_folder(tmp_path):
     assert rebuilt.config.reduction_layers == evit.config.reduction_layers
 
 
+def test_a_rows_spread_is_its_fastest_and_slowest_timed_round_without_the_warm_up(tmp_path, monkeypatch):
+    # Step times from a fake clock that change from round to round: a slow warm-up round, then 0.2, 0.4 and 0.3 s for
+    # the stock model and half as long for EViT.
+    ViTConfig(**TWO_LAYERS).save_pretrained(tmp_path)
+    clock = FakeClock()
+    monkeypatch.setattr(benchmark_timing, "time", SimpleNamespace(perf_counter=clock))
+    round_seconds = iter([5.0, 2.5, 0.2, 0.1, 0.4, 0.2, 0.3, 0.15])  # stock, EViT, per round
+
+    def timed_step(model, pixel_values, labels, mode, keep_rate):
+        return lambda: clock.advance(next(round_seconds))
+
+    monkeypatch.setattr(benchmark_timing, "_step_function", timed_step)
+    settings = BenchmarkSettings(
+        model=str(tmp_path), keep_rates=[0.5], batch_sizes=[4], image_sizes=[16], rounds=3, warmup=1,
+        measure_memory=False,
+    )  # fmt: skip
+    stock, evit = run_benchmark(settings, progress=False)["rows"]
+    assert (stock["images_per_s_min"], stock["images_per_s"], stock["images_per_s_max"]) == pytest.approx(
+        (4 / 0.4, 4 / 0.3, 4 / 0.2)
+    )
+    assert (evit["images_per_s_min"], evit["images_per_s"], evit["images_per_s_max"]) == pytest.approx(
+        (4 / 0.2, 4 / 0.15, 4 / 0.1)
+    )
+    assert stock["latency_ms"] == pytest.approx(300) and evit["speedup"] == pytest.approx(2)
+
+
+def test_a_named_shapes_stock_and_evit_models_share_their_weights():
+    stock, evit = build_models("deit-tiny", image_size=32)
+    assert stock.state_dict().keys() == evit.state_dict().keys()
+    for name, tensor in stock.state_dict().items():
+        assert torch.equal(tensor, evit.state_dict()[name]), name
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # keeping every token, EViT computes what the stock model does
+        torch.testing.assert_close(evit(pixel_values, keep_rate=1.0).logits, stock(pixel_values).logits)
+
+
 def test_small_batch_report_names_the_smallest_batch_at_95_percent_of_the_macs_ratio(tmp_path, monkeypatch, capsys):
     # Step times from a fake clock: the stock model takes 1 s per image; EViT at keep 0.7 reaches 0.90, 0.96 and 0.99
     # of its MACs ratio at batch 1, 2 and 4 (first at the bound at batch 2); at keep 0.5 never more than 0.94.
