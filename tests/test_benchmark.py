@@ -93,6 +93,31 @@ def test_reorganization_overhead_is_a_share():
     assert overhead["reorganization_ms"] < overhead["forward_ms"]
 
 
+def test_resolution_comparison_sets_evit_at_larger_inputs_against_the_stock_model_at_the_reference_size(tmp_path):
+    ViTConfig(**TWO_LAYERS).save_pretrained(tmp_path)
+    model = str(tmp_path)
+    rows = resolution_comparison(
+        model, keep_rate=0.5, image_sizes=(24,), reference_image_size=16, batch_size=1, rounds=1, warmup=0
+    )
+    stock, evit = rows
+    assert (stock["variant"], stock["image_size"], stock["keep_rate"]) == ("stock", 16, None)
+    assert (evit["variant"], evit["image_size"], evit["keep_rate"]) == ("evit", 24, 0.5)
+    reference_macs = count_macs(macs_config(model, 16), keep_rate=1.0)
+    assert stock["macs"] == reference_macs and stock["macs_relative_to_stock_at_reference"] == 1.0
+    assert evit["macs"] == count_macs(macs_config(model, 24), keep_rate=0.5)
+    assert evit["macs_relative_to_stock_at_reference"] == pytest.approx(evit["macs"] / reference_macs)
+    assert stock["speed_relative_to_stock_at_reference"] == 1.0
+    for row in rows:
+        assert row["images_per_s"] > 0 and row["speed_relative_to_stock_at_reference"] > 0
+
+
+def test_eager_and_sdpa_attention_give_evit_the_same_logits_and_tokens(tmp_path):
+    ViTConfig(**TWO_LAYERS).save_pretrained(tmp_path)  # at the function's 224 px: 3,136 patches of 4 px
+    difference = max_logit_difference_between_backends(str(tmp_path), keep_rate=0.5, batch_size=1)
+    assert difference["same_kept_tokens"] and difference["max_abs_logit"] > 0
+    assert 0 <= difference["max_abs_logit_difference"] < 1e-4 * difference["max_abs_logit"]
+
+
 @pytest.mark.parametrize(
     "settings, field, message",
     [({"model": "resnet"}, "model", "must be one of deit-tiny"), ({"dtypes": ["int8"]}, "dtypes", "must be among"),
