@@ -15,7 +15,8 @@ from .messages import one_line
 
 
 # torch, transformers and the family table (which imports every family's models) load on first use, not at import:
-# `evit-hf` imports this module to read its defaults and checks its arguments before torch loads.
+# `evit-hf` imports this module (through `benchmark.py`) to read its defaults and checks its arguments before torch
+# loads.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # The tables `_tables` builds on first use, read as module attributes (`benchmark_settings.SHAPES`).
 TABLE_NAMES = ("SHAPES", "FAMILY_CLASSES", "SHAPE_FAMILIES", "DTYPES")
