@@ -112,7 +112,9 @@ def test_resolution_comparison_sets_evit_at_larger_inputs_against_the_stock_mode
 
 
 def test_eager_and_sdpa_attention_give_evit_the_same_logits_and_tokens(tmp_path):
-    ViTConfig(**TWO_LAYERS).save_pretrained(tmp_path)  # at the function's 224 px: 3,136 patches of 4 px
+    # 16 px patches at the function's 224 px: DeiT's 196 candidates (far more would make near-tied scores likely, which
+    # the two backends' rounding may order differently).
+    ViTConfig(**dict(TWO_LAYERS, patch_size=16)).save_pretrained(tmp_path)
     difference = max_logit_difference_between_backends(str(tmp_path), keep_rate=0.5, batch_size=1)
     assert difference["same_kept_tokens"] and difference["max_abs_logit"] > 0
     assert 0 <= difference["max_abs_logit_difference"] < 1e-4 * difference["max_abs_logit"]
