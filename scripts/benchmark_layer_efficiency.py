@@ -20,18 +20,18 @@ import time
 
 
 def main(argv=None):
+    from evit_hf.cli import keep_rate_argument  # the configurations' own check, `check_keep_rate`; no torch
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="deit-small", help="a ViT/DeiT shape of `evit-hf benchmark`")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--keep-rate", type=float, default=0.7)
+    parser.add_argument("--keep-rate", type=keep_rate_argument, default=0.7)
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument(
         "--one-layer", action="store_true", help="time one layer's weights at every depth (weights stay in cache)"
     )
     args = parser.parse_args(argv)
-    if not 0 < args.keep_rate <= 1:
-        parser.error(f"--keep-rate must be in (0, 1], not {args.keep_rate}")
 
     import torch
     from transformers import ViTConfig, ViTModel

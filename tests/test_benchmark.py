@@ -6,20 +6,22 @@ import pytest
 import torch
 from transformers import ViTConfig
 
-from evit_hf import benchmark as benchmark_module
-from evit_hf import count_macs
+from evit_hf import benchmark_timing, count_macs
 from evit_hf.benchmark import (
     BenchmarkSettings,
     InvalidBenchmarkSetting,
     benchmarked_reduction_layers,
     build_models,
     macs_config,
+    max_logit_difference_between_backends,
     model_patch_size,
     reorganization_overhead,
+    resolution_comparison,
     run_benchmark,
     smallest_batches_at_bound,
 )
 from evit_hf.cli import main as cli_main
+from evit_hf.configuration_evit_base import check_keep_rate
 from evit_hf.families import FAMILIES_BY_NAME
 
 from .fake_clock import FakeClock
@@ -91,11 +93,39 @@ def test_reorganization_overhead_is_a_share():
     assert overhead["reorganization_ms"] < overhead["forward_ms"]
 
 
+def test_resolution_comparison_sets_evit_at_larger_inputs_against_the_stock_model_at_the_reference_size(tmp_path):
+    ViTConfig(**TWO_LAYERS).save_pretrained(tmp_path)
+    model = str(tmp_path)
+    rows = resolution_comparison(
+        model, keep_rate=0.5, image_sizes=(24,), reference_image_size=16, batch_size=1, rounds=1, warmup=0
+    )
+    stock, evit = rows
+    assert (stock["variant"], stock["image_size"], stock["keep_rate"]) == ("stock", 16, None)
+    assert (evit["variant"], evit["image_size"], evit["keep_rate"]) == ("evit", 24, 0.5)
+    reference_macs = count_macs(macs_config(model, 16), keep_rate=1.0)
+    assert stock["macs"] == reference_macs and stock["macs_relative_to_stock_at_reference"] == 1.0
+    assert evit["macs"] == count_macs(macs_config(model, 24), keep_rate=0.5)
+    assert evit["macs_relative_to_stock_at_reference"] == pytest.approx(evit["macs"] / reference_macs)
+    assert stock["speed_relative_to_stock_at_reference"] == 1.0
+    for row in rows:
+        assert row["images_per_s"] > 0 and row["speed_relative_to_stock_at_reference"] > 0
+
+
+def test_eager_and_sdpa_attention_give_evit_the_same_logits_and_tokens(tmp_path):
+    # 16 px patches at the function's 224 px: DeiT's 196 candidates (far more would make near-tied scores likely, which
+    # the two backends' rounding may order differently).
+    ViTConfig(**dict(TWO_LAYERS, patch_size=16)).save_pretrained(tmp_path)
+    difference = max_logit_difference_between_backends(str(tmp_path), keep_rate=0.5, batch_size=1)
+    assert difference["same_kept_tokens"] and difference["max_abs_logit"] > 0
+    assert 0 <= difference["max_abs_logit_difference"] < 1e-4 * difference["max_abs_logit"]
+
+
 @pytest.mark.parametrize(
     "settings, field, message",
     [({"model": "resnet"}, "model", "must be one of deit-tiny"), ({"dtypes": ["int8"]}, "dtypes", "must be among"),
-     ({"keep_rates": [0.0]}, "keep_rates", "in (0, 1]; got 0.0"),
-     ({"keep_rates": [float("nan")]}, "keep_rates", "in (0, 1]; got nan"),
+     ({"keep_rates": [0.0]}, "keep_rates", "keep_rate must be in (0, 1] (the share of candidate tokens each "
+      "reduction layer keeps), got 0.0"),
+     ({"keep_rates": [float("nan")]}, "keep_rates", "keep_rate must be a number in (0, 1], such as 0.7; got nan"),
      ({"batch_sizes": [0]}, "batch_sizes", "a batch size is a whole number >= 1"),
      ({"image_sizes": [8]}, "image_sizes", "at least the patch size (16 px for deit-small); got 8"),
      ({"rounds": 0}, "rounds", "whole number >= 1"), ({"warmup": -1}, "warmup", "whole number >= 0"),
@@ -109,6 +139,58 @@ def test_benchmark_settings_are_validated(settings, field, message):
     with pytest.raises(InvalidBenchmarkSetting, match=re.escape(message)) as error:
         BenchmarkSettings(**settings)
     assert isinstance(error.value, ValueError) and error.value.field == field
+
+
+def test_the_smallest_image_size_is_one_patch():
+    assert BenchmarkSettings(model="deit-tiny", image_sizes=[16, 17]).image_sizes == [16, 17]  # 16 px patches
+    with pytest.raises(InvalidBenchmarkSetting, match=r"at least the patch size \(16 px for deit-tiny\); got 15"):
+        BenchmarkSettings(model="deit-tiny", image_sizes=[16, 15])
+
+
+# Keep rates the settings refuse: each with the configurations' own check, `check_keep_rate`, and its message.
+REFUSED_KEEP_RATES = {
+    "zero": (0.0, None),
+    "above-one": (1.5, None),
+    "infinite": (float("inf"), None),
+    "a-yes": (True, None),
+    "a-word": ("0.7", None),
+    "empty-list": ([], None),
+    "per-layer-with-a-zero": ([0.9, 0.0, 0.5], None),
+    "per-layer-too-short": ([0.9, 0.7], [3, 6, 9]),
+}
+
+
+@pytest.mark.parametrize("keep_rate, layers", REFUSED_KEEP_RATES.values(), ids=REFUSED_KEEP_RATES.keys())
+def test_benchmark_settings_refuse_keep_rates_with_the_configurations_check(keep_rate, layers):
+    with pytest.raises(ValueError) as expected:
+        check_keep_rate(keep_rate, layers)
+    with pytest.raises(InvalidBenchmarkSetting) as refused:
+        BenchmarkSettings(model="deit-tiny", keep_rates=[0.7, keep_rate])  # deit-tiny: reduction layers 3, 6 and 9
+    assert refused.value.field == "keep_rates"
+    assert str(refused.value) == "keep_rates: " + str(expected.value).rstrip(".")
+
+
+def test_every_benchmark_builds_its_models_with_the_timing_modules_build_models(monkeypatch):
+    # The refusal tests (test_cli.py, test_command_outputs.py) replace `benchmark_timing.build_models` to prove that no
+    # model is built before the arguments are checked: every measurement must look the name up there.
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(benchmark_timing, "build_models", refuse)
+    settings = BenchmarkSettings(model="deit-tiny", keep_rates=[0.5], batch_sizes=[1], rounds=1, warmup=0)
+    measurements = {
+        "run_benchmark": lambda: run_benchmark(settings, progress=False),
+        "resolution_comparison": lambda: resolution_comparison("deit-tiny", image_sizes=(32,), batch_size=1),
+        "reorganization_overhead": lambda: reorganization_overhead("deit-tiny", batch_size=1, image_size=32),
+        "max_logit_difference_between_backends": lambda: max_logit_difference_between_backends("deit-tiny"),
+    }
+    for name, measure in measurements.items():
+        with pytest.raises(AssertionError, match="a model was built"):
+            measure()
+        assert calls and calls.pop()[0] == "deit-tiny", name
 
 
 @pytest.mark.parametrize(
@@ -159,9 +241,9 @@ def test_images_per_s_is_each_variants_own_step_time(tmp_path, monkeypatch):
     # own time, neither the time of all variants' steps nor the wall time with the loading.
     ViTConfig(**TWO_LAYERS).save_pretrained(tmp_path)
     clock = FakeClock()
-    monkeypatch.setattr(benchmark_module, "time", SimpleNamespace(perf_counter=clock))
+    monkeypatch.setattr(benchmark_timing, "time", SimpleNamespace(perf_counter=clock))
     step_seconds = {None: 0.4, 0.7: 0.25, 0.5: 0.125}
-    build = benchmark_module.build_models
+    build = benchmark_timing.build_models
 
     def slow_build(*args, **kwargs):
         clock.advance(1000.0)
@@ -170,8 +252,8 @@ def test_images_per_s_is_each_variants_own_step_time(tmp_path, monkeypatch):
     def timed_step(model, pixel_values, labels, mode, keep_rate):
         return lambda: clock.advance(step_seconds[keep_rate])
 
-    monkeypatch.setattr(benchmark_module, "build_models", slow_build)
-    monkeypatch.setattr(benchmark_module, "_step_function", timed_step)
+    monkeypatch.setattr(benchmark_timing, "build_models", slow_build)
+    monkeypatch.setattr(benchmark_timing, "_step_function", timed_step)
     settings = BenchmarkSettings(
         model=str(tmp_path), keep_rates=[0.7, 0.5], batch_sizes=[4], image_sizes=[16], rounds=3, warmup=1,
         measure_memory=False,
@@ -244,6 +326,42 @@ def test_benchmark_runs_a_saved_evit_folder(tmp_path):
     assert rebuilt.config.reduction_layers == evit.config.reduction_layers
 
 
+def test_a_rows_spread_is_its_fastest_and_slowest_timed_round_without_the_warm_up(tmp_path, monkeypatch):
+    # Step times from a fake clock that change from round to round: a slow warm-up round, then 0.2, 0.4 and 0.3 s for
+    # the stock model and half as long for EViT.
+    ViTConfig(**TWO_LAYERS).save_pretrained(tmp_path)
+    clock = FakeClock()
+    monkeypatch.setattr(benchmark_timing, "time", SimpleNamespace(perf_counter=clock))
+    round_seconds = iter([5.0, 2.5, 0.2, 0.1, 0.4, 0.2, 0.3, 0.15])  # stock, EViT, per round
+
+    def timed_step(model, pixel_values, labels, mode, keep_rate):
+        return lambda: clock.advance(next(round_seconds))
+
+    monkeypatch.setattr(benchmark_timing, "_step_function", timed_step)
+    settings = BenchmarkSettings(
+        model=str(tmp_path), keep_rates=[0.5], batch_sizes=[4], image_sizes=[16], rounds=3, warmup=1,
+        measure_memory=False,
+    )  # fmt: skip
+    stock, evit = run_benchmark(settings, progress=False)["rows"]
+    assert (stock["images_per_s_min"], stock["images_per_s"], stock["images_per_s_max"]) == pytest.approx(
+        (4 / 0.4, 4 / 0.3, 4 / 0.2)
+    )
+    assert (evit["images_per_s_min"], evit["images_per_s"], evit["images_per_s_max"]) == pytest.approx(
+        (4 / 0.2, 4 / 0.15, 4 / 0.1)
+    )
+    assert stock["latency_ms"] == pytest.approx(300) and evit["speedup"] == pytest.approx(2)
+
+
+def test_a_named_shapes_stock_and_evit_models_share_their_weights():
+    stock, evit = build_models("deit-tiny", image_size=32)
+    assert stock.state_dict().keys() == evit.state_dict().keys()
+    for name, tensor in stock.state_dict().items():
+        assert torch.equal(tensor, evit.state_dict()[name]), name
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # keeping every token, EViT computes what the stock model does
+        torch.testing.assert_close(evit(pixel_values, keep_rate=1.0).logits, stock(pixel_values).logits)
+
+
 def test_small_batch_report_names_the_smallest_batch_at_95_percent_of_the_macs_ratio(tmp_path, monkeypatch, capsys):
     # Step times from a fake clock: the stock model takes 1 s per image; EViT at keep 0.7 reaches 0.90, 0.96 and 0.99
     # of its MACs ratio at batch 1, 2 and 4 (first at the bound at batch 2); at keep 0.5 never more than 0.94.
@@ -252,7 +370,7 @@ def test_small_batch_report_names_the_smallest_batch_at_95_percent_of_the_macs_r
     macs_ratio = {rate: count_macs(config, keep_rate=1.0) / count_macs(config, keep_rate=rate) for rate in (0.7, 0.5)}
     share_of_bound = {(0.7, 1): 0.90, (0.7, 2): 0.96, (0.7, 4): 0.99, (0.5, 1): 0.80, (0.5, 2): 0.90, (0.5, 4): 0.94}
     clock = FakeClock()
-    monkeypatch.setattr(benchmark_module, "time", SimpleNamespace(perf_counter=clock))
+    monkeypatch.setattr(benchmark_timing, "time", SimpleNamespace(perf_counter=clock))
 
     def timed_step(model, pixel_values, labels, mode, keep_rate):
         batch_size = pixel_values.shape[0]
@@ -260,7 +378,7 @@ def test_small_batch_report_names_the_smallest_batch_at_95_percent_of_the_macs_r
             return lambda: clock.advance(1.0 * batch_size)
         return lambda: clock.advance(batch_size / (share_of_bound[keep_rate, batch_size] * macs_ratio[keep_rate]))
 
-    monkeypatch.setattr(benchmark_module, "_step_function", timed_step)
+    monkeypatch.setattr(benchmark_timing, "_step_function", timed_step)
     output_dir = tmp_path / "results"
     cli_main(
         ["benchmark", "--model", str(tmp_path / "model"), "--keep-rates", "0.7", "0.5", "--batch-sizes", "4", "1", "2",
@@ -351,3 +469,15 @@ def test_layer_efficiency_bound_refuses_other_shapes_before_any_work(capsys):
     with pytest.raises(SystemExit) as error:
         load_script("benchmark_layer_efficiency").main(["--model", "clip-base"])
     assert error.value.code == 2 and "--model must be one of deit-tiny" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text, checked", [("0", 0.0), ("1.5", 1.5), ("nan", float("nan"))], ids=["zero", "above-one", "nan"]
+)
+def test_layer_efficiency_bound_refuses_keep_rates_with_the_configurations_check(text, checked, capsys):
+    with pytest.raises(ValueError) as expected:
+        check_keep_rate(checked)
+    with pytest.raises(SystemExit) as error:
+        load_script("benchmark_layer_efficiency").main(["--model", "deit-tiny", "--keep-rate", text])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.value.code == 2 and line.endswith("argument --keep-rate: " + str(expected.value).rstrip(".")), line

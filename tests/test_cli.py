@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import ConvNextConfig
 
 import evit_hf
-from evit_hf import benchmark as benchmark_module
+from evit_hf import benchmark_timing
 from evit_hf.cli import main
 from evit_hf.visualization import kept_token_panels, visualize_kept_tokens
 
@@ -48,7 +48,7 @@ def no_model_is_built(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built before the arguments were checked")
 
-    monkeypatch.setattr(benchmark_module, "build_models", refuse)
+    monkeypatch.setattr(benchmark_timing, "build_models", refuse)
     for model_class in (evit_hf.EViTForImageClassification, evit_hf.EViTDeiTForImageClassificationWithTeacher):
         monkeypatch.setattr(model_class, "from_pretrained", refuse)
     # The same answers with and without an accelerator on the machine running the tests.

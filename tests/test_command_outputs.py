@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import evit_hf
-import evit_hf.benchmark
+import evit_hf.benchmark_timing
 import evit_hf.calibration
 import evit_hf.cli
 import evit_hf.conversion
@@ -68,7 +68,7 @@ FOLDER_COMMANDS = {
 WORK_STEPS = {
     "convert": (evit_hf.conversion, "read_checkpoint"),
     "calibrate": (evit_hf.cli, "read_image_argument"),
-    "benchmark": (evit_hf.benchmark, "build_models"),
+    "benchmark": (evit_hf.benchmark_timing, "build_models"),
 }
 
 
