@@ -365,8 +365,8 @@ def calibrate_schedule(
     that helps most. The search scores candidates on the first `search_images` images; a candidate changes one layer of
     the current schedule and runs from that layer, on the outputs the current schedule's earlier layers gave (the
     layers before the first reduction layer are computed once, unreduced). The chosen schedule and the paper's layers
-    at one keep rate for the same budget are then scored on every image, and the better one is kept (the result's
-    `source` says which).
+    at one keep rate for the same budget (those of them among `candidate_layers`) are then scored on every image, and
+    the better one is kept (the result's `source` says which).
 
     Args:
         model (`nn.Module`): an EViT model of any family.
@@ -429,13 +429,16 @@ def calibrate_schedule(
             best = (rates, search.objective(rates, "chosen"))
             source = "search"
 
-            # The paper's layers at one keep rate for the same budget: kept when it does better.
-            default_layers = saved[0] or default_reduction_layers(num_layers)
-            _set_schedule(config, dict.fromkeys(default_layers, 0.5))
-            try:
-                uniform_rate = keep_rate_for_macs(model.config, target_macs)
-            except ValueError:
-                uniform_rate = None
+            # The paper's layers (those among the candidates) at one keep rate for the same budget: kept when it
+            # does better.
+            default_layers = [layer for layer in saved[0] or default_reduction_layers(num_layers) if layer in layers]
+            uniform_rate = None
+            if default_layers:
+                _set_schedule(config, dict.fromkeys(default_layers, 0.5))
+                try:
+                    uniform_rate = keep_rate_for_macs(model.config, target_macs)
+                except ValueError:
+                    pass
             if uniform_rate is not None:
                 uniform = dict.fromkeys(default_layers, uniform_rate)
                 uniform_objective = search.objective(uniform, "uniform")

@@ -210,12 +210,13 @@ class OutputDirLock:
         if self._descriptor is None:
             return
         # Removed while still locked, so no other run can lock this file and then find it gone. Without flock, only
-        # the file this run created: never one that another run has put at the path since.
+        # the file this run created: never one that another run has put at the path since (nor is that run's hold
+        # forgotten: in this process, it would be taken for a stale one).
         if self.uses_flock or self._names(self._descriptor):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
-        if not self.uses_flock:
-            _HELD_WITHOUT_FLOCK.discard(os.path.realpath(self.path))
+            if not self.uses_flock:
+                _HELD_WITHOUT_FLOCK.discard(os.path.realpath(self.path))
         os.close(self._descriptor)
         self._descriptor = None
         if self._created_folder:

@@ -346,3 +346,101 @@ def test_an_interrupted_search_leaves_the_model_as_it_was_and_raises_the_users_e
     assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(batches[0]).logits, expected, rtol=0, atol=0)
+
+
+def test_the_uniform_schedule_is_kept_and_reported_when_it_changes_the_predictions_less(classifier, caplog):
+    # A search on 4 images fits those images; on all 16 the paper's layers at one keep rate do better here. The result
+    # is then the uniform schedule, says so (`source`, a log line), and is the schedule set on the model.
+    import logging
+
+    model = copy.deepcopy(classifier)
+    target = evit_hf.count_macs(model.config, keep_rate=0.5)
+    with caplog.at_level(logging.INFO, logger="evit_hf.calibration"):
+        result = calibrate_schedule(model, _batches(), target, search_images=4, progress=False)
+    final = {candidate.stage: candidate for candidate in result.candidates if candidate.stage in ("chosen", "uniform")}
+    assert final["uniform"].objective < final["chosen"].objective  # the case this test is about
+    assert result.source == "uniform"
+    uniform = final["uniform"]
+    assert (result.reduction_layers, result.keep_rate, result.objective, result.macs) == (
+        uniform.reduction_layers,
+        uniform.keep_rate,
+        uniform.objective,
+        uniform.macs,
+    )
+    assert (model.config.reduction_layers, model.config.keep_rate) == (uniform.reduction_layers, uniform.keep_rate)
+    assert result.to_dict()["source"] == "uniform"  # what the calibrate command's report says
+    assert f"keep rate {uniform.keep_rate[0]}" in caplog.text and "kept" in caplog.text
+
+
+@pytest.mark.parametrize("candidate_layers, keep_rate", [([1, 2], 0.5), ([2, 3], 0.7)], ids=["1-2", "2-3"])
+def test_only_the_candidate_layers_reduce(classifier, candidate_layers, keep_rate):
+    # The uniform schedule it compares against is the paper's layers among the candidates, not the others.
+    model = copy.deepcopy(classifier)
+    target = evit_hf.count_macs(model.config, keep_rate=keep_rate)
+    result = calibrate_schedule(
+        model, _batches(), target, candidate_layers=candidate_layers, search_images=4, progress=False
+    )
+    assert result.macs <= target
+    assert set(result.reduction_layers) <= set(candidate_layers)
+    assert set(model.config.reduction_layers) <= set(candidate_layers)
+    assert all(set(candidate.reduction_layers) <= set(candidate_layers) for candidate in result.candidates)
+
+
+def _rates_of(candidate, layers=(1, 2, 3)) -> dict:
+    return {**dict.fromkeys(layers, 1.0), **_schedule_of(candidate)}
+
+
+def _macs_of(config, rates: dict) -> int:
+    config = copy.deepcopy(config)
+    layers = [layer for layer in sorted(rates) if rates[layer] < 1.0]
+    config.keep_rate = 1.0
+    config.reduction_layers = layers
+    config.keep_rate = [rates[layer] for layer in layers] or 1.0
+    return evit_hf.count_macs(config)
+
+
+@pytest.mark.parametrize("budget_schedule", [[0.4, 0.44, 0.1], [0.54, 0.44, 0.1]], ids=str)
+def test_the_refinement_tries_every_fine_step_that_fits_the_budget(classifier, budget_schedule):
+    # Budgets that a schedule on the fine grid costs exactly: a fine step up that costs the budget itself fits it. The
+    # search stops where every fine step up that fits was scored and changes the predictions no less.
+    model = copy.deepcopy(classifier)
+    target = _macs_of(model.config, dict(zip([1, 2, 3], budget_schedule, strict=True)))
+    result = calibrate_schedule(model, _batches(), target, search_images=16, progress=False)
+    chosen = next(candidate for candidate in result.candidates if candidate.stage == "chosen")
+    final = _rates_of(chosen)
+    refined = {tuple(_rates_of(c).items()): c.objective for c in result.candidates if c.stage == "refine"}
+    steps_within_budget = 0
+    for layer, rate in final.items():
+        if rate >= 1.0:
+            continue
+        raised = {**final, layer: min(1.0, round(rate + 0.02, 2))}
+        if _macs_of(model.config, raised) > target:
+            continue
+        steps_within_budget += 1
+        assert tuple(raised.items()) in refined, f"{raised} fits {target:,} MACs and was not tried"
+        # Scored on the same 16 images, from held outputs (equal to a full run up to rounding).
+        assert refined[tuple(raised.items())] >= chosen.objective * (1 - 1e-5) - 1e-12
+    assert steps_within_budget >= 1  # the budget leaves room for a fine step: the check above ran
+
+
+def test_the_search_scores_candidates_on_the_first_search_images(classifier):
+    # The first greedy candidate lowers one layer of the unreduced model: its objective is the KL divergence of a plain
+    # forward under that schedule, on the first `search_images` images only.
+    model = copy.deepcopy(classifier)
+    batches = _batches()
+    with torch.no_grad():
+        reference = model(batches[0][:4], keep_rate=1.0).logits
+    target = evit_hf.count_macs(model.config, keep_rate=0.5)
+    result = calibrate_schedule(model, batches, target, search_images=4, progress=False)
+    first = next(candidate for candidate in result.candidates if candidate.stage == "greedy")
+    scored = copy.deepcopy(model)
+    scored.config.keep_rate = 1.0
+    scored.config.reduction_layers = first.reduction_layers
+    scored.config.keep_rate = first.keep_rate
+    with torch.no_grad():
+        expected = _kl(reference, scored(batches[0][:4]).logits).mean().item()
+        on_every_image = (
+            torch.cat([_kl(model(b, keep_rate=1.0).logits, scored(b).logits) for b in batches]).mean().item()
+        )
+    assert abs(expected - on_every_image) > 1e-6 * expected  # these images tell the two apart
+    assert first.objective == pytest.approx(expected, rel=1e-6, abs=1e-12)

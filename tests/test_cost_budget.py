@@ -197,3 +197,46 @@ def test_bad_image_sizes_are_refused(image_size):
     with pytest.raises(ValueError, match=r"image_size is the new side .* >= the patch size \(4\)"):
         resize_position_embeddings(model, image_size)
     assert model.config.image_size == 32
+
+
+def _embedding_sizes(model) -> list[dict]:
+    """Per position-embedding module: its size attributes, its patch embedding's, and the shapes of its own buffers
+    and parameters (CLIP's `position_ids` [1, positions], the position table)."""
+    records = []
+    for module in model.modules():
+        if not callable(getattr(module, "interpolate_pos_encoding", None)):
+            continue
+        record = {}
+        for owner, prefix in ((module, ""), (getattr(module, "patch_embeddings", None), "patch_embeddings.")):
+            for name in ("image_size", "num_patches", "num_positions"):
+                if owner is not None and hasattr(owner, name):
+                    record[prefix + name] = getattr(owner, name)
+        record.update({name: tuple(buffer.shape) for name, buffer in module.named_buffers(recurse=False)})
+        record.update({name: tuple(parameter.shape) for name, parameter in module.named_parameters()})
+        records.append(record)
+    return records
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TESTERS))
+def test_resized_embeddings_are_those_of_a_model_built_at_the_new_size(family):
+    # 32 -> 48 -> 32: after each resize, every size the embeddings keep (image size, patch count, position count, the
+    # position ids and table) is what a model built from the resized configuration has.
+    model = evit_hf.apply_evit(cached_stock_model(FAMILY_TESTERS[family][0]), keep_rate=0.5)
+    for size in (48, 32):
+        resize_position_embeddings(model, size)
+        built = _embedding_sizes(type(model)(model.config))
+        resized = _embedding_sizes(model)
+        assert len(resized) == len(built), size
+        for resized_record, built_record in zip(resized, built, strict=True):
+            # Only what the built model has: a resized DINOv2 may carry an extra `image_size` nothing reads.
+            assert {name: resized_record.get(name) for name in built_record} == built_record, size
+
+
+def test_an_image_size_of_one_patch_is_accepted():
+    model = ViTForImageClassification(ViTConfig(**TINY_SHAPE)).eval()
+    resize_position_embeddings(model, TINY_SHAPE["patch_size"])
+    assert model.config.image_size == TINY_SHAPE["patch_size"]
+    assert tuple(model.vit.embeddings.position_embeddings.shape[:2]) == (1, 2)  # the class token and one patch
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, TINY_SHAPE["patch_size"], TINY_SHAPE["patch_size"])).logits
+    assert torch.isfinite(logits).all()

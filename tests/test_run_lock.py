@@ -181,3 +181,38 @@ def test_a_flock_holder_in_another_process_is_named(tmp_path):
         holder.wait()
     with OutputDirLock(str(folder)) as lock:  # the killed holder's lock went with it
         assert lock.uses_flock and record(folder) == ours()
+
+
+@pytest.mark.parametrize("code", NO_FLOCK, ids=NO_FLOCK_IDS)
+def test_without_flock_another_users_running_process_is_not_taken_for_gone(tmp_path, monkeypatch, code):
+    # Signal 0 to another user's process is refused (EPERM): the process runs, so its lock is live.
+    refuse_flock(monkeypatch, code)
+    other_users_pid = dead_pid()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": other_users_pid, "host": socket.gethostname()}))
+    real_kill = os.kill
+
+    def kill(pid, signal):
+        if pid == other_users_pid:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+        return real_kill(pid, signal)
+
+    monkeypatch.setattr(os, "kill", kill)
+    with pytest.raises(OutputDirInUse, match=f"pid {other_users_pid} on {socket.gethostname()}"):
+        OutputDirLock(str(tmp_path)).acquire()
+    assert record(tmp_path)["pid"] == other_users_pid  # left in place
+
+
+@pytest.mark.parametrize("code", NO_FLOCK, ids=NO_FLOCK_IDS)
+def test_without_flock_a_release_leaves_the_lock_file_of_the_run_that_replaced_it(tmp_path, monkeypatch, code):
+    # The first run's lock file was deleted by hand and a second run created its own: when the first run ends, the
+    # second run's file stays (it is the second run's lock), until the second run ends.
+    refuse_flock(monkeypatch, code)
+    first = OutputDirLock(str(tmp_path)).acquire()
+    os.remove(tmp_path / LOCK_FILE)
+    second = OutputDirLock(str(tmp_path)).acquire()
+    first.release()
+    assert (tmp_path / LOCK_FILE).exists()
+    with pytest.raises(OutputDirInUse):
+        OutputDirLock(str(tmp_path)).acquire()
+    second.release()
+    assert not (tmp_path / LOCK_FILE).exists()
