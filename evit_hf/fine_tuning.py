@@ -387,12 +387,14 @@ def settings_config(config):
 
 
 def apply_evit_settings(config, keep_rate, reduction_layers=None, fuse_inattentive_tokens=True) -> None:
-    """Sets the EViT settings on `config`, each checked by the configuration (its one validation path): a keep-rate
-    list of the wrong length for the reduction layers is a one-line `ValueError` naming both lengths."""
+    """Sets the EViT settings on `config`, each checked by the configuration (its one validation path). Layers and
+    rates are set together, so that each rate goes with its layer as written (`reduction_layers=[3, 1, 2]`,
+    `keep_rate=[0.9, 0.7, 0.5]`: layer 3 keeps 0.9); a keep-rate list of the wrong length for the reduction layers is
+    a one-line `ValueError` naming both lengths."""
     if reduction_layers is not None:
-        config.keep_rate = 1.0  # any earlier per-layer list would not fit the new layers
-        config.reduction_layers = reduction_layers
-    config.keep_rate = keep_rate
+        settings_config(config).set_schedule(reduction_layers=reduction_layers, keep_rate=keep_rate)
+    else:
+        config.keep_rate = keep_rate
     config.fuse_inattentive_tokens = fuse_inattentive_tokens
 
 

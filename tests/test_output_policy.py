@@ -334,17 +334,22 @@ def test_resuming_a_distillation_with_another_teacher_is_refused_naming_both(sma
     assert f"distillation_teacher {os.path.realpath(small_vit)!r} there, {str(other_teacher)!r} here" in message
 
 
-def test_per_layer_keep_rates_reach_the_configuration_as_written():
-    assigned = []
+@pytest.mark.parametrize("builder", ["vit-classifier", "deit-teacher", "clip-classifier", "dinov2-classifier", "dinov3"])
+def test_per_layer_keep_rates_reach_the_configuration_as_written(builder):
+    import copy
 
-    class RecordingConfig:
-        def __setattr__(self, name, value):
-            assigned.append((name, value))
-
+    from evit_hf.configuration_evit_base import keep_rates_by_layer, vision_config_of
     from evit_hf.fine_tuning import apply_evit_settings
 
-    apply_evit_settings(RecordingConfig(), [0.9, 0.7, 0.5], [3, 1, 2])
-    assert ("reduction_layers", [3, 1, 2]) in assigned and assigned[-2] == ("keep_rate", [0.9, 0.7, 0.5])
+    from .model_builders import cached_stock_and_evit
+
+    config = copy.deepcopy(cached_stock_and_evit(builder)[1].config)  # 4 layers
+    apply_evit_settings(config, [0.9, 0.7, 0.5], [3, 1, 2])
+    settings = vision_config_of(config)
+    assert keep_rates_by_layer(settings.keep_rate, settings.reduction_layers) == {3: 0.9, 1: 0.7, 2: 0.5}
+    # A later call replaces the whole schedule, whatever the earlier per-layer list was.
+    apply_evit_settings(config, [0.6, 0.4], [2, 0])
+    assert keep_rates_by_layer(settings.keep_rate, settings.reduction_layers) == {2: 0.6, 0: 0.4}
 
 
 def test_the_examples_are_thin_scripts_on_the_package():
