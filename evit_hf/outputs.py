@@ -140,7 +140,9 @@ class OutputFolder:
         self._lock = OutputDirLock(path, flag)
         self._entries_at_start: set[str] = set()
 
-    # The manifest: {"written": [names], "claimed": [patterns of runs that have not ended]}.
+    # The manifest: {"written": [names], "claimed": [patterns of runs that have not ended], "files": {folder name:
+    # [paths inside it]}}: "files" lists what a run left inside each folder it wrote, so that a file put there later
+    # (a user's notes in checkpoint-2/) is not taken for the project's.
     def read_manifest(self) -> dict:
         """The manifest's `written` names and `claimed` patterns (both empty for a folder without one); a one-line
         `ValueError` when it does not read, since nothing in the folder could then be told apart from a user's."""
@@ -148,7 +150,7 @@ class OutputFolder:
             with open(self.manifest_path) as handle:
                 manifest = json.load(handle)
         except FileNotFoundError:
-            return {"written": [], "claimed": []}
+            return {"written": [], "claimed": [], "files": {}}
         except (OSError, UnicodeDecodeError, ValueError) as error:
             raise ValueError(
                 f"{self.flag} {self.path}: its list of this project's files, {self.manifest_path}, does not read "
@@ -160,10 +162,23 @@ class OutputFolder:
                 f"{self.flag} {self.path}: {self.manifest_path} is not a list of this project's files: move the "
                 f"folder's files out, or choose another {self.flag}."
             )
-        return lists
+        files = manifest.get("files", {})
+        if not isinstance(files, dict) or not all(
+            isinstance(paths, list) and all(isinstance(p, str) for p in paths) for paths in files.values()
+        ):
+            raise ValueError(
+                f"{self.flag} {self.path}: {self.manifest_path} is not a list of this project's files: move the "
+                f"folder's files out, or choose another {self.flag}."
+            )
+        return {**lists, "files": files}
 
-    def _write_manifest(self, written: Iterable[str], claimed: Iterable[str]) -> None:
-        manifest = {"written": sorted(set(written)), "claimed": sorted(set(claimed))}
+    def _write_manifest(self, written: Iterable[str], claimed: Iterable[str], files: dict) -> None:
+        written = sorted(set(written))
+        manifest = {
+            "written": written,
+            "claimed": sorted(set(claimed)),
+            "files": {name: paths for name, paths in sorted(files.items()) if name in written},
+        }
         temporary = os.path.join(self.path, _MANIFEST_TEMPORARY)
         with open(temporary, "w") as handle:
             json.dump(manifest, handle, indent=1)
@@ -183,13 +198,34 @@ class OutputFolder:
         manifest = self.read_manifest() if manifest is None else manifest
         return name in manifest["written"] or _matches(name, manifest["claimed"])
 
+    def _files_inside(self, name: str) -> list[str]:
+        """The paths of the files (and links) inside the top-level folder `name`, relative to it."""
+        top = os.path.join(self.path, name)
+        return sorted(
+            os.path.relpath(os.path.join(folder, entry), top)
+            for folder, folders, files in os.walk(top)
+            for entry in files + [f for f in folders if os.path.islink(os.path.join(folder, f))]
+        )
+
+    def _is_folder(self, name: str) -> bool:
+        path = os.path.join(self.path, name)
+        return os.path.isdir(path) and not os.path.islink(path)
+
     def foreign_files(self) -> list[str]:
-        """The entries that no run of this project wrote: with `shared`, only those among the claimed names."""
+        """The entries that no run of this project wrote, and the files put inside a folder a run wrote after that
+        run ended: with `shared`, only among the claimed names."""
         manifest = self.read_manifest()
         entries = self.entries()
         if self.shared:
             entries = [name for name in entries if _matches(name, self.claims)]
-        return [name for name in entries if not self.is_projects(name, manifest)]
+        foreign = []
+        for name in entries:
+            if not self.is_projects(name, manifest):
+                foreign.append(name)
+            elif name in manifest["files"] and self._is_folder(name):
+                recorded = set(manifest["files"][name])
+                foreign += [f"{name}/{path}" for path in self._files_inside(name) if path not in recorded]
+        return foreign
 
     def check_no_foreign_files(self) -> None:
         """Raises `ForeignFilesError`, naming the files, when the folder holds entries that are not the project's."""
@@ -214,7 +250,7 @@ class OutputFolder:
             self._entries_at_start = set(self.entries())
             manifest = self.read_manifest()
             if self.claims:
-                self._write_manifest(manifest["written"], manifest["claimed"] + self.claims)
+                self._write_manifest(manifest["written"], manifest["claimed"] + self.claims, manifest["files"])
         except BaseException:
             self._lock.release()
             raise
@@ -223,7 +259,7 @@ class OutputFolder:
     def record(self, *names: str) -> None:
         """Adds top-level entries to the manifest as written by this project (a file a run writes outside `claims`)."""
         manifest = self.read_manifest()
-        self._write_manifest(manifest["written"] + list(names), manifest["claimed"])
+        self._write_manifest(manifest["written"] + list(names), manifest["claimed"], manifest["files"])
 
     def clear(self) -> list[str]:
         """Deletes the entries that earlier runs of this project wrote (`--overwrite_output_dir`); returns their
@@ -240,7 +276,9 @@ class OutputFolder:
                 os.remove(path)
             deleted.append(path)
         remaining = set(self.entries())
-        self._write_manifest([n for n in manifest["written"] if n in remaining], manifest["claimed"])
+        self._write_manifest(
+            [n for n in manifest["written"] if n in remaining], manifest["claimed"], manifest["files"]
+        )
         self._entries_at_start &= remaining
         return deleted
 
@@ -262,7 +300,8 @@ class OutputFolder:
                 or (not self.shared and name not in self._entries_at_start)
             ]
             if self.entries():
-                self._write_manifest(written, claims)
+                files = {name: self._files_inside(name) for name in written if self._is_folder(name)}
+                self._write_manifest(written, claims, files)
             else:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.manifest_path)

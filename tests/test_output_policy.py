@@ -93,7 +93,11 @@ def test_what_a_run_writes_is_recorded_and_a_rerun_is_accepted(tmp_path):
         (out / "model.safetensors").write_text("weights")
         (out / "runs").mkdir()  # not claimed: appeared during the run
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    assert manifest == {"written": ["model.safetensors", "runs"], "claimed": ["model.safetensors"]}
+    assert manifest == {
+        "written": ["model.safetensors", "runs"],
+        "claimed": ["model.safetensors"],
+        "files": {"runs": []},  # what the run left inside each folder it wrote
+    }
     assert not (out / LOCK_FILE).exists()
     with OutputFolder(str(out)) as folder:
         assert folder.foreign_files() == []
@@ -366,3 +370,23 @@ def test_the_examples_are_thin_scripts_on_the_package():
     from evit_hf.fine_tuning import leave_process_group
 
     assert evit_hf.leave_process_group is leave_process_group and leave_process_group.__doc__
+
+
+def test_a_file_put_inside_a_folder_an_earlier_run_wrote_is_refused_not_deleted(tmp_path):
+    output_dir = str(tmp_path / "out")
+    with OutputFolder(output_dir, claims=["checkpoint-[0-9]*"]):
+        os.makedirs(os.path.join(output_dir, "checkpoint-2", "nested"))
+        for name in ("model.safetensors", "nested/optimizer.pt"):
+            with open(os.path.join(output_dir, "checkpoint-2", name), "w") as handle:
+                handle.write("weights")
+    notes = os.path.join(output_dir, "checkpoint-2", "nested", "mine.txt")
+    with open(notes, "w") as handle:
+        handle.write("a user's notes")
+    with pytest.raises(ForeignFilesError, match=r"\(checkpoint-2/nested/mine\.txt\)"):
+        OutputFolder(output_dir, claims=["checkpoint-[0-9]*"]).acquire()
+    assert os.path.exists(notes)
+    os.remove(notes)
+    # Without the user's file, --overwrite_output_dir's clear deletes the run's folder as before.
+    with OutputFolder(output_dir, claims=["checkpoint-[0-9]*"]) as folder:
+        assert folder.clear() == [os.path.join(output_dir, "checkpoint-2")]
+    assert not os.path.exists(os.path.join(output_dir, "checkpoint-2"))
