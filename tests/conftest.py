@@ -9,7 +9,11 @@ import torch
 # user's. Set before datasets is imported, which reads it once.
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="evit-hf-tests-datasets-cache-")
 
-from .model_builders import TINY  # noqa: E402  (after the cache folder is set)
+import evit_hf  # noqa: E402  (after the cache folder is set)
+
+from .command_helpers import WORK_STEPS  # noqa: E402
+from .model_builders import TINY  # noqa: E402
+from .run_helpers import save_small_vit  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -38,3 +42,23 @@ def restore_torch_threads():
 @pytest.fixture
 def pixel_values():
     return torch.randn(3, 3, TINY["image_size"], TINY["image_size"], generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def small_vit(tmp_path_factory):
+    """A tiny ViT classifier of the bundled digits (10 labels, 32 px, patch 4, 4 layers: reduction layers 1, 2, 3),
+    saved once per test file."""
+    return save_small_vit(tmp_path_factory.mktemp("vit") / "model")
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test when an `evit-hf` command starts its work: reads the checkpoint, decodes an image or loads a
+    model. (The tests of the examples define a `no_work` of their own, for the examples' work.)"""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command started its work before refusing")
+
+    for module, name in WORK_STEPS.values():
+        monkeypatch.setattr(module, name, refuse)
+    monkeypatch.setattr(evit_hf.EViTForImageClassification, "from_pretrained", refuse)

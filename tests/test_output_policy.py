@@ -19,7 +19,8 @@ from evit_hf.outputs import (
 )
 from evit_hf.run_lock import LOCK_FILE
 
-from .test_examples import EXAMPLES, evaluate_keep_rates, run_image_classification, save_small_vit, training_args
+from .example_modules import evaluate_keep_rates, run_image_classification
+from .run_helpers import EXAMPLES, training_args
 
 
 # ---- outputs apart from inputs ------------------------------------------------------------------------------------
@@ -160,11 +161,6 @@ def test_a_damaged_manifest_is_refused(tmp_path):
 
 
 # ---- the examples follow the policy ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def small_vit(tmp_path_factory):
-    return save_small_vit(tmp_path_factory.mktemp("vit") / "model")
 
 
 @pytest.fixture
