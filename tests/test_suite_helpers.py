@@ -16,12 +16,12 @@ from .command_helpers import WORK_STEPS, refusal
 from .run_helpers import checkpoint_written, free_port, largest_difference
 
 
-def test_no_work_makes_every_work_step_and_model_loading_fail_the_test(no_work):
+def test_no_work_makes_every_work_step_and_model_loading_fail_the_test(no_work, tmp_path):
     for module, name in WORK_STEPS.values():
         with pytest.raises(AssertionError, match="started its work"):
             getattr(module, name)()
     with pytest.raises(AssertionError, match="started its work"):
-        evit_hf.EViTForImageClassification.from_pretrained("any-folder")
+        evit_hf.EViTForImageClassification.from_pretrained(tmp_path)
 
 
 def exits(status: int, *error_lines: str):
@@ -45,10 +45,11 @@ def test_refusal_returns_the_one_error_line_of_exit_status_2(monkeypatch, capsys
     [
         (1, ["evit-hf convert: error: no such file"]),
         (2, ["evit-hf convert: error: no such file", "evit-hf convert: error: and another"]),
-        (2, ["evit-hf convert: error: no such file", "Traceback (most recent call last):"]),
+        (2, ["Traceback (most recent call last):", "evit-hf convert: error: no such file"]),
+        (2, ["evit-hf convert: error: no such file", "converting..."]),
         (2, []),
     ],
-    ids=["exit-status-1", "two-error-lines", "traceback-after-the-line", "no-error-line"],
+    ids=["exit-status-1", "two-error-lines", "a-traceback-before-the-line", "output-after-the-line", "no-error-line"],
 )
 def test_refusal_fails_the_test_of_any_other_ending(status, error_lines, monkeypatch, capsys):
     monkeypatch.setattr(command_helpers, "main", exits(status, *error_lines))
