@@ -13,6 +13,7 @@ import evit_hf
 
 from . import command_helpers
 from .command_helpers import WORK_STEPS, refusal
+from .model_builders import TWO_LAYERS
 from .run_helpers import checkpoint_written, free_port, largest_difference
 
 
@@ -80,3 +81,8 @@ def test_free_port_is_a_port_this_machine_can_listen_on():
     assert 0 < port < 65536
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", port))
+
+
+def test_two_layers_reduce_tokens_in_both_layers():
+    # The compiled benchmark test relies on it: both layers reorganize tokens, so both kinds of layer are compiled.
+    assert evit_hf.EViTConfig(**TWO_LAYERS).reduction_layers == [0, 1]
