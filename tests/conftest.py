@@ -9,11 +9,7 @@ import torch
 # user's. Set before datasets is imported, which reads it once.
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="evit-hf-tests-datasets-cache-")
 
-import evit_hf  # noqa: E402  (after the cache folder is set)
-
-from .command_helpers import WORK_STEPS  # noqa: E402
-from .model_builders import TINY  # noqa: E402
-from .run_helpers import save_small_vit  # noqa: E402
+from .model_builders import TINY  # noqa: E402  (after the cache folder is set)
 
 
 def pytest_addoption(parser):
@@ -48,6 +44,8 @@ def pixel_values():
 def small_vit(tmp_path_factory):
     """A tiny ViT classifier of the bundled digits (10 labels, 32 px, patch 4, 4 layers: reduction layers 1, 2, 3),
     saved once per test file."""
+    from .run_helpers import save_small_vit  # imported here: see no_work
+
     return save_small_vit(tmp_path_factory.mktemp("vit") / "model")
 
 
@@ -55,6 +53,12 @@ def small_vit(tmp_path_factory):
 def no_work(monkeypatch):
     """Fails the test when an `evit-hf` command starts its work: reads the checkpoint, decodes an image or loads a
     model. (The tests of the examples define a `no_work` of their own, for the examples' work.)"""
+    # Imported here, not at the top: the suite's first imports stay model_builders' (transformers' auto classes, then
+    # evit_hf), an order that decides whether `import evit_hf` leaves its registration hook waiting for a first
+    # lookup; test_import_time's hook test depends on it.
+    import evit_hf
+
+    from .command_helpers import WORK_STEPS
 
     def refuse(*args, **kwargs):
         raise AssertionError("the command started its work before refusing")
