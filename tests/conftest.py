@@ -38,3 +38,31 @@ def restore_torch_threads():
 @pytest.fixture
 def pixel_values():
     return torch.randn(3, 3, TINY["image_size"], TINY["image_size"], generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def small_vit(tmp_path_factory):
+    """A tiny ViT classifier of the bundled digits (10 labels, 32 px, patch 4, 4 layers: reduction layers 1, 2, 3),
+    saved once per test file."""
+    from .run_helpers import save_small_vit  # imported here: see no_work
+
+    return save_small_vit(tmp_path_factory.mktemp("vit") / "model")
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test when an `evit-hf` command starts its work: reads the checkpoint, decodes an image or loads a
+    model. (The tests of the examples define a `no_work` of their own, for the examples' work.)"""
+    # Imported here, not at the top: the suite's first imports stay model_builders' (transformers' auto classes, then
+    # evit_hf), an order that decides whether `import evit_hf` leaves its registration hook waiting for a first
+    # lookup; test_import_time's hook test depends on it.
+    import evit_hf
+
+    from .command_helpers import WORK_STEPS
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command started its work before refusing")
+
+    for module, name in WORK_STEPS.values():
+        monkeypatch.setattr(module, name, refuse)
+    monkeypatch.setattr(evit_hf.EViTForImageClassification, "from_pretrained", refuse)

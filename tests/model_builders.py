@@ -59,6 +59,10 @@ TINY = dict(
     # Larger than the default 0.02 so that random attention is peaked and class-attention scores are far from ties.
     initializer_range=0.2,
 )
+# Two layers, 4 px patches, 16 px images: 4 x 4 = 16 patches, reduction layers 0 and 1 by the depth rule.
+TWO_LAYERS = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=4
+)
 # DeiT-S: 224 px, patch 16, 196 patches, dim 384, 12 layers, 6 heads.
 DEIT_SMALL = dict(
     hidden_size=384,

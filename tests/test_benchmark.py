@@ -27,6 +27,7 @@ from evit_hf.families import FAMILIES_BY_NAME
 from .fake_clock import FakeClock
 from .model_builders import (
     FAMILY_TESTERS,
+    TWO_LAYERS,
     builder_classes,
     encoder_main_output,
     has_text_tower,
@@ -39,12 +40,6 @@ from .script_modules import load_script
 def benchmark_main(argv):
     """`evit-hf benchmark ARGV`, in this process."""
     return cli_main(["benchmark", *argv])
-
-
-# Two layers, 4 px patches: reduction layers 0 and 1 by the depth rule.
-TWO_LAYERS = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=4
-)
 
 
 @pytest.mark.slow  # 145 s on a loaded 2-core machine

@@ -18,9 +18,9 @@ import evit_hf
 import evit_hf.cli
 from evit_hf.cli import main
 
+from .command_helpers import refusal
 from .family_folders import tiny_image_processor
 from .model_builders import tiny_stock_model
-from .test_command_outputs import no_work, refusal  # noqa: F401  (no_work: a fixture, used by name)
 
 
 @pytest.fixture(autouse=True)

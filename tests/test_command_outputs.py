@@ -23,9 +23,10 @@ from evit_hf.cli import main
 from evit_hf.outputs import MANIFEST_FILE
 from evit_hf.run_lock import LOCK_FILE, OutputDirInUse, OutputDirLock
 
+from .command_helpers import refusal
+from .conversion_helpers import HEADS, timm_state_dict
 from .family_folders import tiny_image_processor
 from .model_builders import tiny_stock_model
-from .test_conversion import HEADS, timm_state_dict
 
 
 @pytest.fixture(autouse=True)
@@ -64,35 +65,6 @@ FOLDER_COMMANDS = {
         calibrate_budget(work), "--output-dir", str(output), "--search-images", "4",
     ],
 }  # fmt: skip
-# The step where each command's work begins, which no refusal may reach.
-WORK_STEPS = {
-    "convert": (evit_hf.conversion, "read_checkpoint"),
-    "calibrate": (evit_hf.cli, "read_image_argument"),
-    "benchmark": (evit_hf.benchmark_timing, "build_models"),
-}
-
-
-@pytest.fixture
-def no_work(monkeypatch):
-    """Fails the test when a command starts its work: reads the checkpoint, decodes an image or loads a model."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the command started its work before refusing")
-
-    for module, name in WORK_STEPS.values():
-        monkeypatch.setattr(module, name, refuse)
-    monkeypatch.setattr(evit_hf.EViTForImageClassification, "from_pretrained", refuse)
-
-
-def refusal(capsys, argv) -> str:
-    """Runs the command in process; asserts exit status 2 and one error line; returns the line."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if ": error: " in line]
-    assert "Traceback" not in err and len(lines) == 1 and err.rstrip().endswith(lines[0]), err
-    return lines[0]
 
 
 def contents(folder) -> dict[str, bytes]:

@@ -13,13 +13,14 @@ from PIL import Image
 import evit_hf
 from evit_hf.data import scan_image_folder
 
+from .example_modules import evaluate_keep_rates, run_image_classification
 from .image_files import (
     good_folder,
     image_check_cache,  # noqa: F401 (autouse)
     write_image,
     write_truncated_jpeg,
 )
-from .test_examples import evaluate_keep_rates, run_image_classification, save_small_vit, training_args
+from .run_helpers import save_small_vit, training_args
 
 
 def test_a_good_folder_is_read_as_it_is(tmp_path):

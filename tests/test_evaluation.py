@@ -382,7 +382,7 @@ EXAMPLE_IDS = [f"{family}-{'zero-shot' if (family, builder) in ZERO_SHOT_MODELS 
 
 @pytest.mark.parametrize("family, builder", EXAMPLE_CASES, ids=EXAMPLE_IDS)
 def test_the_example_evaluates_a_folder_of_every_family(family, builder, tmp_path):
-    from .test_examples import evaluate_keep_rates as example
+    from .example_modules import evaluate_keep_rates as example
 
     write_family_folder(builder, tmp_path / "model", keep_rate=0.7, label_names=EXAMPLE_LABELS)
     for index, label in enumerate(EXAMPLE_LABELS):
@@ -448,7 +448,7 @@ def test_the_prompts_are_embedded_once_for_all_batches_and_keep_rates():
     ids=["no-head", "zero-shot-without-tokenizer"],
 )
 def test_the_example_refuses_folders_it_cannot_score_before_reading_data(builder, message, tmp_path, monkeypatch):
-    from .test_examples import evaluate_keep_rates as example
+    from .example_modules import evaluate_keep_rates as example
 
     evit_hf.apply_evit(tiny_stock_model(builder)).save_pretrained(tmp_path / "model")  # no tokenizer saved
     monkeypatch.setattr(example, "load_data", lambda *args: pytest.fail("the data was loaded"))
@@ -465,7 +465,7 @@ def varied_image(seed: int) -> Image.Image:
 
 @pytest.mark.parametrize("family, builder", ZERO_SHOT_MODELS, ids=[family for family, _ in ZERO_SHOT_MODELS])
 def test_the_example_scores_a_stock_checkpoint_zero_shot_as_the_stock_model_does_at_keep_1(family, builder, tmp_path):
-    from .test_examples import evaluate_keep_rates as example
+    from .example_modules import evaluate_keep_rates as example
 
     stock = tiny_stock_model(builder)  # a Hub-style CLIPModel / MetaClip2Model folder, not an EViT one
     stock.save_pretrained(tmp_path / "model")
@@ -502,7 +502,7 @@ def _tiny_labelled_folder(folder, labels=EXAMPLE_LABELS):
 
 
 def test_the_example_evaluates_at_a_larger_image_size_with_the_keep_rate_of_equal_macs(tmp_path):
-    from .test_examples import evaluate_keep_rates as example
+    from .example_modules import evaluate_keep_rates as example
 
     model = write_family_folder("vit-classifier", tmp_path / "model", keep_rate=0.7, label_names=EXAMPLE_LABELS)
     _tiny_labelled_folder(tmp_path / "data")
@@ -523,7 +523,7 @@ def test_the_example_evaluates_at_a_larger_image_size_with_the_keep_rate_of_equa
 
 
 def test_the_example_refuses_a_fine_tuning_keep_rate(tmp_path):
-    from .test_examples import evaluate_keep_rates as example
+    from .example_modules import evaluate_keep_rates as example
 
     with pytest.raises(ValueError, match="--keep_rates"):
         example.main(

@@ -4,8 +4,8 @@ import subprocess
 
 import pytest
 
-from .test_examples import EXAMPLES, evaluate_keep_rates, save_small_vit
-from .test_multiprocess import BIN, free_port
+from .example_modules import evaluate_keep_rates
+from .run_helpers import BIN, EXAMPLES, free_port, save_small_vit
 
 
 SCRIPT = os.path.join(EXAMPLES, "evaluate_keep_rates.py")

@@ -8,62 +8,13 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from transformers import BertConfig, ViTConfig, ViTForImageClassification, ViTImageProcessor
+from transformers import BertConfig
 
 import evit_hf
 from evit_hf import fine_tuning
 
-
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-sys.path.insert(0, EXAMPLES)
-
-import digits_budget_study  # noqa: E402
-import digits_demo  # noqa: E402
-import evaluate_keep_rates  # noqa: E402
-import run_image_classification  # noqa: E402
-
-
-DIGIT_LABELS = [str(d) for d in range(10)]
-
-
-def save_small_vit(folder, labels=DIGIT_LABELS, image_size=32):
-    torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=image_size,
-        patch_size=4,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-    )
-    ViTForImageClassification(config).save_pretrained(folder)
-    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
-    return str(folder)
-
-
-def training_args(model, output_dir, *extra):
-    return [
-        "--model_name_or_path", str(model),
-        "--output_dir", str(output_dir),
-        "--do_train", "--do_eval",
-        "--max_steps", "4",
-        "--per_device_train_batch_size", "16",
-        "--per_device_eval_batch_size", "128",
-        "--report_to", "none",
-        "--save_strategy", "no",
-        "--max_eval_samples", "64",
-        "--disable_tqdm", "true",
-        "--card_keep_rates", "1.0", "0.5",
-        *extra,
-    ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def small_vit(tmp_path_factory):
-    return save_small_vit(tmp_path_factory.mktemp("vit") / "model")
+from .example_modules import digits_budget_study, digits_demo, evaluate_keep_rates, run_image_classification
+from .run_helpers import DIGIT_LABELS, save_small_vit, training_args
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,10 @@ from evit_hf.families import FAMILIES
 from evit_hf.macs import count_macs
 from evit_hf.resolution import resize_position_embeddings
 
+from .example_modules import run_image_classification
 from .image_files import good_folder, image_check_cache  # noqa: F401  (autouse: the test's own image-check cache)
 from .model_builders import FAMILY_TESTERS, IMAGE_MODEL_FAMILIES, TESTERS, stock_config, tiny_stock_model
-from .test_examples import run_image_classification, save_small_vit
-from .test_resume import kill_after_first_checkpoint, largest_difference, resume_args, weights
+from .run_helpers import kill_after_first_checkpoint, largest_difference, resume_args, save_small_vit, weights
 
 
 CLASSIFIER = "AutoModelForImageClassification"
@@ -182,12 +182,6 @@ def test_a_family_without_a_classifier_is_refused_naming_those_with_one(family, 
         run_image_classification.main(folder_args(tmp_path / "start", tmp_path / "out", image_folders))
     assert "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
-
-
-@pytest.fixture(scope="module")
-def small_vit(tmp_path_factory):
-    """A tiny ViT classifier of the bundled digits (10 labels, 32 px, patch 4, 4 layers: reduction layers 1, 2, 3)."""
-    return save_small_vit(tmp_path_factory.mktemp("vit") / "model")
 
 
 def digits_args(model, output_dir, *extra):

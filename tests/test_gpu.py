@@ -12,7 +12,6 @@ import copy
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -25,9 +24,9 @@ import evit_hf
 from evit_hf import benchmark
 from evit_hf.benchmark import BenchmarkSettings, run_benchmark
 
-from .model_builders import TINY, stock_and_evit
+from .model_builders import TINY, TWO_LAYERS, stock_and_evit
+from .run_helpers import free_port
 from .script_modules import ROOT, load_script
-from .test_benchmark import TWO_LAYERS
 
 
 CUDA = "cuda"
@@ -380,12 +379,6 @@ def test_gradient_checkpointing_on_cuda():
 # Several processes with NCCL.
 
 
-def free_port() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
-
-
 def _evaluate_in_process(rank, world_size, port, output_path):
     torch.cuda.set_device(rank)
     torch.distributed.init_process_group(
@@ -426,7 +419,7 @@ def test_example_evaluates_on_two_gpus_with_torchrun(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     if not os.path.exists(torchrun):
         pytest.skip("torchrun is not installed")
-    from .test_examples import save_small_vit
+    from .run_helpers import save_small_vit
 
     model = save_small_vit(tmp_path / "vit")
     arguments = ["--model_name_or_path", model, "--keep_rates", "1.0", "0.5", "--max_eval_samples", "37",
@@ -444,7 +437,8 @@ def test_example_evaluates_on_two_gpus_with_torchrun(tmp_path):
 @gpu
 def test_example_fine_tunes_in_bf16_on_cuda(tmp_path):
     pytest.importorskip("sklearn")  # the example's default data: scikit-learn's digits
-    from .test_examples import run_image_classification, save_small_vit, training_args
+    from .example_modules import run_image_classification
+    from .run_helpers import save_small_vit, training_args
 
     output_dir = tmp_path / "run"
     arguments = training_args(save_small_vit(tmp_path / "vit"), output_dir, "--keep_rate", "0.7", "--bf16", "true",

@@ -17,6 +17,7 @@ from evit_hf.cli import main as cli
 from evit_hf.data import image_transforms, scan_image_folder, to_rgb
 from evit_hf.images import load_rgb_image
 
+from .example_modules import run_image_classification
 from .image_files import (
     image_check_cache,  # noqa: F401 (autouse)
     png_bytes,
@@ -24,7 +25,7 @@ from .image_files import (
     write_image,
     write_rotated_jpeg,
 )
-from .test_examples import run_image_classification, save_small_vit, training_args
+from .run_helpers import save_small_vit, training_args
 
 
 # -- file and folder names are names ------------------------------------------------------------------------------

@@ -2,9 +2,7 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import weakref
 from types import SimpleNamespace
 
@@ -12,19 +10,10 @@ import pytest
 
 import evit_hf
 
-from .test_examples import EXAMPLES, save_small_vit
+from .run_helpers import BIN, EXAMPLES, free_port, save_small_vit
 
 
 SCRIPT = os.path.join(EXAMPLES, "run_image_classification.py")
-BIN = os.path.dirname(sys.executable)
-
-
-def free_port() -> str:
-    with socket.socket() as probe:  # a port of our own: launchers default to 29500, which may still be taken
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
-
-
 TORCHRUN = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port"]
 
 

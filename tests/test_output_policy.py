@@ -19,7 +19,8 @@ from evit_hf.outputs import (
 )
 from evit_hf.run_lock import LOCK_FILE
 
-from .test_examples import EXAMPLES, evaluate_keep_rates, run_image_classification, save_small_vit, training_args
+from .example_modules import evaluate_keep_rates, run_image_classification
+from .run_helpers import EXAMPLES, training_args
 
 
 # ---- outputs apart from inputs ------------------------------------------------------------------------------------
@@ -164,11 +165,6 @@ def test_a_damaged_manifest_is_refused(tmp_path):
 
 
 # ---- the examples follow the policy ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def small_vit(tmp_path_factory):
-    return save_small_vit(tmp_path_factory.mktemp("vit") / "model")
 
 
 @pytest.fixture
@@ -338,7 +334,9 @@ def test_resuming_a_distillation_with_another_teacher_is_refused_naming_both(sma
     assert f"distillation_teacher {os.path.realpath(small_vit)!r} there, {str(other_teacher)!r} here" in message
 
 
-@pytest.mark.parametrize("builder", ["vit-classifier", "deit-teacher", "clip-classifier", "dinov2-classifier", "dinov3"])
+@pytest.mark.parametrize(
+    "builder", ["vit-classifier", "deit-teacher", "clip-classifier", "dinov2-classifier", "dinov3"]
+)
 def test_per_layer_keep_rates_reach_the_configuration_as_written(builder):
     import copy
 

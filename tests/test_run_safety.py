@@ -15,16 +15,11 @@ import pytest
 from evit_hf import run_lock
 from evit_hf.run_lock import LOCK_FILE, OutputDirInUse, OutputDirLock
 
-from .test_examples import EXAMPLES, evaluate_keep_rates, run_image_classification, save_small_vit, training_args
-from .test_resume import checkpoint_written, stopped_run_command
+from .example_modules import evaluate_keep_rates, run_image_classification
+from .run_helpers import EXAMPLES, checkpoint_written, save_small_vit, stopped_run_command, training_args
 
 
 SCRIPT = os.path.join(EXAMPLES, "run_image_classification.py")
-
-
-@pytest.fixture(scope="module")
-def small_vit(tmp_path_factory):
-    return save_small_vit(tmp_path_factory.mktemp("vit") / "model")
 
 
 @pytest.fixture
