@@ -67,7 +67,7 @@ FOLDER_COMMANDS = {
 # The step where each command's work begins, which no refusal may reach.
 WORK_STEPS = {
     "convert": (evit_hf.conversion, "read_checkpoint"),
-    "calibrate": (evit_hf.cli, "read_image_argument"),
+    "calibrate": (evit_hf.commands.calibrate, "read_image_argument"),
     "benchmark": (evit_hf.benchmark, "build_models"),
 }
 

@@ -137,9 +137,9 @@ def assert_matches_reference(model, state_dict, pixels, keep_rate, layers, fuse,
 
 def convert(argv):
     """Runs `evit-hf convert` in-process; returns the model it built."""
-    from evit_hf.cli import convert as convert_command
+    from evit_hf.cli import run_command
 
-    return convert_command([str(value) for value in argv])
+    return run_command(["convert", *(str(value) for value in argv)])
 
 
 def test_reference_training_checkpoint(checkpoint_file, tmp_path, pixels):
