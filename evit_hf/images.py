@@ -4,6 +4,7 @@ each of them. Only PIL and numpy are imported here: the command line opens image
 
 import functools
 import io
+import mimetypes
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -94,9 +95,14 @@ def load_rgb_image(path: str) -> Image.Image:
         return to_rgb(opened)
 
 
+# The picture formats every viewer opens, named first where the extensions are listed for a user.
+FAMILIAR_PICTURE_FORMATS = ("PNG", "JPEG")
+
+
 @functools.cache
-def picture_extensions(first: str = ".png") -> tuple[str, ...]:
-    """The `IMAGE_EXTENSIONS` that this PIL writes a drawn RGB picture in whole, `first` first, the others sorted.
+def picture_extensions() -> tuple[str, ...]:
+    """The `IMAGE_EXTENSIONS` that this PIL writes a drawn RGB picture in whole. Listed for a user: first each
+    format's usual extension (by its MIME type), PNG's and JPEG's leading, then the other spellings (.jpeg, .tif).
 
     Written differs from read: PIL reads formats it cannot write (EPS without Ghostscript, WMF), writes some only in
     other modes (XBM: 1-bit) or only small (ICO: at most 256 pixels), and writes WebP only with libwebp. So each
@@ -105,8 +111,9 @@ def picture_extensions(first: str = ".png") -> tuple[str, ...]:
     colours = np.array([[230, 30, 30], [30, 200, 30], [30, 30, 220], [240, 240, 240], [20, 20, 20], [200, 180, 40]])
     canvas = np.repeat(np.repeat(colours[None].astype(np.uint8), 20, axis=0), 50, axis=1)  # [20, 300, 3]
     Image.init()
-    writable = []
-    for extension in sorted(IMAGE_EXTENSIONS):
+    usual_extensions = mimetypes.MimeTypes()  # Python's own table, not the system's: the same order everywhere
+    order = {}
+    for extension in IMAGE_EXTENSIONS:
         picture_format = Image.registered_extensions().get(extension)
         if picture_format is None or picture_format not in Image.SAVE:
             continue
@@ -119,5 +126,9 @@ def picture_extensions(first: str = ".png") -> tuple[str, ...]:
         except (OSError, ValueError, KeyError, SyntaxError):  # no encoder, a mode the format cannot hold
             continue
         if read_back.shape == canvas.shape and np.abs(read_back.astype(int) - canvas).mean() < 8:
-            writable.append(extension)
-    return tuple(sorted(writable, key=lambda extension: (extension != first, extension)))
+            usual = usual_extensions.guess_extension(Image.MIME.get(picture_format, "")) == extension
+            familiar = (
+                FAMILIAR_PICTURE_FORMATS.index(picture_format) if picture_format in FAMILIAR_PICTURE_FORMATS else 2
+            )
+            order[extension] = (not usual, familiar, extension)
+    return tuple(sorted(order, key=order.get))

@@ -191,8 +191,8 @@ def test_distilled_safetensors(tmp_path, pixels):
 
 def test_overrides_beat_the_checkpoint_args(checkpoint_file, tmp_path, pixels):
     folder = tmp_path / "converted"
-    argv = [checkpoint_file, folder, "--num_attention_heads", HEADS, "--keep_rate", 0.5]
-    model = convert([*argv, "--reduction_layers", 3, 1, "--no_fuse"])
+    argv = [checkpoint_file, folder, "--num-attention-heads", HEADS, "--keep-rate", 0.5]
+    model = convert([*argv, "--reduction-layers", 3, 1, "--no-fuse"])
     config = model.config
     assert (config.keep_rate, config.reduction_layers, config.fuse_inattentive_tokens) == (0.5, [1, 3], False)
     state_dict = training_checkpoint()["model"]
@@ -203,6 +203,33 @@ def test_overrides_beat_the_checkpoint_args(checkpoint_file, tmp_path, pixels):
         assert relative_difference(model(pixels).logits, args_logits) > 1e-3
     card = (folder / "README.md").read_text()
     assert "| keep rate | 0.5 | override |" in card and "| inattentive tokens | dropped | override |" in card
+
+
+def test_underscore_spellings_convert_as_the_dash_ones(checkpoint_file, tmp_path):
+    # The spellings of earlier versions still work (hidden from --help): the same folder as with the dash spellings.
+    from safetensors.torch import load_file
+
+    def underscored(flag):
+        return "--" + flag[len("--") :].replace("-", "_")
+
+    def options(spell):
+        return [spell("--num-attention-heads"), HEADS, spell("--keep-rate"), 0.5, spell("--reduction-layers"), 3, 1,
+                spell("--no-fuse"), spell("--use-ema")]  # fmt: skip
+
+    folders = {}
+    for name, spell in (("dashes", str), ("underscores", underscored)):
+        folders[name] = tmp_path / name
+        convert([checkpoint_file, folders[name], *options(spell)])
+    configs = {name: json.loads((folder / "config.json").read_text()) for name, folder in folders.items()}
+    assert configs["underscores"] == configs["dashes"]
+    config = configs["dashes"]
+    assert (config["keep_rate"], config["reduction_layers"], config["fuse_inattentive_tokens"]) == (0.5, [1, 3], False)
+    weights = {name: load_file(folder / "model.safetensors") for name, folder in folders.items()}
+    assert weights["underscores"].keys() == weights["dashes"].keys()
+    assert all(torch.equal(weights["underscores"][key], weights["dashes"][key]) for key in weights["dashes"])
+    # --use_ema took the EMA weights, not the model's.
+    ema_patch_weight = training_checkpoint()["model_ema"]["patch_embed.proj.weight"]
+    assert any(torch.equal(tensor, ema_patch_weight) for tensor in weights["underscores"].values())
 
 
 def test_use_ema_converts_the_ema_weights(checkpoint_file, pixels):

@@ -36,7 +36,10 @@ def add_arguments(parser) -> None:
         help="0-based reduction layers; override the checkpoint's drop_loc (default: the paper's for the depth).",
     )
     add_option_with_hidden_alias(
-        parser, "--no-fuse", action="store_true", help="Drop the inattentive tokens instead of fusing them (fuse_token)."
+        parser,
+        "--no-fuse",
+        action="store_true",
+        help="Drop the inattentive tokens instead of fusing them (fuse_token).",
     )
     add_option_with_hidden_alias(
         parser, "--use-ema", action="store_true", help="Convert the checkpoint's model_ema weights."

@@ -42,7 +42,7 @@ def run(parser, args, argv) -> str:
         parser.error(f"argument --output: {args.output!r} is a folder; give a file name such as {DEFAULT_OUTPUT}")
     from ..images import picture_extensions
 
-    extensions = picture_extensions(first=os.path.splitext(DEFAULT_OUTPUT)[1])
+    extensions = picture_extensions()
     if os.path.splitext(args.output)[1].lower() not in extensions:
         parser.error(
             f"argument --output: cannot write a picture named {args.output!r}: give it one of the extensions "
