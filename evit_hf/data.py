@@ -56,7 +56,6 @@ def digits_dataset(validation_fraction: float = 0.2, seed: int = 0) -> DatasetDi
     return DatasetDict(train=split(train_indices), validation=split(validation_indices))
 
 
-
 # Part of every cached check result: raise it whenever the check finds other problems than before, so that results
 # of an older check are not trusted.
 IMAGE_CHECK_VERSION = 1
