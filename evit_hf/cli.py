@@ -26,8 +26,11 @@ class CommandListFormatter(argparse.HelpFormatter):
         self._action_max_length = max(len(name) for name in COMMANDS) + 4
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The `evit-hf` parser, and the parser of each command by name (a command's errors are its own parser's)."""
+def build_parser(commands=None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `evit-hf` parser, and the parser of each command by name (a command's errors are its own parser's).
+
+    Every command is listed; the options are added for `commands` only (default: all). Adding benchmark's reads its
+    defaults from `evit_hf.benchmark`, a cost that `evit-hf convert` need not pay."""
     parser = argparse.ArgumentParser(
         prog="evit-hf",
         description="EViT for transformers. `evit-hf COMMAND --help` lists a command's options.",
@@ -43,7 +46,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             description=command.DESCRIPTION,
             formatter_class=getattr(command, "FORMATTER", argparse.HelpFormatter),
         )
-        command.add_arguments(command_parser)
+        if commands is None or name in commands:
+            command.add_arguments(command_parser)
         command_parsers[name] = command_parser
     return parser, command_parsers
 
@@ -52,7 +56,7 @@ def run_command(argv=None):
     """Runs `evit-hf` with `argv` (default: the process's arguments) and returns what the command returns: the
     converted model, the benchmark's results, the calibration report, the picture's path."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser, command_parsers = build_parser()
+    parser, command_parsers = build_parser(commands=argv[:1])
     if not argv:
         parser.error(
             f"give a command: {', '.join(list(COMMANDS)[:-1])} or {list(COMMANDS)[-1]} "
