@@ -109,6 +109,29 @@ def test_an_unknown_option_is_the_command_s_error(capsys):
     assert capsys.readouterr().err.splitlines()[-1] == "evit-hf convert: error: unrecognized arguments: --bogus"
 
 
+class SettingsTaken(Exception):
+    """Raised in place of the benchmark's run: the settings the command made of its options."""
+
+
+@pytest.mark.parametrize("memory_flag, measure_memory", [([], True), (["--no-memory"], False)], ids=["memory", "none"])
+def test_benchmark_options_become_its_settings(memory_flag, measure_memory, monkeypatch):
+    import evit_hf.benchmark
+
+    def take_settings(settings, progress):
+        raise SettingsTaken(settings, progress)
+
+    monkeypatch.setattr(evit_hf.benchmark, "run_benchmark", take_settings)
+    argv = ["benchmark", "--model", "deit-tiny", "--batch-sizes", "2", "4", "--image-sizes", "32",
+            "--keep-rates", "0.5", "0.9/0.7/0.5", "--rounds", "3", "--warmup", "1", "--compile", "no",
+            "--no-progress", *memory_flag]  # fmt: skip
+    with pytest.raises(SettingsTaken) as taken:
+        main(argv)
+    settings, progress = taken.value.args
+    assert (settings.model, settings.batch_sizes, settings.image_sizes) == ("deit-tiny", [2, 4], [32])
+    assert settings.keep_rates == [0.5, [0.9, 0.7, 0.5]] and (settings.rounds, settings.warmup) == (3, 1)
+    assert settings.compiled == [False] and settings.measure_memory is measure_memory and progress is False
+
+
 def test_image_extensions_are_those_datasets_reads():
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 

@@ -232,6 +232,15 @@ def test_underscore_spellings_convert_as_the_dash_ones(checkpoint_file, tmp_path
     assert any(torch.equal(tensor, ema_patch_weight) for tensor in weights["underscores"].values())
 
 
+def test_listed_names_shows_the_first_ten_and_counts_the_rest():
+    from evit_hf.timm_layout import listed_names
+
+    names = [f"blocks.{index}.attn.qkv.weight" for index in range(12)]
+    assert listed_names(names) == ", ".join(names[:10]) + " and 2 more"
+    assert listed_names(names[:10]) == ", ".join(names[:10])
+    assert listed_names(names[:3], shown=2) == f"{names[0]}, {names[1]} and 1 more"
+
+
 def test_use_ema_converts_the_ema_weights(checkpoint_file, pixels):
     model = evit_hf.convert_timm_checkpoint(checkpoint_file, num_attention_heads=HEADS, use_ema=True)
     checkpoint = training_checkpoint()
