@@ -16,13 +16,12 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features
 from datasets import Image as ImageFeature
-from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from datasets.utils import tqdm as hf_tqdm
 from PIL import Image
 from transformers import TrainerCallback
 from transformers.utils import logging as transformers_logging
 
-from .images import load_rgb_image, to_rgb
+from .images import IMAGE_EXTENSIONS, load_rgb_image, to_rgb
 
 
 logger = logging.getLogger(__name__)
@@ -56,9 +55,6 @@ def digits_dataset(validation_fraction: float = 0.2, seed: int = 0) -> DatasetDi
 
     return DatasetDict(train=split(train_indices), validation=split(validation_indices))
 
-
-# The file types `datasets`' imagefolder loader reads as images; other files in a folder are not part of the data.
-IMAGE_EXTENSIONS = frozenset(ImageFolder.EXTENSIONS)
 
 # Part of every cached check result: raise it whenever the check finds other problems than before, so that results
 # of an older check are not trusted.

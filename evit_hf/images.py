@@ -2,8 +2,28 @@
 depth. Training, evaluation and `evit-hf visualize` all go through `to_rgb`, so that one file gives the same pixels in
 each of them. Only PIL and numpy are imported here: the command line opens images before it imports torch."""
 
+import functools
+import io
+import mimetypes
+
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
+
+
+# The file types read as images, everywhere: image folders (`evit_hf.data`), `evit-hf calibrate`'s --images, and the
+# pictures `evit-hf visualize` writes (`picture_extensions`, derived from this list). They are `datasets`' imagefolder
+# loader's (`ImageFolder.EXTENSIONS`), so that a folder holds the same images whether evit_hf or
+# `load_dataset("imagefolder")` reads it; written out here because importing `datasets` takes seconds, and the command
+# line checks a name before that (tests/test_command_line.py compares the two lists).
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".apng", ".blp", ".bmp", ".bufr", ".bw", ".cur", ".dcx", ".dds", ".dib", ".emf", ".eps", ".fit", ".fits",
+        ".flc", ".fli", ".ftc", ".ftu", ".gbr", ".gif", ".grib", ".icb", ".icns", ".ico", ".iim", ".im", ".j2c",
+        ".j2k", ".jfif", ".jp2", ".jpc", ".jpe", ".jpeg", ".jpf", ".jpg", ".jpx", ".mpeg", ".mpg", ".msp", ".pbm",
+        ".pcd", ".pcx", ".pgm", ".png", ".pnm", ".ppm", ".ps", ".psd", ".pxr", ".ras", ".rgb", ".rgba", ".sgi",
+        ".tga", ".tif", ".tiff", ".vda", ".vst", ".webp", ".wmf", ".xbm", ".xpm",
+    }
+)  # fmt: skip
 
 
 # Modes whose values are not 8-bit: 16-bit integers, 32-bit integers and 32-bit floats (one channel each).
@@ -73,3 +93,42 @@ def load_rgb_image(path: str) -> Image.Image:
     with Image.open(path) as opened:
         opened.load()
         return to_rgb(opened)
+
+
+# The picture formats every viewer opens, named first where the extensions are listed for a user.
+FAMILIAR_PICTURE_FORMATS = ("PNG", "JPEG")
+
+
+@functools.cache
+def picture_extensions() -> tuple[str, ...]:
+    """The `IMAGE_EXTENSIONS` that this PIL writes a drawn RGB picture in whole. Listed for a user: first each
+    format's usual extension (by its MIME type), PNG's and JPEG's leading, then the other spellings (.jpeg, .tif).
+
+    Written differs from read: PIL reads formats it cannot write (EPS without Ghostscript, WMF), writes some only in
+    other modes (XBM: 1-bit) or only small (ICO: at most 256 pixels), and writes WebP only with libwebp. So each
+    candidate is tried: a canvas wider than 256 pixels in six colours must read back at its size with its colours
+    (within JPEG's loss). A picture written in one of these is also an image the project reads."""
+    colours = np.array([[230, 30, 30], [30, 200, 30], [30, 30, 220], [240, 240, 240], [20, 20, 20], [200, 180, 40]])
+    canvas = np.repeat(np.repeat(colours[None].astype(np.uint8), 20, axis=0), 50, axis=1)  # [20, 300, 3]
+    Image.init()
+    usual_extensions = mimetypes.MimeTypes()  # Python's own table, not the system's: the same order everywhere
+    order = {}
+    for extension in IMAGE_EXTENSIONS:
+        picture_format = Image.registered_extensions().get(extension)
+        if picture_format is None or picture_format not in Image.SAVE:
+            continue
+        written = io.BytesIO()
+        try:
+            Image.fromarray(canvas).save(written, format=picture_format)
+            written.seek(0)
+            with Image.open(written) as opened:
+                read_back = np.asarray(to_rgb(opened))
+        except (OSError, ValueError, KeyError, SyntaxError):  # no encoder, a mode the format cannot hold
+            continue
+        if read_back.shape == canvas.shape and np.abs(read_back.astype(int) - canvas).mean() < 8:
+            usual = usual_extensions.guess_extension(Image.MIME.get(picture_format, "")) == extension
+            familiar = (
+                FAMILIAR_PICTURE_FORMATS.index(picture_format) if picture_format in FAMILIAR_PICTURE_FORMATS else 2
+            )
+            order[extension] = (not usual, familiar, extension)
+    return tuple(sorted(order, key=order.get))

@@ -71,7 +71,8 @@ def seconds_argument(text: str) -> float:
 
 
 def parse_arguments(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
-    from evit_hf.cli import keep_rate_argument, writable_folder_problem
+    from evit_hf.commands.arguments import keep_rate_argument
+    from evit_hf.messages import writable_folder_problem
 
     parser = argparse.ArgumentParser(
         prog="gpu_benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -355,7 +356,7 @@ def build_model_pair(name: str, settings, device):
 
 
 def failure_line(error: BaseException) -> str:
-    from evit_hf.cli import one_line
+    from evit_hf.messages import one_line
 
     return f"{type(error).__name__}: {one_line(error)}"
 

@@ -6,6 +6,7 @@ import pytest
 
 import evit_hf.benchmark_timing
 import evit_hf.cli
+import evit_hf.commands.calibrate
 import evit_hf.conversion
 from evit_hf.cli import main
 
@@ -13,7 +14,7 @@ from evit_hf.cli import main
 # The step where each command's work begins, which no refusal may reach.
 WORK_STEPS = {
     "convert": (evit_hf.conversion, "read_checkpoint"),
-    "calibrate": (evit_hf.cli, "read_image_argument"),
+    "calibrate": (evit_hf.commands.calibrate, "read_image_argument"),
     "benchmark": (evit_hf.benchmark_timing, "build_models"),
 }
 

@@ -86,6 +86,11 @@ def test_each_image_counts_once_through_links(work):
     assert json.loads((work / "out" / "calibration.json").read_text())["num_images"] == 6
 
 
+def test_batches_smaller_than_the_images_cover_every_image(work):
+    main(calibrate(work, extra=("--batch-size", "4")))  # 6 images: batches of 4 and 2
+    assert json.loads((work / "out" / "calibration.json").read_text())["num_images"] == 6
+
+
 @pytest.mark.usefixtures("no_work")
 def test_a_symbolic_link_loop_is_reported_as_the_image_folder_check_reports_it(work, capsys):
     loop = work / "images" / "a" / "back"

@@ -57,7 +57,7 @@ def calibrate_budget(work) -> str:
 # The commands that write a folder of their own: their command line for an output folder, and what they write.
 FOLDER_COMMANDS = {
     "convert": lambda work, output: [
-        "convert", str(work / "checkpoint.pth"), str(output), "--num_attention_heads", str(HEADS),
+        "convert", str(work / "checkpoint.pth"), str(output), "--num-attention-heads", str(HEADS),
         "--id2label", str(work / "labels.json"),
     ],
     "calibrate": lambda work, output: [
@@ -105,11 +105,11 @@ OVERLAPS = {
         ("--image", work / "images/a/0.png"), ("--output", work / "images/a/0.png"), "is",
     ),
     "convert-into-the-checkpoints-folder": lambda work: (
-        ["convert", str(work / "X/model.safetensors"), str(work / "X"), "--num_attention_heads", str(HEADS)],
+        ["convert", str(work / "X/model.safetensors"), str(work / "X"), "--num-attention-heads", str(HEADS)],
         ("checkpoint", work / "X/model.safetensors"), ("output_dir", work / "X"), "contains",
     ),
     "convert-into-the-checkpoints-folder-with-overwrite": lambda work: (
-        ["convert", str(work / "X/model.safetensors"), str(work / "X"), "--num_attention_heads", str(HEADS),
+        ["convert", str(work / "X/model.safetensors"), str(work / "X"), "--num-attention-heads", str(HEADS),
          "--overwrite"],
         ("checkpoint", work / "X/model.safetensors"), ("output_dir", work / "X"), "contains",
     ),
@@ -259,7 +259,7 @@ def test_the_console_command_refuses_to_draw_over_its_image(work):
 def test_the_console_command_refuses_to_convert_into_the_checkpoints_folder(work):
     checkpoint, folder = _safetensors_checkpoint_in_output(work)
     before = checkpoint.read_bytes()
-    result = console("convert", checkpoint, folder, "--overwrite", "--num_attention_heads", HEADS)
+    result = console("convert", checkpoint, folder, "--overwrite", "--num-attention-heads", HEADS)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"error: output_dir {folder} contains checkpoint {checkpoint}" in result.stderr.strip().splitlines()[-1]
     assert os.listdir(folder) == ["model.safetensors"] and checkpoint.read_bytes() == before

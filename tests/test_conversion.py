@@ -86,14 +86,14 @@ def assert_matches_reference(model, state_dict, pixels, keep_rate, layers, fuse,
 
 def convert(argv):
     """Runs `evit-hf convert` in-process; returns the model it built."""
-    from evit_hf.cli import convert as convert_command
+    from evit_hf.cli import run_command
 
-    return convert_command([str(value) for value in argv])
+    return run_command(["convert", *(str(value) for value in argv)])
 
 
 def test_reference_training_checkpoint(checkpoint_file, tmp_path, pixels):
     folder = tmp_path / "converted"
-    convert([checkpoint_file, folder, "--num_attention_heads", HEADS])
+    convert([checkpoint_file, folder, "--num-attention-heads", HEADS])
     model = AutoModelForImageClassification.from_pretrained(folder).eval()
     assert type(model) is evit_hf.EViTForImageClassification
     config = model.config
@@ -140,8 +140,8 @@ def test_distilled_safetensors(tmp_path, pixels):
 
 def test_overrides_beat_the_checkpoint_args(checkpoint_file, tmp_path, pixels):
     folder = tmp_path / "converted"
-    argv = [checkpoint_file, folder, "--num_attention_heads", HEADS, "--keep_rate", 0.5]
-    model = convert([*argv, "--reduction_layers", 3, 1, "--no_fuse"])
+    argv = [checkpoint_file, folder, "--num-attention-heads", HEADS, "--keep-rate", 0.5]
+    model = convert([*argv, "--reduction-layers", 3, 1, "--no-fuse"])
     config = model.config
     assert (config.keep_rate, config.reduction_layers, config.fuse_inattentive_tokens) == (0.5, [1, 3], False)
     state_dict = training_checkpoint()["model"]
@@ -152,6 +152,42 @@ def test_overrides_beat_the_checkpoint_args(checkpoint_file, tmp_path, pixels):
         assert relative_difference(model(pixels).logits, args_logits) > 1e-3
     card = (folder / "README.md").read_text()
     assert "| keep rate | 0.5 | override |" in card and "| inattentive tokens | dropped | override |" in card
+
+
+def test_underscore_spellings_convert_as_the_dash_ones(checkpoint_file, tmp_path):
+    # The spellings of earlier versions still work (hidden from --help): the same folder as with the dash spellings.
+    from safetensors.torch import load_file
+
+    def underscored(flag):
+        return "--" + flag[len("--") :].replace("-", "_")
+
+    def options(spell):
+        return [spell("--num-attention-heads"), HEADS, spell("--keep-rate"), 0.5, spell("--reduction-layers"), 3, 1,
+                spell("--no-fuse"), spell("--use-ema")]  # fmt: skip
+
+    folders = {}
+    for name, spell in (("dashes", str), ("underscores", underscored)):
+        folders[name] = tmp_path / name
+        convert([checkpoint_file, folders[name], *options(spell)])
+    configs = {name: json.loads((folder / "config.json").read_text()) for name, folder in folders.items()}
+    assert configs["underscores"] == configs["dashes"]
+    config = configs["dashes"]
+    assert (config["keep_rate"], config["reduction_layers"], config["fuse_inattentive_tokens"]) == (0.5, [1, 3], False)
+    weights = {name: load_file(folder / "model.safetensors") for name, folder in folders.items()}
+    assert weights["underscores"].keys() == weights["dashes"].keys()
+    assert all(torch.equal(weights["underscores"][key], weights["dashes"][key]) for key in weights["dashes"])
+    # The underscore spelling of --use-ema took the EMA weights, not the model's.
+    ema_patch_weight = training_checkpoint()["model_ema"]["patch_embed.proj.weight"]
+    assert any(torch.equal(tensor, ema_patch_weight) for tensor in weights["underscores"].values())
+
+
+def test_listed_names_shows_the_first_ten_and_counts_the_rest():
+    from evit_hf.timm_layout import listed_names
+
+    names = [f"blocks.{index}.attn.qkv.weight" for index in range(12)]
+    assert listed_names(names) == ", ".join(names[:10]) + " and 2 more"
+    assert listed_names(names[:10]) == ", ".join(names[:10])
+    assert listed_names(names[:3], shown=2) == f"{names[0]}, {names[1]} and 1 more"
 
 
 def test_use_ema_converts_the_ema_weights(checkpoint_file, pixels):
@@ -393,10 +429,10 @@ REFUSALS = {
     ),
     "ema-without-model-ema": (
         lambda tmp: training_checkpoint(with_ema=False),
-        ["--use_ema"],
-        "--use_ema (use_ema=True) asks for the EMA weights, but the checkpoint has no 'model_ema' entry",
+        ["--use-ema"],
+        "--use-ema (use_ema=True) asks for the EMA weights, but the checkpoint has no 'model_ema' entry",
     ),
-    "ema-of-bare-state-dict": (lambda tmp: timm_state_dict(), ["--use_ema"], "bare state dict with no 'model_ema'"),
+    "ema-of-bare-state-dict": (lambda tmp: timm_state_dict(), ["--use-ema"], "bare state dict with no 'model_ema'"),
     "id2label-count": (
         lambda tmp: timm_state_dict(),
         ["--id2label", "@labels3.json"],
@@ -426,19 +462,19 @@ REFUSALS = {
         [],
         "got 6 in [3, 6, 9]",
     ),
-    "reduction-layer-past-depth": (lambda tmp: timm_state_dict(), ["--reduction_layers", "1", "7"], "got 7 in [1, 7]"),
-    "reduction-layer-not-an-index": (lambda tmp: timm_state_dict(), ["--reduction_layers", "x"], "0-based layer"),
-    "keep-rate": (lambda tmp: timm_state_dict(), ["--keep_rate", "0"], "argument --keep_rate: keep_rate must be in"),
+    "reduction-layer-past-depth": (lambda tmp: timm_state_dict(), ["--reduction-layers", "1", "7"], "got 7 in [1, 7]"),
+    "reduction-layer-not-an-index": (lambda tmp: timm_state_dict(), ["--reduction-layers", "x"], "0-based layer"),
+    "keep-rate": (lambda tmp: timm_state_dict(), ["--keep-rate", "0"], "argument --keep-rate: keep_rate must be in"),
     "heads-do-not-divide": (
         lambda tmp: timm_state_dict(),
-        ["--num_attention_heads", "3"],
+        ["--num-attention-heads", "3"],
         "num_attention_heads=3 does not divide the width 32",
     ),
     "heads-not-inferable": (
         lambda tmp: timm_state_dict(),
         None,
         "the width 32 is not a multiple of 64, so the number of attention heads cannot be inferred; pass "
-        "--num_attention_heads",
+        "--num-attention-heads",
     ),
     "nb-classes-mismatch": (
         lambda tmp: {**training_checkpoint(reference_args(nb_classes=10))},
@@ -543,7 +579,7 @@ def test_refusals(case, tmp_path, capsys):
     (tmp_path / "latin1.json").write_bytes('{"0": "caf\xe9"}'.encode("latin-1"))
     (tmp_path / "lists.json").write_text(json.dumps([[name] for name in "abcde"]))
     output = tmp_path / "out"
-    argv = [checkpoint, output] + (["--num_attention_heads", str(HEADS)] if extra is not None else [])
+    argv = [checkpoint, output] + (["--num-attention-heads", str(HEADS)] if extra is not None else [])
     argv += [str(tmp_path / value[1:]) if value.startswith("@") else value for value in extra or []]
     line = refusal(capsys, argv, output)
     assert message in line, line
@@ -556,7 +592,7 @@ def test_refuses_a_folder_of_someone_elses_files_even_with_overwrite(tmp_path, c
     (output / "keep.txt").write_text("someone's file")
     for overwrite in ([], ["--overwrite"]):
         with pytest.raises(SystemExit) as exit_info:
-            main(["convert", str(tmp_path / "checkpoint.pth"), str(output), "--num_attention_heads", str(HEADS),
+            main(["convert", str(tmp_path / "checkpoint.pth"), str(output), "--num-attention-heads", str(HEADS),
                   *overwrite])  # fmt: skip
         assert exit_info.value.code == 2
         assert "files that no run of this project wrote there (keep.txt)" in capsys.readouterr().err
@@ -584,7 +620,7 @@ def test_library_users_get_the_message_of_the_command(case, tmp_path, capsys):
         evit_hf.convert_timm_checkpoint(checkpoint, tmp_path / "out", **heads)
     assert message in str(error.value)
     assert not (tmp_path / "out").exists()
-    argv = [checkpoint, tmp_path / "out"] + (["--num_attention_heads", HEADS] if extra is not None else [])
+    argv = [checkpoint, tmp_path / "out"] + (["--num-attention-heads", HEADS] if extra is not None else [])
     assert refusal(capsys, argv, tmp_path / "out") == f"evit-hf convert: error: {' '.join(str(error.value).split())}"
 
 
@@ -598,7 +634,7 @@ def test_library_users_get_the_message_of_the_command(case, tmp_path, capsys):
 def test_refuses_an_output_folder_it_cannot_write(output, message, checkpoint_file, tmp_path, capsys):
     (tmp_path / "a_file").write_text("not a folder")
     output = output if output.startswith("/") else str(tmp_path / output)
-    line = refusal(capsys, [checkpoint_file, output, "--num_attention_heads", HEADS], tmp_path / "converted")
+    line = refusal(capsys, [checkpoint_file, output, "--num-attention-heads", HEADS], tmp_path / "converted")
     assert line.startswith("evit-hf convert: error: argument output_dir: cannot write ")
     assert message.format(tmp=tmp_path) in line
     assert (tmp_path / "a_file").read_text() == "not a folder"
@@ -617,7 +653,7 @@ def test_falsy_args_values_are_the_checkpoints_settings(tmp_path, pixels):
     args = reference_args(base_keep_rate=0.5, drop_loc=0, fuse_token=False)
     torch.save(training_checkpoint(args, with_ema=False), tmp_path / "checkpoint.pth")
     folder = tmp_path / "converted"
-    convert([tmp_path / "checkpoint.pth", folder, "--num_attention_heads", HEADS])
+    convert([tmp_path / "checkpoint.pth", folder, "--num-attention-heads", HEADS])
     model = AutoModelForImageClassification.from_pretrained(folder).eval()
     config = model.config
     assert (config.keep_rate, config.reduction_layers, config.fuse_inattentive_tokens) == (0.5, [0], False)
@@ -634,7 +670,7 @@ def test_checkpoint_without_qkv_bias(tmp_path, pixels):
     save_file(state_dict, tmp_path / "no_qkv_bias.safetensors")
     folder = tmp_path / "converted"
     with pytest.warns(UserWarning, match="no id2label"):
-        convert([tmp_path / "no_qkv_bias.safetensors", folder, "--num_attention_heads", HEADS])
+        convert([tmp_path / "no_qkv_bias.safetensors", folder, "--num-attention-heads", HEADS])
     model = AutoModelForImageClassification.from_pretrained(folder).eval()
     assert model.config.qkv_bias is False
     assert model.vit.layers[0].attention.q_proj.bias is None
@@ -649,7 +685,7 @@ def test_one_channel_checkpoint_gets_a_grayscale_processor(tmp_path, photo):
     torch.save(state_dict, tmp_path / "grayscale.pth")
     folder = tmp_path / "converted"
     with pytest.warns(UserWarning, match="no id2label"):
-        convert([tmp_path / "grayscale.pth", folder, "--num_attention_heads", HEADS])
+        convert([tmp_path / "grayscale.pth", folder, "--num-attention-heads", HEADS])
     model = AutoModelForImageClassification.from_pretrained(folder).eval()
     processor = AutoImageProcessor.from_pretrained(folder)
     assert model.config.num_channels == 1

@@ -100,15 +100,21 @@ def test_benchmark_library_does_not_import_the_command_line_nor_torch():
     assert loaded == []
 
 
-def test_command_line_imports_no_torch_at_module_level():
-    tree = ast.parse((INIT_FILE.parent / "cli.py").read_text())
+@pytest.mark.parametrize(
+    "module", ["cli.py", *sorted(path.name for path in (INIT_FILE.parent / "commands").glob("*.py"))]
+)
+def test_command_line_imports_no_torch_at_module_level(module):
+    path = INIT_FILE.parent / module if module == "cli.py" else INIT_FILE.parent / "commands" / module
+    tree = ast.parse(path.read_text())
+    imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
     imported = set()
-    for node in tree.body:
+    for node in imports:
         if isinstance(node, ast.Import):
             imported |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+        elif node.level == 0:
             imported.add(node.module.split(".")[0])
-    assert imported and not imported & {"torch", "transformers", "datasets", "evaluate", "matplotlib", "PIL"}
+    heavy = {"torch", "transformers", "datasets", "evaluate", "matplotlib", "PIL"}
+    assert (imports or module == "__init__.py") and not imported & heavy
 
 
 @pytest.mark.parametrize(

@@ -168,7 +168,7 @@ def test_rates_set_alone_follow_the_stored_layers_in_ascending_order():
 KEEP_RATE_FLAGS = {
     "visualize": (["visualize", "--model", "m", "--image", "i.png", "--keep-rate"], "0", 0.0),
     "visualize-nan": (["visualize", "--model", "m", "--image", "i.png", "--keep-rate"], "nan", float("nan")),
-    "convert": (["convert", "c.pth", "out", "--keep_rate"], "1.5", 1.5),
+    "convert": (["convert", "c.pth", "out", "--keep-rate"], "1.5", 1.5),
     "benchmark": (["benchmark", "--keep-rates"], "-0.25", -0.25),
     "benchmark-per-layer": (["benchmark", "--keep-rates"], "0.9/0/0.5", [0.9, 0.0, 0.5]),
 }
