@@ -1,5 +1,5 @@
 """Speed of EViT against the stock transformers model with the same weights, measured in one process: the library
-behind `evit-hf benchmark` (whose options `cli.py` parses), taking plain values.
+behind `evit-hf benchmark` (whose options `evit_hf/commands/benchmark.py` parses), taking plain values.
 
     settings = BenchmarkSettings(model="deit-small", batch_sizes=[1, 4, 32], keep_rates=[0.7, 0.5])
     results = run_benchmark(settings)  # {"environment", "settings", "rows", "small_batches"}

@@ -20,7 +20,9 @@ import time
 
 
 def main(argv=None):
-    from evit_hf.commands.arguments import keep_rate_argument  # the configurations' own check, `check_keep_rate`; no torch
+    from evit_hf.commands.arguments import (
+        keep_rate_argument,  # the configurations' own check, `check_keep_rate`; no torch
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="deit-small", help="a ViT/DeiT shape of `evit-hf benchmark`")
