@@ -107,7 +107,7 @@ def check_outputs_apart_from_inputs(
                 continue
             raise OutputOverlapsInput(
                 f"{output_flag} {output_path} {relation} {input_flag} {input_path}: a run never writes where its "
-                f"inputs are (its files, and --overwrite_output_dir, would reach them); choose an {output_flag} "
+                f"inputs are (its files, and an overwrite, would reach them); choose an {output_flag} "
                 f"apart from {input_flag}."
             )
 
