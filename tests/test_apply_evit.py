@@ -117,6 +117,7 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a real run in a subprocess, or a fresh interpreter: seconds on 2 cores
 def test_converted_models_record_outputs_in_a_fresh_process(tmp_path, pixel_values):
     torch.save(pixel_values, tmp_path / "pixels.pt")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -191,7 +191,10 @@ def test_every_benchmark_builds_its_models_with_the_timing_modules_build_models(
 @pytest.mark.parametrize(
     "model, image_size, tokens",
     # CLIP ViT-B/16's shape builds 86 M random weights (~6 s): opt-in; saved CLIP folders are benchmarked by default.
-    [pytest.param("clip-vit-b16", 64, 17, marks=pytest.mark.slow), ("dinov2-small", 56, 17)],
+    [
+        pytest.param("clip-vit-b16", 64, 17, marks=pytest.mark.slow),
+        pytest.param("dinov2-small", 56, 17, marks=pytest.mark.slow),
+    ],
 )
 def test_benchmark_knows_clip_and_dinov2_shapes(model, image_size, tokens):
     settings = BenchmarkSettings(

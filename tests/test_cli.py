@@ -227,6 +227,7 @@ def test_benchmark_out_of_memory_answers_in_one_line(files, capsys):
     assert "out of memory with batch sizes 10000000000000 and image sizes 32: give smaller --batch-sizes" in line
 
 
+@pytest.mark.slow  # a real run in a subprocess, or a fresh interpreter: seconds on 2 cores
 def test_console_script_refuses_a_malformed_checkpoint_in_one_line(tmp_path):
     # A state dict with an integer key: the unpatched command, as a user runs it, answers in one line and writes
     # nothing. (The other malformed checkpoints go through the same code in-process, in test_conversion.py.)

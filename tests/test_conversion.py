@@ -223,6 +223,7 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a real run in a subprocess, or a fresh interpreter: seconds on 2 cores
 def test_folder_loads_as_remote_code_without_evit_hf(checkpoint_file, tmp_path, pixels):
     folder = tmp_path / "converted"
     model = evit_hf.convert_timm_checkpoint(checkpoint_file, folder, num_attention_heads=HEADS)

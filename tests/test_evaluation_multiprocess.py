@@ -12,6 +12,7 @@ SCRIPT = os.path.join(EXAMPLES, "evaluate_keep_rates.py")
 TORCHRUN = os.path.join(BIN, "torchrun")
 
 
+@pytest.mark.slow  # a real run in a subprocess, or a fresh interpreter: seconds on 2 cores
 @pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun is not installed")
 def test_two_processes_count_every_sample_once(tmp_path):
     model = save_small_vit(tmp_path / "vit")

@@ -232,6 +232,7 @@ def test_visualize_kept_tokens_and_cli(fine_tuned, tmp_path):
         evit_hf.visualize_kept_tokens(model, Image.open(image_path))
 
 
+@pytest.mark.slow  # a real run in a subprocess, or a fresh interpreter: seconds on 2 cores
 def test_digits_demo_quick_run(tmp_path):
     summary = digits_demo.run(str(tmp_path), seed=0, vit_epochs=1, evit_epochs=1)
     evit_folder = tmp_path / "evit"

@@ -511,6 +511,7 @@ def test_benchmark_table_reports_a_failing_group(tmp_path):
     assert [row["attention"] for row in results["rows"]] == ["sdpa", "sdpa"]  # the next group still ran
 
 
+@pytest.mark.slow  # a real run in a subprocess, or a fresh interpreter: seconds on 2 cores
 def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path):
     output_dir = tmp_path / "results"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}

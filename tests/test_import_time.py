@@ -160,6 +160,7 @@ def saved_evit_folder(tmp_path_factory):
 
 
 # A fresh process importing torch (~4 s): the most common first use after `import evit_hf`, run by default.
+@pytest.mark.slow  # a real run in a subprocess, or a fresh interpreter: seconds on 2 cores
 def test_auto_model_loads_a_saved_folder_right_after_import(saved_evit_folder):
     loaded = run_python(
         f"""

@@ -150,6 +150,7 @@ def train(output_dir, recorder, resume=None, max_steps=-1):
     return trainer
 
 
+@pytest.mark.slow  # a real run in a subprocess, or a fresh interpreter: seconds on 2 cores
 def test_resumed_training_sees_the_same_keep_rates(tmp_path):
     full = KeepRateRecorder()
     trainer = train(tmp_path / "full", full)

@@ -167,6 +167,7 @@ OFFLINE_HUB_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a real run in a subprocess, or a fresh interpreter: seconds on 2 cores
 def test_loads_a_hub_id_from_an_offline_cache(tmp_path, pixel_values):
     stock, _ = stock_and_evit("vit-classifier")
     # The layout huggingface_hub writes: models--ORG--NAME/{refs/main, snapshots/REVISION/...}
@@ -263,6 +264,7 @@ OLD_FOLDER_REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a real run in a subprocess, or a fresh interpreter: seconds on 2 cores
 def test_folders_saved_before_the_family_split_load_as_remote_code(tmp_path, old_folders):
     folders = [old_folders[name] for name in OLD_FOLDERS]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}

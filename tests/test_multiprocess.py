@@ -23,6 +23,7 @@ ACCELERATE_LAUNCH = [os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "
 DISTILLATION = ["--distillation_alpha", "0.5", "--distillation_temperature", "2", "--logging_steps", "2"]
 
 
+@pytest.mark.slow  # a real run in a subprocess, or a fresh interpreter: seconds on 2 cores
 @pytest.mark.parametrize(
     "launcher, extra",
     [

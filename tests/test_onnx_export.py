@@ -9,7 +9,8 @@ onnxruntime = pytest.importorskip("onnxruntime", reason="install evit-hf[onnx] t
 pytest.importorskip("onnxscript", reason="install evit-hf[onnx] to test the ONNX export")
 
 
-# Each export takes ~2 s: the fused DeiT with teacher (two prefix tokens, two heads) and the dropping ViT by default.
+# Each export takes seconds on 2 cores: all opt-in (--runslow; CI runs them after the suite).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "family, fuse",
     [

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
@@ -24,6 +26,7 @@ QUIET_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a real run in a subprocess, or a fresh interpreter: seconds on 2 cores
 def test_demo_and_default_image_processor_print_nothing(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", QUIET_SCRIPT, EXAMPLES, str(tmp_path / "processor")],

@@ -86,6 +86,7 @@ def test_an_evaluation_only_run_leaves_a_trained_model_and_its_results_even_with
     assert [row["keep_rate"] for row in written["keep_rate_results"]] == [1.0, 0.7, 0.5]
 
 
+@pytest.mark.slow  # a real run in a subprocess, or a fresh interpreter: seconds on 2 cores
 def test_a_higher_max_steps_continues_to_the_weights_of_one_longer_run(small_vit, tmp_path):
     # A shorter --max_steps is an interruption too: constant learning rate, every token kept from the start.
     continued = tmp_path / "continued"
@@ -100,6 +101,7 @@ def test_a_higher_max_steps_continues_to_the_weights_of_one_longer_run(small_vit
     assert largest_difference(weights(longer), weights(continued / "checkpoint-4")) > 1e-3
 
 
+@pytest.mark.slow  # a real run in a subprocess, or a fresh interpreter: seconds on 2 cores
 def test_overwrite_output_dir_starts_over(small_vit, tmp_path):
     output_dir = tmp_path / "run"
     run_image_classification.main(resume_args(small_vit, output_dir, "--max_steps", "4"))

@@ -189,6 +189,7 @@ def test_one_process_holds_one_lock_on_a_folder(tmp_path):
     OutputDirLock(str(tmp_path / "run")).acquire().release()
 
 
+@pytest.mark.slow  # a real run in a subprocess, or a fresh interpreter: seconds on 2 cores
 def test_killed_run_leaves_no_stale_lock_and_a_second_command_is_refused(small_vit, tmp_path, caplog):
     """Real processes: a run that stops in its third step, `python examples/run_image_classification.py` into its
     folder (refused at once), `kill -9` of the first; then the same command again, which proceeds at once and

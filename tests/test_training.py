@@ -115,7 +115,7 @@ def test_half_precision_keeps_the_tokens_that_exact_scores_keep(family, dtype, p
     "backend",
     # Graph breaks and recompiles are dynamo's, whatever the backend: aot_eager finds them (and traces the graph
     # through AOTAutograd) in a second, where inductor spends ~20 s on CPU compiling C++ kernels.
-    ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)],
+    [pytest.param("aot_eager", marks=pytest.mark.slow), pytest.param("inductor", marks=pytest.mark.slow)],
 )
 def test_torch_compile_matches_eager_without_recompiling(backend, pixel_values):
     torch._dynamo.reset()
