@@ -3,6 +3,8 @@ prompt of text tokens. Prefill time, decoding tokens/s and the language model's 
 speed-up and MACs ratio against the stock model (the bound), for the default schedule and for one reduction at the
 feature layer, at each keep rate."""
 
+import copy
+import inspect
 import statistics
 import time
 
@@ -51,23 +53,21 @@ def _inputs(model, image_tokens: int, prompt_length: int, image_size: int, dtype
     return {"input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": torch.ones_like(input_ids)}
 
 
-def _median_seconds(function, warmup: int, rounds: int, device: str) -> float:
+def _synchronize(device: str) -> None:
     import torch
 
-    def synchronize():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(rounds):
-        synchronize()
-        start = time.perf_counter()
-        function()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+def _cache_of(output):
+    """The key/value cache a forward returned (`cache` in newer transformers, `past_key_values` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def _cache_argument(model) -> str:
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _cache_bytes(cache) -> int:
@@ -76,28 +76,59 @@ def _cache_bytes(cache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in layers if getattr(layer, "keys", None) is not None)
 
 
-def _measure(model, inputs, warmup: int, rounds: int, device: str) -> dict:
+def _prefill(model, inputs):
+    return model(**inputs, use_cache=True, logits_to_keep=1)
+
+
+def _prefill_seconds(model, inputs, device: str) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    _prefill(model, inputs)
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _decode_seconds(model, inputs, device: str) -> float:
+    """Seconds of `DECODE_TOKENS` greedy steps, one token each over the cache, after an untimed prefill: the decoding
+    alone (a difference of two `generate` times would be a small difference of two large, noisy numbers)."""
+    output = _prefill(model, inputs)
+    cache, cache_argument = _cache_of(output), _cache_argument(model)
+    token = output.logits[:, -1:].argmax(-1)  # [batch, 1]
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(DECODE_TOKENS):
+        output = model(input_ids=token, use_cache=True, logits_to_keep=1, **{cache_argument: cache})
+        cache, token = _cache_of(output), output.logits[:, -1:].argmax(-1)
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _measure_in_alternation(variants, warmup: int, rounds: int, device: str) -> list[dict]:
+    """Prefill and decoding times of each `(model, settings, inputs)` variant, the variants run in turn within each
+    round (so that a drift of the machine hits them alike); medians over the rounds, after `warmup` rounds."""
     import torch
 
-    def prefill():
-        return model(**inputs, use_cache=True, logits_to_keep=1)
-
-    def generate(new_tokens):
-        return model.generate(
-            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
-        )
-
+    prefill_times = [[] for _ in variants]
+    decode_times = [[] for _ in variants]
     with torch.inference_mode():
-        prefill_seconds = _median_seconds(prefill, warmup, rounds, device)
-        one = _median_seconds(lambda: generate(1), warmup, rounds, device)
-        more = _median_seconds(lambda: generate(1 + DECODE_TOKENS), warmup, rounds, device)
-        cache = prefill().cache
-    return {
-        "prefill_ms": 1000 * prefill_seconds,
-        "decode_tokens_per_s": DECODE_TOKENS / max(more - one, 1e-9),
-        "kv_cache_bytes": _cache_bytes(cache),
-        "prompt_tokens": int(inputs["input_ids"].shape[1]),
-    }
+        for round_index in range(warmup + rounds):
+            for index, (model, settings, inputs) in enumerate(variants):
+                settings()
+                prefill_seconds = _prefill_seconds(model, inputs, device)
+                decode_seconds = _decode_seconds(model, inputs, device)
+                if round_index >= warmup:
+                    prefill_times[index].append(prefill_seconds)
+                    decode_times[index].append(decode_seconds)
+        measured = []
+        for index, (model, settings, inputs) in enumerate(variants):
+            settings()
+            measured.append({
+                "prefill_ms": 1000 * statistics.median(prefill_times[index]),
+                "decode_tokens_per_s": DECODE_TOKENS / statistics.median(decode_times[index]),
+                "kv_cache_bytes": _cache_bytes(_cache_of(_prefill(model, inputs))),
+                "prompt_tokens": int(inputs["input_ids"].shape[1]),
+            })  # fmt: skip
+    return measured
 
 
 def run_vision_language_benchmark(
@@ -136,27 +167,39 @@ def run_vision_language_benchmark(
             print(text, flush=True)
 
     report(f"stock: {stock_tokens} image tokens + {prompt_length} text tokens")
-    stock = _measure(model, _inputs(model, stock_tokens, prompt_length, image_size, torch_dtype, device), warmup,
-                     rounds, device)  # fmt: skip
-    rows = [{"model": "stock", "schedule": "-", "keep_rate": 1.0, "image_tokens": stock_tokens, "macs": stock_macs,
-             **stock}]  # fmt: skip
-    evit_config = apply_evit(model, keep_rate=1.0).config  # the same weights, converted once; settings per row
+    stock_inputs = _inputs(model, stock_tokens, prompt_length, image_size, torch_dtype, device)
+    evit_model = apply_evit(copy.deepcopy(model), keep_rate=1.0)  # the same weights; settings per variant
+    evit_config = evit_model.config
+
+    def use_schedule(layers, keep_rate):
+        def settings():
+            evit_config.keep_rate = 1.0  # a number first: it fits any layers
+            evit_config.reduction_layers = layers
+            evit_config.keep_rate = keep_rate
+
+        return settings
+
+    variants, rows = [(model, lambda: None, stock_inputs)], []
     for schedule, layers, keep_rate in _schedules(evit_config, keep_rates):
-        evit_config.keep_rate = 1.0
-        evit_config.reduction_layers = layers
-        evit_config.keep_rate = keep_rate
+        use_schedule(layers, keep_rate)()
         tokens = evit_config.image_feature_count()
         report(f"EViT {schedule}, keep rate {format_keep_rate(keep_rate)}: {tokens} image tokens")
-        measured = _measure(model, _inputs(model, tokens, prompt_length, image_size, torch_dtype, device), warmup,
-                            rounds, device)  # fmt: skip
-        macs = count_macs(evit_config, prompt_length=prompt_length)
-        speedup = stock["prefill_ms"] / measured["prefill_ms"]
+        variants.append(
+            (evit_model, use_schedule(layers, keep_rate), _inputs(model, tokens, prompt_length, image_size,
+                                                                 torch_dtype, device))
+        )  # fmt: skip
         rows.append({
             "model": "EViT", "schedule": schedule, "keep_rate": keep_rate, "reduction_layers": list(layers),
-            "image_tokens": tokens, "macs": macs, **measured,
-            "prefill_speedup": speedup, "macs_ratio": stock_macs / macs, "share_of_bound": speedup * macs / stock_macs,
-            "kv_cache_ratio": stock["kv_cache_bytes"] / max(measured["kv_cache_bytes"], 1),
+            "image_tokens": tokens, "macs": count_macs(evit_config, prompt_length=prompt_length),
         })  # fmt: skip
+    stock, *measured = _measure_in_alternation(variants, warmup, rounds, device)
+    for row, times in zip(rows, measured, strict=True):
+        speedup = stock["prefill_ms"] / times["prefill_ms"]
+        row.update(times, prefill_speedup=speedup, macs_ratio=stock_macs / row["macs"],
+                   share_of_bound=speedup * row["macs"] / stock_macs,
+                   kv_cache_ratio=stock["kv_cache_bytes"] / max(times["kv_cache_bytes"], 1))  # fmt: skip
+    rows.insert(0, {"model": "stock", "schedule": "-", "keep_rate": 1.0, "image_tokens": stock_tokens,
+                    "macs": stock_macs, **stock})  # fmt: skip
     return {
         "model": shape_name,
         "device": device,

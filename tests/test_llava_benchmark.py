@@ -1,0 +1,41 @@
+"""The vision-language benchmark on a tiny LLaVA: every variant measured, prefill and decoding timed on their own,
+the KV cache in proportion to the tokens the language model reads."""
+
+import math
+
+import pytest
+
+import evit_hf.families
+from evit_hf.vision_language_benchmark import DECODE_TOKENS, run_vision_language_benchmark
+
+from .llava_builders import IMAGE_TOKEN_ID, TINY_LLAMA, TINY_LLAVA_VISION
+
+
+@pytest.fixture
+def tiny_shape(monkeypatch):
+    shapes = evit_hf.families.benchmark_shapes()
+    family, _ = shapes["llava-1.5-tower-small-lm"]
+    tiny = dict(vision_config=TINY_LLAVA_VISION, text_config=TINY_LLAMA, image_token_index=IMAGE_TOKEN_ID)
+    monkeypatch.setattr(evit_hf.families, "benchmark_shapes", lambda: {**shapes, "tiny-llava": (family, tiny)})
+    return "tiny-llava"
+
+
+def test_every_variant_is_measured_with_its_own_image_tokens(tiny_shape):
+    prompt_length = 8
+    results = run_vision_language_benchmark(
+        tiny_shape, [0.5], prompt_length=prompt_length, warmup=0, rounds=2, progress=False
+    )
+    rows = results["rows"]
+    assert [(row["model"], row["image_tokens"]) for row in rows] == [("stock", 64), ("EViT", 18), ("EViT", 33)]
+    stock = rows[0]
+    for row in rows:
+        assert row["prefill_ms"] > 0
+        # Timed on its own: DECODE_TOKENS steps of a tiny model take well over a microsecond each.
+        assert 0 < row["decode_tokens_per_s"] < DECODE_TOKENS * 1e6
+        # Keys and values of every token the language model read, in proportion to their number.
+        assert row["kv_cache_bytes"] * (stock["image_tokens"] + prompt_length) == stock["kv_cache_bytes"] * (
+            row["image_tokens"] + prompt_length
+        )
+    for row in rows[1:]:
+        assert row["macs_ratio"] > 1
+        assert math.isclose(row["share_of_bound"], row["prefill_speedup"] / row["macs_ratio"])
