@@ -198,6 +198,7 @@ def test_layers_and_attention_are_where_the_table_says(family):
             assert all(type(getattr(layer, attention_name)) is module.layer_class.attention_class for layer in layers)
 
 
+@pytest.mark.slow  # torch.compile: seconds on 2 cores
 def test_compiled_models_are_refused_with_the_reason():
     model = torch.compile(cached_stock_model("vit-classifier"))
     with pytest.raises(

@@ -355,6 +355,7 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a fresh interpreter per family: seconds on 2 cores
 def test_remote_code_loads_every_family_without_evit_hf(tmp_path, pixel_values):
     # One process for all testers: starting Python with torch and transformers costs seconds.
     models, listed = {}, []

@@ -238,6 +238,7 @@ def test_continuing_a_run_with_other_evit_settings_is_refused(finished_run, smal
         run_image_classification.main([*finished_args, "--keep_rate", "0.5"])
 
 
+@pytest.mark.slow  # two real runs: seconds on 2 cores
 def test_overwrite_output_dir_starts_over_with_other_settings(small_vit, tmp_path):
     output_dir = tmp_path / "run"
     run_image_classification.main(resume_args(small_vit, output_dir, "--max_steps", "2"))
