@@ -262,7 +262,9 @@ def test_keep_rates_are_checked_before_any_model_loads(small_vit, tmp_path, no_w
 @pytest.mark.parametrize(
     ("script", "flags"),
     [
-        ("run_image_classification.py", ["--do_train", "--card_keep_rates", "0", "1.5"]),
+        pytest.param(
+            "run_image_classification.py", ["--do_train", "--card_keep_rates", "0", "1.5"], marks=pytest.mark.slow
+        ),
         pytest.param("evaluate_keep_rates.py", ["--keep_rates", "nan"], marks=pytest.mark.slow),
     ],
 )
