@@ -9,7 +9,7 @@ onnxruntime = pytest.importorskip("onnxruntime", reason="install evit-hf[onnx] t
 pytest.importorskip("onnxscript", reason="install evit-hf[onnx] to test the ONNX export")
 
 
-# Each export takes seconds on 2 cores: all opt-in (--runslow; CI runs them after the suite).
+# Each export takes seconds on 2 cores: all opt-in (--runslow).
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "family, fuse",

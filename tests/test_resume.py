@@ -18,7 +18,7 @@ from .example_modules import run_image_classification
 from .run_helpers import kill_after_first_checkpoint, largest_difference, resume_args, save_small_vit, weights
 
 
-@pytest.mark.slow  # a real run killed and rerun in subprocesses: CI runs it after the suite
+@pytest.mark.slow  # a real run killed and rerun in subprocesses: seconds on 2 cores (--runslow)
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(small_vit, tmp_path, caplog):
     schedule = ["--keep_rate_warmup", "2", "--keep_rate_shrink", "3", "--keep_rate_schedule_unit", "step"]
     uninterrupted = tmp_path / "uninterrupted"
