@@ -80,18 +80,18 @@ def _prefill(model, inputs):
     return model(**inputs, use_cache=True, logits_to_keep=1)
 
 
-def _prefill_seconds(model, inputs, device: str) -> float:
+def _timed_prefill(model, inputs, device: str):
+    """(seconds, output) of one prefill."""
     _synchronize(device)
     start = time.perf_counter()
-    _prefill(model, inputs)
-    _synchronize(device)
-    return time.perf_counter() - start
-
-
-def _decode_seconds(model, inputs, device: str) -> float:
-    """Seconds of `DECODE_TOKENS` greedy steps, one token each over the cache, after an untimed prefill: the decoding
-    alone (a difference of two `generate` times would be a small difference of two large, noisy numbers)."""
     output = _prefill(model, inputs)
+    _synchronize(device)
+    return time.perf_counter() - start, output
+
+
+def _decode_seconds(model, output, device: str) -> float:
+    """Seconds of `DECODE_TOKENS` greedy steps, one token each over the cache that the prefill `output` left: the
+    decoding alone (a difference of two `generate` times would be a small difference of two large, noisy numbers)."""
     cache, cache_argument = _cache_of(output), _cache_argument(model)
     token = output.logits[:, -1:].argmax(-1)  # [batch, 1]
     _synchronize(device)
@@ -114,8 +114,8 @@ def _measure_in_alternation(variants, warmup: int, rounds: int, device: str) -> 
         for round_index in range(warmup + rounds):
             for index, (model, settings, inputs) in enumerate(variants):
                 settings()
-                prefill_seconds = _prefill_seconds(model, inputs, device)
-                decode_seconds = _decode_seconds(model, inputs, device)
+                prefill_seconds, output = _timed_prefill(model, inputs, device)
+                decode_seconds = _decode_seconds(model, output, device)
                 if round_index >= warmup:
                     prefill_times[index].append(prefill_seconds)
                     decode_times[index].append(decode_seconds)
@@ -235,20 +235,16 @@ def vision_language_markdown(results: dict) -> str:
     return header + "\n".join(lines)
 
 
-def command(parser, args, argv) -> dict:
-    """`evit-hf benchmark` on a vision-language shape: checks the options it takes, runs, prints the table and writes
-    benchmark.json and benchmark.md into `--output-dir`."""
-    import json
-    import os
-
-    from .benchmark import attn_implementation_problem, device_problem, output_dir_problem
+def check_options(parser, args, argv) -> None:
+    """Refuses, with argparse's one line, the options the vision-language preset does not take and devices or
+    attention implementations that cannot run."""
+    from .benchmark import attn_implementation_problem, device_problem
 
     given = [option for option in FIXED_OPTIONS if any(arg.split("=")[0] == option for arg in argv)]
     if given:
         parser.error(
             f"argument {given[0]}: the vision-language preset {args.model} measures batch 1 at its tower's image "
-            "size, "
-            "in inference; leave out " + ", ".join(given)
+            "size, in inference; leave out " + ", ".join(given)
         )
     for option, values, check in (
         ("--devices", args.devices, device_problem),
@@ -257,10 +253,15 @@ def command(parser, args, argv) -> dict:
         problem = next((check(value) for value in values if check(value)), None)
         if problem:
             parser.error(f"argument {option}: {problem}")
-    if args.output_dir is not None:
-        problem = output_dir_problem(args.output_dir)
-        if problem:
-            parser.error(f"argument --output-dir: {problem}")
+
+
+def run_command(args) -> dict:
+    """`evit-hf benchmark` on a vision-language shape, once `check_options` passed and the output folder is held:
+    runs each device, attention implementation and dtype, prints the tables, and writes benchmark.json and
+    benchmark.md into `--output-dir`."""
+    import json
+    import os
+
     runs = []
     for device in args.devices:
         for attn_implementation in args.attn_implementations:
@@ -290,9 +291,10 @@ def command(parser, args, argv) -> dict:
 
 
 __all__ = [
-    "command",
     "FIXED_OPTIONS",
+    "check_options",
     "is_vision_language_shape",
+    "run_command",
     "run_vision_language_benchmark",
     "vision_language_markdown",
 ]

@@ -1,13 +1,18 @@
 """The vision-language benchmark on a tiny LLaVA: every variant measured, prefill and decoding timed on their own,
 the KV cache in proportion to the tokens the language model reads."""
 
+import json
 import math
 
 import pytest
 
 import evit_hf.families
+import evit_hf.vision_language_benchmark
+from evit_hf.cli import main
+from evit_hf.outputs import MANIFEST_FILE
 from evit_hf.vision_language_benchmark import DECODE_TOKENS, run_vision_language_benchmark
 
+from .command_helpers import refusal
 from .llava_builders import IMAGE_TOKEN_ID, TINY_LLAMA, TINY_LLAVA_VISION
 
 
@@ -39,3 +44,27 @@ def test_every_variant_is_measured_with_its_own_image_tokens(tiny_shape):
     for row in rows[1:]:
         assert row["macs_ratio"] > 1
         assert math.isclose(row["share_of_bound"], row["prefill_speedup"] / row["macs_ratio"])
+
+
+def test_the_command_writes_its_files_under_the_output_policy(tiny_shape, tmp_path, capsys, monkeypatch):
+    output_dir = tmp_path / "bench"
+    arguments = ["benchmark", "--model", tiny_shape, "--keep-rates", "0.5", "--warmup", "0", "--rounds", "1",
+                 "--no-progress", "--output-dir", str(output_dir)]  # fmt: skip
+    main(arguments)
+    written = json.loads((output_dir / "benchmark.json").read_text())
+    assert [row["image_tokens"] for row in written["vision_language"][0]["rows"]] == [64, 18, 33]
+    assert (output_dir / "benchmark.md").read_text().strip() in capsys.readouterr().out
+    assert set(json.loads((output_dir / MANIFEST_FILE).read_text())["written"]) == {"benchmark.json", "benchmark.md"}
+    # A user's file under one of its names is refused before any model is built, and kept.
+    user_folder = tmp_path / "mine"
+    user_folder.mkdir()
+    (user_folder / "benchmark.md").write_text("my notes")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the benchmark started before refusing")
+
+    monkeypatch.setattr(evit_hf.vision_language_benchmark, "run_vision_language_benchmark", refuse)
+    line = refusal(capsys, [*arguments[:-1], str(user_folder)])
+    assert "benchmark.md" in line and "--output-dir" in line
+    assert (user_folder / "benchmark.md").read_text() == "my notes"
+    assert "--batch-sizes" in refusal(capsys, [*arguments, "--batch-sizes", "2"])

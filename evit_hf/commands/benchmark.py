@@ -76,10 +76,36 @@ def run(parser, args, argv) -> dict:
     from .. import benchmark as benchmark_library
     from .. import vision_language_benchmark
 
-    if vision_language_benchmark.is_vision_language_shape(args.model):
-        return vision_language_benchmark.command(parser, args, argv)
+    vision_language = vision_language_benchmark.is_vision_language_shape(args.model)
+    settings = None
+    if vision_language:
+        vision_language_benchmark.check_options(parser, args, argv)
+    else:
+        settings = _checked_settings(parser, args)
+    output_folder = None
+    if args.output_dir is not None:
+        problem = benchmark_library.output_dir_problem(args.output_dir)
+        if problem:
+            parser.error(f"argument --output-dir: {problem}")
+        check_output_apart_from_inputs(parser, "--output-dir", args.output_dir, [("--model", args.model)])
+        # Its files, in a folder that may hold others: each must be new or an earlier benchmark's.
+        output_folder = take_output_folder(
+            parser, "--output-dir", args.output_dir, benchmark_library.OUTPUT_FILES, shared=True
+        )
+    try:
+        if vision_language:
+            return vision_language_benchmark.run_command(args)
+        return _run_benchmark(parser, args, settings)
+    finally:
+        if output_folder is not None:
+            output_folder.release()
 
-    # The settings that need torch or the model's configuration, checked before any model is built.
+
+def _checked_settings(parser, args):
+    """The `BenchmarkSettings` of the flags: the checks that need torch or the model's configuration, before any
+    model is built."""
+    from .. import benchmark as benchmark_library
+
     try:
         settings = benchmark_library.BenchmarkSettings(
             model=args.model,
@@ -106,21 +132,7 @@ def run(parser, args, argv) -> dict:
                 )
     except benchmark_library.InvalidBenchmarkSetting as error:
         parser.error(f"argument {error.option}: {error.problem}")
-    output_folder = None
-    if args.output_dir is not None:
-        problem = benchmark_library.output_dir_problem(args.output_dir)
-        if problem:
-            parser.error(f"argument --output-dir: {problem}")
-        check_output_apart_from_inputs(parser, "--output-dir", args.output_dir, [("--model", args.model)])
-        # Its three files, in a folder that may hold others: each must be new or an earlier benchmark's.
-        output_folder = take_output_folder(
-            parser, "--output-dir", args.output_dir, benchmark_library.OUTPUT_FILES, shared=True
-        )
-    try:
-        return _run_benchmark(parser, args, settings)
-    finally:
-        if output_folder is not None:
-            output_folder.release()
+    return settings
 
 
 def _run_benchmark(parser, args, settings) -> dict:
