@@ -3,13 +3,15 @@ answer tokens only, LoRA adapters on the language model (peft, optional), exact-
 and the prefill time per keep rate. The machinery of `examples/digits_vqa_demo.py`, which builds a small LLaVA and
 trains it on scikit-learn's digits to answer "what digit is this ?"."""
 
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 IGNORED_LABEL = -100  # positions the loss skips (the prompt, the image placeholders, padding)
+SCHEDULE_KEY = "evit_schedule"  # the batch entry that names its (reduction layers, keep rate) when they vary
 DIGITS_QUESTION = "USER: <image> what digit is this ? ASSISTANT:"
 DIGITS_WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:", "what", "digit", "is", "this", "?"]
 DIGITS_WORDS += [str(digit) for digit in range(10)]
@@ -46,12 +48,36 @@ def answer_only_labels(input_ids: torch.Tensor, answer_lengths) -> torch.Tensor:
 @dataclass
 class ImageQuestionCollator:
     """Batches of `{"image", "answer"}` examples: the processor's prompt (question, image placeholders) followed by the
-    answer and the end-of-sequence token, with labels on the answer tokens only."""
+    answer and the end-of-sequence token, with labels on the answer tokens only.
+
+    With `schedules`, a list of `(reduction_layers, keep_rate)`, each batch is drawn one of them at random (seeded by
+    `seed`): its placeholders are that schedule's count, and the batch names it under `SCHEDULE_KEY`, for the trainer
+    of `train_vision_language` to run the model with it (a batch may be collated ahead of the step before it)."""
 
     processor: object
     question: str = DIGITS_QUESTION
+    schedules: list | None = None
+    seed: int = 0
+    _random: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._random = random.Random(self.seed)
 
     def __call__(self, examples) -> dict:
+        if not self.schedules:
+            return self._collate(examples)
+        reduction_layers, keep_rate = self._random.choice(self.schedules)
+        model_schedule = self.processor.evit_schedule
+        self.processor.evit_schedule = {**model_schedule, "reduction_layers": list(reduction_layers),
+                                        "keep_rate": keep_rate}  # fmt: skip
+        try:
+            batch = self._collate(examples)
+        finally:
+            self.processor.evit_schedule = model_schedule
+        batch[SCHEDULE_KEY] = (list(reduction_layers), keep_rate)
+        return batch
+
+    def _collate(self, examples) -> dict:
         eos = self.processor.tokenizer.eos_token
         texts = [f"{self.question} {example['answer']} {eos}" for example in examples]
         images = [example["image"] for example in examples]
@@ -61,6 +87,53 @@ class ImageQuestionCollator:
                           for example in examples]  # fmt: skip
         batch["labels"] = answer_only_labels(batch["input_ids"], answer_lengths)
         return dict(batch)
+
+
+def pretrain_vision_tower(model, processor, train_dataset, epochs: float = 15, learning_rate: float = 2e-3,
+                          batch_size: int = 64, seed: int = 0) -> list[float]:  # fmt: skip
+    """Trains the vision tower of a LLaVA model to name the answer of each `{"image", "answer"}` example from its class
+    token (a linear head on the pooled output, dropped afterwards), with the tower's whole depth at keep rate 1: a
+    stand-in for the pretrained CLIP tower a real LLaVA starts from, whose class token summarises the image, so that
+    its attention (which EViT keeps tokens by) points at what matters. Returns the mean loss of each epoch."""
+    import math
+
+    tower = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
+    answers = sorted(set(train_dataset["answer"]))
+    labels = torch.tensor([answers.index(answer) for answer in train_dataset["answer"]])
+    pixel_values = processor.image_processor(list(train_dataset["image"]), return_tensors="pt")["pixel_values"]
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(tower.config.hidden_size, len(answers))
+    parameters = [parameter for parameter in tower.parameters() if parameter.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate)
+    batches_per_epoch = math.ceil(len(labels) / batch_size)
+    total_steps = max(1, round(epochs * batches_per_epoch))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=total_steps)
+    device = next(tower.parameters()).device
+    was_training, epoch_losses, step = tower.training, [], 0
+    tower.train()
+    vision = tower.config
+    model_schedule = (list(vision.reduction_layers), vision.keep_rate)
+    vision.set_schedule(keep_rate=1.0)
+    try:
+        while step < total_steps:
+            order, losses = torch.randperm(len(labels), generator=generator), []
+            for start in range(0, len(labels), batch_size):
+                if step == total_steps:
+                    break
+                batch = order[start : start + batch_size]
+                pooled = tower(pixel_values[batch].to(device)).pooler_output  # [batch, hidden]
+                loss = torch.nn.functional.cross_entropy(head(pooled), labels[batch].to(device))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(loss.item())
+                step += 1
+            epoch_losses.append(sum(losses) / len(losses))
+    finally:
+        vision.set_schedule(*model_schedule)
+        tower.train(was_training)
+    return epoch_losses
 
 
 def add_lora_adapters(model, rank: int = 8, alpha: int = 16, train_projector: bool = True):
@@ -86,21 +159,68 @@ def freeze_all_but_projector(model) -> None:
         parameter.requires_grad = ".multi_modal_projector." in f".{name}"
 
 
-def train_vision_language(model, processor, train_dataset, output_dir: str, **training_arguments):
+def _vision_config(model):
+    """The EViT tower configuration of a LLaVA model, also through peft's and accelerate's wrappers."""
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    return model.config.vision_config
+
+
+def _schedule_switching_trainer():
+    from transformers import Trainer
+
+    class ScheduleSwitchingTrainer(Trainer):
+        """A `Trainer` that runs each batch with the (reduction layers, keep rate) its collator drew."""
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            schedule = inputs.pop(SCHEDULE_KEY, None)
+            if schedule is not None:
+                reduction_layers, keep_rate = schedule
+                _vision_config(model).set_schedule(reduction_layers, keep_rate)
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return ScheduleSwitchingTrainer
+
+
+def freeze_vision_tower(model) -> None:
+    """Freezes the vision tower (LLaVA trains its projector and language model over a pretrained tower)."""
+    for name, parameter in model.named_parameters():
+        if ".vision_tower." in f".{name}":
+            parameter.requires_grad = False
+
+
+def train_vision_language(model, processor, train_dataset, output_dir: str, schedules=None, seed: int = 0,
+                          **training_arguments):  # fmt: skip
     """Fine-tunes `model` on `{"image", "answer"}` examples with `Trainer` (loss on the answer tokens); returns the
-    trainer's `TrainOutput`. `training_arguments` go to `TrainingArguments` (epochs, learning rate, batch size...)."""
-    from transformers import Trainer, TrainingArguments
+    trainer's `TrainOutput`. `training_arguments` go to `TrainingArguments` (epochs, learning rate, batch size...).
+
+    `schedules`, a list of `(reduction_layers, keep_rate)`, trains each batch at one of them drawn at random, so that
+    one model answers at each (the model's own schedule is restored afterwards); by default every batch runs the
+    model's schedule."""
+    from transformers import TrainingArguments
 
     defaults = dict(report_to=[], save_strategy="no", logging_strategy="no", remove_unused_columns=False,
                     use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)  # fmt: skip
-    arguments = TrainingArguments(output_dir=output_dir, **{**defaults, **training_arguments})
-    trainer = Trainer(
+    arguments = TrainingArguments(output_dir=output_dir, seed=seed, **{**defaults, **training_arguments})
+    if schedules:
+        from .processing_evit_llava import EViTLlavaProcessor
+
+        if not isinstance(processor, EViTLlavaProcessor):
+            raise ValueError("training at several schedules needs an EViTLlavaProcessor, which writes each one's "
+                             f"placeholder count; got {type(processor).__name__}")  # fmt: skip
+        processor.use_model_config(model.config)
+    vision_config = _vision_config(model)
+    model_schedule = (list(vision_config.reduction_layers), vision_config.keep_rate)
+    trainer = _schedule_switching_trainer()(
         model=model,
         args=arguments,
         train_dataset=train_dataset,
-        data_collator=ImageQuestionCollator(processor),
+        data_collator=ImageQuestionCollator(processor, schedules=schedules, seed=seed),
     )
-    return trainer.train()
+    try:
+        return trainer.train()
+    finally:
+        vision_config.set_schedule(*model_schedule)
 
 
 def evaluate_answers(model, processor, dataset, batch_size: int = 64, max_new_tokens: int = 2) -> dict:
@@ -223,12 +343,15 @@ __all__ = [
     "DIGITS_QUESTION",
     "IGNORED_LABEL",
     "ImageQuestionCollator",
+    "SCHEDULE_KEY",
     "add_lora_adapters",
     "answer_only_labels",
     "build_digits_llava",
     "digits_vqa_dataset",
     "evaluate_answers",
     "freeze_all_but_projector",
+    "freeze_vision_tower",
+    "pretrain_vision_tower",
     "train_vision_language",
     "word_level_tokenizer",
 ]
