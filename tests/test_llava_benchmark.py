@@ -68,3 +68,31 @@ def test_the_command_writes_its_files_under_the_output_policy(tiny_shape, tmp_pa
     assert "benchmark.md" in line and "--output-dir" in line
     assert (user_folder / "benchmark.md").read_text() == "my notes"
     assert "--batch-sizes" in refusal(capsys, [*arguments, "--batch-sizes", "2"])
+
+
+def test_decoding_is_timed_as_single_token_steps_over_the_prefills_cache(tiny_shape, monkeypatch):
+    benchmark = evit_hf.vision_language_benchmark
+    steps = []
+    real_decode = benchmark._decode_seconds
+
+    def decode_seconds(model, output, device):
+        cache = benchmark._cache_of(output)
+        cache_length = cache.get_seq_length()
+
+        def record(module, args, kwargs):
+            given = kwargs.get("cache", kwargs.get("past_key_values"))
+            steps.append((tuple(kwargs["input_ids"].shape), cache_length, given is cache))
+
+        handle = model.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            real_decode(model, output, device)
+        finally:
+            handle.remove()
+        return 0.25  # the rate below is DECODE_TOKENS / this
+
+    monkeypatch.setattr(benchmark, "_decode_seconds", decode_seconds)
+    results = run_vision_language_benchmark(tiny_shape, [0.5], prompt_length=8, warmup=0, rounds=1, progress=False)
+    assert [row["decode_tokens_per_s"] for row in results["rows"]] == [DECODE_TOKENS / 0.25] * 3
+    # Each variant: DECODE_TOKENS forwards of one token each, over the cache of its own prompt.
+    prompts = [row["image_tokens"] + 8 for row in results["rows"]]
+    assert steps == [((1, 1), prompt, True) for prompt in prompts for _ in range(DECODE_TOKENS)]
