@@ -88,6 +88,13 @@ def check_arguments(arguments: DemoArguments) -> None:
     if arguments.lora and arguments.projector_only:
         raise ValueError("--lora trains LoRA adapters and the projector, --projector_only the projector alone: "
                          "pass one of them.")  # fmt: skip
+    given = {"--finetune_keep_rate": arguments.finetune_keep_rate is not None, "--lora": arguments.lora,
+             "--projector_only": arguments.projector_only}  # fmt: skip
+    fine_tuning_flags = [flag for flag, was_given in given.items() if was_given]
+    if not arguments.finetune and fine_tuning_flags:
+        raise ValueError(
+            f"{fine_tuning_flags[0]} sets the fine-tuning that --no_finetune skips: leave out one of them."
+        )
     if arguments.lora and arguments.finetune and importlib.util.find_spec("peft") is None:
         raise ValueError("--lora needs peft: pip install 'evit-hf[vlm]', or leave out --lora.")
 

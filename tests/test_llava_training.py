@@ -5,12 +5,14 @@ import copy
 import json
 import os
 import re
+import subprocess
 import sys
 
 import pytest
 import torch
 
 import evit_hf
+import evit_hf.configuration_evit_base
 from evit_hf.vision_language_training import (
     IGNORED_LABEL,
     SCHEDULE_KEY,
@@ -225,6 +227,7 @@ def test_the_digits_vqa_demo_runs_with_tiny_settings(tmp_path, capsys):
         (["--tower_epochs", "-1"], "--tower_epochs must be a positive number; got -1.0"),
         (["--batch_size", "0"], "--batch_size must be at least 1; got 0"),
         (["--lora", "true", "--projector_only", "true"], "pass one of them"),
+        (["--no_finetune", "--lora", "true"], "--lora sets the fine-tuning that --no_finetune skips"),
     ],
     ids=[
         "keep-rate-0",
@@ -267,3 +270,22 @@ def test_the_digits_vqa_demo_learns_to_answer_and_keeps_its_accuracy_with_fewer_
     # Fine-tuned with reduction, every schedule answers within 0.1 of the stock model.
     tuned = results["fine-tuned with reduction"]
     assert all(row["accuracy"] >= rows["keep 1, default layers"]["accuracy"] - 0.1 for row in tuned)
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_the_digits_vqa_demo_refuses_on_the_command_line_with_one_line_and_status_2(tmp_path):
+    script = "digits_vqa_demo.py"
+    command = [sys.executable, os.path.join(EXAMPLES, script), "--output_dir", str(tmp_path / "out"),
+               "--keep_rates", "1", "0"]  # fmt: skip
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 2
+    assert finished.stderr.strip().splitlines() == [f"{script}: error: --keep_rates: {check_keep_rate_message(0)}"]
+    assert not (tmp_path / "out").exists()
+
+
+def check_keep_rate_message(rate) -> str:
+    try:
+        evit_hf.configuration_evit_base.check_keep_rate(rate)
+    except ValueError as error:
+        return str(error)
+    raise AssertionError(f"{rate} was accepted")
