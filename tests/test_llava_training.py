@@ -237,6 +237,7 @@ def test_the_digits_vqa_demo_runs_with_tiny_settings(tmp_path, capsys):
         "tower-epochs",
         "batch-0",
         "lora-and-projector",
+        "lora-without-fine-tuning",
     ],
 )
 def test_the_digits_vqa_demo_refuses_impossible_arguments_before_any_work(arguments, message, tmp_path, monkeypatch):
@@ -279,7 +280,7 @@ def test_the_digits_vqa_demo_refuses_on_the_command_line_with_one_line_and_statu
                "--keep_rates", "1", "0"]  # fmt: skip
     finished = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 2
-    assert finished.stderr.strip().splitlines() == [f"{script}: error: --keep_rates: {check_keep_rate_message(0)}"]
+    assert finished.stderr.strip().splitlines() == [f"{script}: error: --keep_rates: {check_keep_rate_message(0.0)}"]
     assert not (tmp_path / "out").exists()
 
 
