@@ -209,8 +209,7 @@ def test_the_digits_vqa_demo_runs_with_tiny_settings(tmp_path, capsys):
     written = (output_dir / "digits_vqa.md").read_text()
     assert written.strip() in printed and "Fine-tuned with reduction" in written
     assert json.loads((output_dir / "digits_vqa.json").read_text()) == results
-    # A second run replaces the demo's own files; a user's file in the folder is refused, and kept.
-    _demo().main(["--output_dir", str(output_dir), *TINY_DEMO, "--no_finetune"])
+    # A user's file in the folder is refused, and kept.
     (output_dir / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="notes.txt"):
         _demo().main(["--output_dir", str(output_dir), *TINY_DEMO])
