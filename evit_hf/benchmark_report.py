@@ -25,9 +25,12 @@ def _mean_keep_rate(keep_rate) -> float:
     return sum(keep_rate) / len(keep_rate) if isinstance(keep_rate, list) else keep_rate
 
 
-def markdown_table(rows: list[dict]) -> str:
-    columns = ["mode", "device", "dtype", "compiled", "batch_size", "image_size", "variant", "keep_rate"]
-    columns += ["images_per_s", "latency_ms", "peak_memory_mb", "speedup", "macs_ratio", "speedup_over_macs_ratio"]
+TABLE_COLUMNS = ["mode", "device", "dtype", "compiled", "batch_size", "image_size", "variant", "keep_rate"]
+TABLE_COLUMNS += ["images_per_s", "latency_ms", "peak_memory_mb", "speedup", "macs_ratio", "speedup_over_macs_ratio"]
+
+
+def markdown_table(rows: list[dict], columns: list[str] = TABLE_COLUMNS) -> str:
+    """The rows as a Markdown table of `columns`: ratios with 3 decimals, other numbers with 1."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []

@@ -418,22 +418,11 @@ def format_row(row: dict) -> str:
 
 
 def markdown(results: dict) -> str:
+    from evit_hf.benchmark_report import markdown_table
+
     columns = ["model", "mode", "precision", "attention", "compiled", "batch_size", "variant", "keep_rate"]
     columns += ["images_per_s", "latency_ms", "peak_memory_mb", "speedup", "macs_ratio", "speedup_over_macs_ratio"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in results["rows"]:
-        cells = []
-        for column in columns:
-            value = row.get(column)
-            if isinstance(value, float):
-                cells.append(
-                    f"{value:.3f}"
-                    if column in ("speedup", "macs_ratio", "speedup_over_macs_ratio")
-                    else f"{value:.1f}"
-                )
-            else:
-                cells.append("" if value is None else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = markdown_table(results["rows"], columns).split("\n")
     lists = {"Failed": "failures", "Not run": "not_run", "Not reached (the run was stopped)": "pending"}
     for title, key in lists.items():
         if results.get(key):

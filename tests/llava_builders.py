@@ -4,7 +4,6 @@ import copy
 import functools
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPImageProcessor,
     LlavaConfig,
@@ -18,6 +17,7 @@ from transformers import (
 )
 
 import evit_hf
+from evit_hf.vision_language_training import word_level_tokenizer
 
 from .model_builders import TINY_CLIP_VISION
 
@@ -94,17 +94,7 @@ def tiny_stock(kind: str = "llava", attn_implementation: str = "eager", **settin
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer of `WORDS` (split on spaces), built offline."""
-    vocabulary = {word: index for index, word in enumerate(WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-    )
+    return word_level_tokenizer(WORDS, image_token=IMAGE_TOKEN)
 
 
 def tiny_image_processor(size: int = 32) -> CLIPImageProcessor:
