@@ -61,7 +61,7 @@ def small_vit(tmp_path_factory):
 @pytest.fixture
 def no_work(monkeypatch):
     """Fails the test when an `evit-hf` command starts its work: reads the checkpoint, decodes an image or loads a
-    model. (The tests of the examples define a `no_work` of their own, for the examples' work.)"""
+    model. (The tests of the examples stop their work with `example_modules.stop_example_work`.)"""
     # Imported here, not at the top: the suite's first imports stay model_builders' (transformers' auto classes, then
     # evit_hf), an order that decides whether `import evit_hf` leaves its registration hook waiting for a first
     # lookup; test_import_time's hook test depends on it.

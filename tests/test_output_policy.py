@@ -19,7 +19,7 @@ from evit_hf.outputs import (
 )
 from evit_hf.run_lock import LOCK_FILE
 
-from .example_modules import evaluate_keep_rates, run_image_classification
+from .example_modules import evaluate_keep_rates, example_refusal, run_image_classification, stop_example_work
 from .run_helpers import EXAMPLES, training_args
 
 
@@ -169,23 +169,7 @@ def test_a_damaged_manifest_is_refused(tmp_path):
 
 @pytest.fixture
 def no_work(monkeypatch):
-    """Makes loading data or a model fail the test: a refusal must come before either."""
-
-    def work_began(*args, **kwargs):
-        raise AssertionError("the run loaded data or a model before refusing its arguments")
-
-    for module in (run_image_classification, evaluate_keep_rates):
-        monkeypatch.setattr(module, "load_data", work_began)
-    monkeypatch.setattr(run_image_classification, "evit_class_for", work_began)
-    monkeypatch.setattr(evaluate_keep_rates.AutoConfig, "from_pretrained", work_began)
-
-
-def refusal(main, args) -> str:
-    with pytest.raises(ValueError) as error:
-        main(args)
-    message = str(error.value)
-    assert "\n" not in message  # one line
-    return message
+    stop_example_work(monkeypatch, configuration=True)
 
 
 def evaluation_args(model, output_dir, *extra):
@@ -221,7 +205,7 @@ def test_a_data_folder_inside_the_output_folder_is_refused_naming_both(small_vit
     (output_dir / "data" / "a").mkdir(parents=True)
     flag = "--train_dir" if tool == "training" else "--validation_dir"
     overwrite = ["--overwrite_output_dir"] if tool == "training" else []
-    message = refusal(main, arguments(small_vit, output_dir, flag, str(output_dir / "data"), *overwrite))
+    message = example_refusal(main, arguments(small_vit, output_dir, flag, str(output_dir / "data"), *overwrite))
     assert f"--output_dir {output_dir} contains {flag} {output_dir / 'data'}" in message
     assert sorted(os.listdir(output_dir)) == ["data"]
 
@@ -233,7 +217,7 @@ def test_a_folder_of_a_users_files_is_refused_naming_them(small_vit, tmp_path, n
     output_dir = tmp_path / "out"
     output_dir.mkdir()
     (output_dir / users_file).write_text("{}" if users_file == "config.json" else "# my notes")
-    message = refusal(main, arguments(small_vit, output_dir))
+    message = example_refusal(main, arguments(small_vit, output_dir))
     assert f"--output_dir {output_dir} holds files that no run of this project wrote there ({users_file})" in message
     assert sorted(os.listdir(output_dir)) == [users_file]  # untouched; no lock or list left
 
@@ -254,7 +238,7 @@ def test_a_folder_of_a_users_files_is_refused_naming_them(small_vit, tmp_path, n
 )
 def test_keep_rates_are_checked_before_any_model_loads(small_vit, tmp_path, no_work, tool, flags, expected):
     main, arguments = TOOLS[tool]
-    message = refusal(main, arguments(small_vit, tmp_path / "out", *flags))
+    message = example_refusal(main, arguments(small_vit, tmp_path / "out", *flags))
     assert expected in message
     assert not (tmp_path / "out").exists()
 
@@ -288,7 +272,9 @@ def test_a_folders_own_schedule_is_the_default_when_fine_tuning_it(small_vit, tm
     manifest = json.loads((output_dir / MANIFEST_FILE).read_text())
     assert set(manifest["written"]) == set(os.listdir(output_dir)) - {MANIFEST_FILE}
     (output_dir / "notes.txt").write_text("mine")
-    message = refusal(run_image_classification.main, training_args(evit_folder, output_dir, "--max_steps", "1"))
+    message = example_refusal(
+        run_image_classification.main, training_args(evit_folder, output_dir, "--max_steps", "1")
+    )
     assert "(notes.txt)" in message
 
 
@@ -318,7 +304,7 @@ def test_the_keep_rate_table_has_per_layer_rows_and_the_folders_own_schedule(sma
     assert rows[0]["macs"] > rows[2]["macs"] > rows[1]["macs"]
     table = (tmp_path / "table" / "keep_rates.md").read_text()
     assert "| 0.9 / 0.6 (the model's own) |" in table and "| 0.8 / 0.5 |" in table
-    message = refusal(
+    message = example_refusal(
         evaluate_keep_rates.main, evaluation_args(evit_folder, tmp_path / "t2", "--keep_rates", "0.9/0.8/0.7")
     )
     assert "--keep_rates 0.9/0.8/0.7" in message and "it has 3" in message
@@ -330,7 +316,7 @@ def test_resuming_a_distillation_with_another_teacher_is_refused_naming_both(sma
     distill = ["--distillation_alpha", "0.5", "--save_strategy", "steps", "--save_steps", "1", "--do_eval", "false"]
     run_image_classification.main(training_args(small_vit, output_dir, *distill, "--max_steps", "1"))
     other_teacher = shutil.copytree(small_vit, tmp_path / "other-teacher")
-    message = refusal(
+    message = example_refusal(
         run_image_classification.main, training_args(other_teacher, output_dir, *distill, "--max_steps", "2")
     )
     assert f"distillation_teacher {os.path.realpath(small_vit)!r} there, {str(other_teacher)!r} here" in message

@@ -15,7 +15,7 @@ import pytest
 from evit_hf import run_lock
 from evit_hf.run_lock import LOCK_FILE, OutputDirInUse, OutputDirLock
 
-from .example_modules import evaluate_keep_rates, run_image_classification
+from .example_modules import evaluate_keep_rates, example_refusal, run_image_classification, stop_example_work
 from .run_helpers import EXAMPLES, checkpoint_written, save_small_vit, stopped_run_command, training_args
 
 
@@ -24,23 +24,7 @@ SCRIPT = os.path.join(EXAMPLES, "run_image_classification.py")
 
 @pytest.fixture
 def no_work(monkeypatch):
-    """Makes loading data or a model fail the test: a refusal must come before either."""
-
-    def work_began(*args, **kwargs):
-        raise AssertionError("the run loaded data or a model before refusing its arguments")
-
-    for module in (run_image_classification, evaluate_keep_rates):
-        monkeypatch.setattr(module, "load_data", work_began)
-    monkeypatch.setattr(run_image_classification, "evit_class_for", work_began)
-    monkeypatch.setattr(evaluate_keep_rates, "evaluation_model_class", work_began)
-
-
-def refusal(main, args) -> str:
-    with pytest.raises(ValueError) as error:
-        main(args)
-    message = str(error.value)
-    assert "\n" not in message  # one line
-    return message
+    stop_example_work(monkeypatch)
 
 
 @pytest.mark.parametrize(
@@ -60,7 +44,7 @@ def refusal(main, args) -> str:
 )
 def test_impossible_training_arguments_are_refused_before_any_work(small_vit, tmp_path, no_work, extra, expected):
     output_dir = tmp_path / "run"
-    message = refusal(run_image_classification.main, training_args(small_vit, output_dir, *extra))
+    message = example_refusal(run_image_classification.main, training_args(small_vit, output_dir, *extra))
     assert re.search(expected, message), message
     assert not output_dir.exists()  # nothing written
 
@@ -80,9 +64,9 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(small_v
         (tmp_path / "locked").mkdir(mode=0o500)
         output_dir, expected = tmp_path / "locked" / "run", "--output_dir .*run is not writable"
     if script == "training":
-        message = refusal(run_image_classification.main, training_args(small_vit, output_dir))
+        message = example_refusal(run_image_classification.main, training_args(small_vit, output_dir))
     else:
-        message = refusal(
+        message = example_refusal(
             evaluate_keep_rates.main, ["--model_name_or_path", small_vit, "--output_dir", str(output_dir)]
         )
     assert re.search(expected, message), message
@@ -99,7 +83,7 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(small_v
 )
 def test_impossible_evaluation_arguments_are_refused_before_any_work(small_vit, tmp_path, no_work, extra, expected):
     output_dir = tmp_path / "table"
-    message = refusal(
+    message = example_refusal(
         evaluate_keep_rates.main, ["--model_name_or_path", small_vit, "--output_dir", str(output_dir), *extra]
     )
     assert re.search(expected, message), message
@@ -127,7 +111,7 @@ def test_overwrite_never_deletes_the_model_the_run_starts_from(tmp_path, monkeyp
             "--output_dir link contains --model_name_or_path run/checkpoint-3",
         ),
     }[where]
-    message = refusal(run_image_classification.main, training_args(model, output, "--overwrite_output_dir"))
+    message = example_refusal(run_image_classification.main, training_args(model, output, "--overwrite_output_dir"))
     assert expected in message
     assert "choose an --output_dir apart from --model_name_or_path" in message
     assert model_files(output_dir) == model_files(output_dir / "checkpoint-3") == {"model.safetensors", "config.json"}
@@ -137,7 +121,7 @@ def test_overwrite_never_deletes_the_checkpoint_the_run_resumes_from(small_vit, 
     output_dir = tmp_path / "run"
     save_small_vit(output_dir / "checkpoint-3")
     args = training_args(small_vit, output_dir, "--overwrite_output_dir", "--resume_from_checkpoint")
-    message = refusal(run_image_classification.main, [*args, str(output_dir / "checkpoint-3")])
+    message = example_refusal(run_image_classification.main, [*args, str(output_dir / "checkpoint-3")])
     assert message.startswith(
         f"--output_dir {output_dir} contains --resume_from_checkpoint {output_dir / 'checkpoint-3'}"
     )
