@@ -1,4 +1,5 @@
 import json
+import math
 import re
 from types import SimpleNamespace
 
@@ -460,7 +461,8 @@ def test_layer_efficiency_bound_walks_the_token_schedule_of_count_macs(one_layer
     assert all(schedule[index][0] == schedule[index - 1][1] for index in range(1, 12))
     counted = macs_config("deit-tiny", 224)  # as evit-hf benchmark counts it, the head's 1,000 classes included
     assert result["macs_ratio"] == round(count_macs(counted, keep_rate=1.0) / count_macs(counted, keep_rate=0.5), 4)
-    assert result["stock_blocks_speedup"] > 1
+    # A measured ratio of times (one round): a positive number; whether EViT is faster is the benchmark's to say.
+    assert math.isfinite(result["stock_blocks_speedup"]) and result["stock_blocks_speedup"] > 0
 
 
 def test_layer_efficiency_bound_refuses_other_shapes_before_any_work(capsys):

@@ -60,8 +60,8 @@ def per_layer_keep_rate_argument(text: str) -> float | list[float]:
         raise argparse.ArgumentTypeError(one_line(error).rstrip(".")) from None
 
 
-def whole_number_at_least(minimum: int, what: str):
-    """argparse type of a whole number >= `minimum`; `what` names it in the error."""
+def _whole_number(minimum: int, refusal, doc: str):
+    """argparse type of a whole number >= `minimum`; `refusal(text)` is the error for anything else."""
 
     def parse(text: str) -> int:
         try:
@@ -69,35 +69,30 @@ def whole_number_at_least(minimum: int, what: str):
         except ValueError:
             value = None
         if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"{what} is a whole number >= {minimum}, got {text}")
+            raise argparse.ArgumentTypeError(refusal(text))
         return value
 
+    parse.__doc__ = doc
     return parse
 
 
-def whole_number_argument(text: str) -> int:
-    """argparse type of a count: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+def whole_number_at_least(minimum: int, what: str):
+    """argparse type of a whole number >= `minimum`; `what` names it in the error."""
+    return _whole_number(minimum, lambda text: f"{what} is a whole number >= {minimum}, got {text}",
+                         f"argparse type of {what}: a whole number >= {minimum}.")  # fmt: skip
 
 
-def image_size_argument(text: str) -> int:
-    """argparse type of an image size: what no model takes is refused here; the model's patch size, the lower bound,
-    is checked once the model is known."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(
-            f"an image size is a whole number of pixels, at least 1 and at least the model's patch size; got {text}"
-        )
-    return value
+whole_number_argument = _whole_number(
+    1, lambda text: f"expected a whole number >= 1, got {text!r}", "argparse type of a count: a whole number >= 1."
+)
+# What no model takes is refused here; the model's patch size, the lower bound, is checked once the model is known.
+image_size_argument = _whole_number(
+    1,
+    lambda text: (
+        f"an image size is a whole number of pixels, at least 1 and at least the model's patch size; got {text}"
+    ),
+    "argparse type of an image size in pixels.",
+)
 
 
 def yes_no_argument(value: str) -> bool:
@@ -122,15 +117,11 @@ def layer_index_argument(text: str) -> int:
     return value
 
 
-def heads_argument(text: str) -> int:
-    """argparse type of a number of attention heads."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"the number of attention heads is a whole number >= 1, got {text!r}")
-    return value
+heads_argument = _whole_number(
+    1,
+    lambda text: f"the number of attention heads is a whole number >= 1, got {text!r}",
+    "argparse type of a number of attention heads.",
+)
 
 
 def macs_argument(text: str) -> float:
