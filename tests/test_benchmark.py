@@ -22,6 +22,7 @@ from evit_hf.benchmark import (
     smallest_batches_at_bound,
 )
 from evit_hf.cli import main as cli_main
+from evit_hf.cli import run_command
 from evit_hf.configuration_evit_base import check_keep_rate
 from evit_hf.families import FAMILIES_BY_NAME
 
@@ -39,8 +40,8 @@ from .script_modules import load_script
 
 
 def benchmark_main(argv):
-    """`evit-hf benchmark ARGV`, in this process."""
-    return cli_main(["benchmark", *argv])
+    """`evit-hf benchmark ARGV`, in this process; returns the results."""
+    return run_command(["benchmark", *argv])
 
 
 @pytest.mark.slow  # 145 s on a loaded 2-core machine
