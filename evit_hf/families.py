@@ -280,6 +280,30 @@ def _vision_tower_mlp_macs(config) -> int:
 
 _VIT_SHAPE = dict(patch_size=16, num_labels=1000, layer_norm_eps=1e-6)
 
+
+def _vision_language_family(name, display_name, config_class, models, **more) -> EViTFamily:
+    """The record of a LLaVA-style family: `models` maps its stock (base, generation) classes to EViT's; what differs
+    from family to family (benchmark shapes, refused models) comes in `more`."""
+    base_model, generation_model = models.values()
+    return EViTFamily(
+        name=name,
+        display_name=display_name,
+        config_classes=(config_class,),
+        models=MappingProxyType(models),
+        auto_classes=MappingProxyType(
+            {"AutoModelForImageTextToText": (generation_model,), "AutoModel": (base_model,)}
+        ),
+        pipelines=frozenset({IMAGE_TEXT_TO_TEXT}),
+        num_prefix_tokens=_one_prefix_token,
+        mlp_macs_per_token=_vision_tower_mlp_macs,
+        head_macs=_no_head_macs,
+        kept_token_picture_model=generation_model,
+        count_macs=_vision_language_macs,
+        processor_class=EViTLlavaProcessor,
+        **more,
+    )
+
+
 FAMILIES: tuple[EViTFamily, ...] = (
     EViTFamily(
         name="vit",
@@ -510,23 +534,11 @@ FAMILIES: tuple[EViTFamily, ...] = (
             }
         ),
     ),
-    EViTFamily(
-        name="llava",
-        display_name="LLaVA",
-        config_classes=(EViTLlavaConfig,),
-        models=MappingProxyType(
-            {LlavaModel: EViTLlavaModel, LlavaForConditionalGeneration: EViTLlavaForConditionalGeneration}
-        ),
-        auto_classes=MappingProxyType(
-            {
-                "AutoModelForImageTextToText": (EViTLlavaForConditionalGeneration,),
-                "AutoModel": (EViTLlavaModel,),
-            }
-        ),
-        pipelines=frozenset({IMAGE_TEXT_TO_TEXT}),
-        num_prefix_tokens=_one_prefix_token,
-        mlp_macs_per_token=_vision_tower_mlp_macs,
-        head_macs=_no_head_macs,
+    _vision_language_family(
+        "llava",
+        "LLaVA",
+        EViTLlavaConfig,
+        {LlavaModel: EViTLlavaModel, LlavaForConditionalGeneration: EViTLlavaForConditionalGeneration},
         benchmark_shapes=MappingProxyType(
             {
                 # LLaVA-1.5's vision tower (CLIP ViT-L/14 at 336 px: 576 patches, feature layer -2) and a small
@@ -557,7 +569,6 @@ FAMILIES: tuple[EViTFamily, ...] = (
             }
         ),
         benchmark_models=(LlavaForConditionalGeneration, EViTLlavaForConditionalGeneration),
-        kept_token_picture_model=EViTLlavaForConditionalGeneration,
         refused_models=MappingProxyType(
             {
                 LlavaNextForConditionalGeneration: _NEEDS_WHOLE_GRID,
@@ -565,29 +576,12 @@ FAMILIES: tuple[EViTFamily, ...] = (
                 LlavaOnevisionForConditionalGeneration: _NEEDS_WHOLE_GRID,
             }
         ),
-        count_macs=_vision_language_macs,
-        processor_class=EViTLlavaProcessor,
     ),
-    EViTFamily(
-        name="vipllava",
-        display_name="VipLLaVA",
-        config_classes=(EViTVipLlavaConfig,),
-        models=MappingProxyType(
-            {VipLlavaModel: EViTVipLlavaModel, VipLlavaForConditionalGeneration: EViTVipLlavaForConditionalGeneration}
-        ),
-        auto_classes=MappingProxyType(
-            {
-                "AutoModelForImageTextToText": (EViTVipLlavaForConditionalGeneration,),
-                "AutoModel": (EViTVipLlavaModel,),
-            }
-        ),
-        pipelines=frozenset({IMAGE_TEXT_TO_TEXT}),
-        num_prefix_tokens=_one_prefix_token,
-        mlp_macs_per_token=_vision_tower_mlp_macs,
-        head_macs=_no_head_macs,
-        kept_token_picture_model=EViTVipLlavaForConditionalGeneration,
-        count_macs=_vision_language_macs,
-        processor_class=EViTLlavaProcessor,
+    _vision_language_family(
+        "vipllava",
+        "VipLLaVA",
+        EViTVipLlavaConfig,
+        {VipLlavaModel: EViTVipLlavaModel, VipLlavaForConditionalGeneration: EViTVipLlavaForConditionalGeneration},
     ),
 )
 
