@@ -149,7 +149,7 @@ def _cpu_peak_memories(group: dict, keep_rates: list, settings) -> list[int]:
     return peaks
 
 
-def _cuda_peak_memory(step) -> int:
+def cuda_peak_memory(step) -> int:
     """Peak memory one step adds, from CUDA's allocator statistics."""
     import torch
 
@@ -205,7 +205,7 @@ def measure_group(settings: BenchmarkSettings, group: dict, progress_bar) -> lis
     # Peak memory is read from CUDA's allocator or from the resident memory of a CPU process; other devices have none.
     if settings.measure_memory and not group["compiled"]:
         if device_type == "cuda":
-            peaks = [_cuda_peak_memory(step) for step in steps]
+            peaks = [cuda_peak_memory(step) for step in steps]
         elif device_type == "cpu":
             peaks = _cpu_peak_memories(group, [keep_rate for _, keep_rate, _ in variants], settings)
     rows = []
@@ -383,6 +383,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 __all__ = [
     "build_models",
+    "cuda_peak_memory",
     "is_out_of_memory",
     "max_logit_difference_between_backends",
     "measure_group",

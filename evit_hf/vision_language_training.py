@@ -3,6 +3,7 @@ answer tokens only, LoRA adapters on the language model (peft, optional), exact-
 and the prefill time per keep rate. The machinery of `examples/digits_vqa_demo.py`, which builds a small LLaVA and
 trains it on scikit-learn's digits to answer "what digit is this ?"."""
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -95,9 +96,7 @@ def pretrain_vision_tower(model, processor, train_dataset, epochs: float = 15, l
     token (a linear head on the pooled output, dropped afterwards), with the tower's whole depth at keep rate 1: a
     stand-in for the pretrained CLIP tower a real LLaVA starts from, whose class token summarises the image, so that
     its attention (which EViT keeps tokens by) points at what matters. Returns the mean loss of each epoch."""
-    import math
-
-    tower = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
+    tower = model.kept_token_picture_tower
     answers = sorted(set(train_dataset["answer"]))
     labels = torch.tensor([answers.index(answer) for answer in train_dataset["answer"]])
     pixel_values = processor.image_processor(list(train_dataset["image"]), return_tensors="pt")["pixel_values"]
@@ -107,7 +106,9 @@ def pretrain_vision_tower(model, processor, train_dataset, epochs: float = 15, l
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate)
     batches_per_epoch = math.ceil(len(labels) / batch_size)
     total_steps = max(1, round(epochs * batches_per_epoch))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=total_steps)
+    learning_rate_schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=learning_rate, total_steps=total_steps
+    )
     device = next(tower.parameters()).device
     was_training, epoch_losses, step = tower.training, [], 0
     tower.train()
@@ -126,7 +127,7 @@ def pretrain_vision_tower(model, processor, train_dataset, epochs: float = 15, l
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                schedule.step()
+                learning_rate_schedule.step()
                 losses.append(loss.item())
                 step += 1
             epoch_losses.append(sum(losses) / len(losses))

@@ -99,22 +99,19 @@ def check_arguments(arguments: DemoArguments) -> None:
         raise ValueError("--lora needs peft: pip install 'evit-hf[vlm]', or leave out --lora.")
 
 
-def schedules(arguments: DemoArguments, depth: int, feature_layer: int) -> list[tuple[str, list[int], float]]:
-    """(name, reduction layers, keep rate) of each evaluated row."""
+def schedules(model, arguments: DemoArguments) -> list[tuple[str, list[int], float]]:
+    """(name, reduction layers, keep rate) of each evaluated row: each keep rate at the default layers, then one
+    reduction in the feature layer (the 0-based layer whose output the language model reads)."""
+    depth = model.config.vision_config.num_hidden_layers
     rows = [(f"keep {rate:g}, default layers", default_reduction_layers(depth), rate) for rate in arguments.keep_rates]
-    rate = arguments.feature_layer_keep_rate
+    feature_layer, rate = min(model.config.feature_hidden_states) - 1, arguments.feature_layer_keep_rate
     rows.append((f"keep {rate:g}, layer {feature_layer} only", [feature_layer], rate))
     return rows
 
 
-def model_schedules(model, arguments: DemoArguments) -> list[tuple[str, list[int], float]]:
-    feature_layer = min(model.config.feature_hidden_states) - 1  # the 0-based layer whose output is read
-    return schedules(arguments, model.config.vision_config.num_hidden_layers, feature_layer)
-
-
 def evaluate_schedules(model, processor, dataset, arguments: DemoArguments) -> list[dict]:
     results = []
-    for name, reduction_layers, keep_rate in model_schedules(model, arguments):
+    for name, reduction_layers, keep_rate in schedules(model, arguments):
         model.config.vision_config.set_schedule(reduction_layers, keep_rate)
         results.append({"schedule": name, **evaluate_answers(model, processor, dataset)})
     return results
@@ -160,7 +157,7 @@ def run_demo(arguments: DemoArguments) -> dict:
             finetune_schedules = [(default_reduction_layers(depth), arguments.finetune_keep_rate)]
             name = f"fine-tuned at keep {arguments.finetune_keep_rate:g}"
         else:
-            finetune_schedules = [(layers, rate) for _, layers, rate in model_schedules(model, arguments)]
+            finetune_schedules = [(layers, rate) for _, layers, rate in schedules(model, arguments)]
             name = "fine-tuned with reduction"
         if arguments.lora:
             tuned, name = add_lora_adapters(model), f"{name} (LoRA)"

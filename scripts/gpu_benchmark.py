@@ -197,6 +197,7 @@ def run_group(group, models, settings, device, timer) -> list[dict]:
 
     import evit_hf
     from evit_hf import benchmark
+    from evit_hf.benchmark_timing import cuda_peak_memory
 
     name, batch_size = group["model"], group["batch_size"]
     dtype = torch.bfloat16 if group["precision"] == "bf16-cast" else torch.float32
@@ -334,18 +335,6 @@ def check_output(output, kept_counts, mode) -> None:
         kept = [indices.shape[1] for indices in output.kept_token_indices]
         if kept != kept_counts:
             raise AssertionError(f"kept {kept} tokens per reduction layer, the rule gives {kept_counts}")
-
-
-def cuda_peak_memory(step) -> int:
-    """Peak memory one step adds above what is allocated before it, from CUDA's allocator statistics."""
-    import torch
-
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    baseline = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - baseline
 
 
 def build_model_pair(name: str, settings, device):
